@@ -1,0 +1,83 @@
+//! The CNI network configuration list (conflist) for a node: what `rsdn node` writes into the
+//! CNI config directory once the node network is programmed, and what `rsdn cni-config` prints.
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use rsdn_cni::config::NetConf;
+use serde_json::{json, Value};
+
+/// The network name our conflist uses.
+pub const NETWORK_NAME: &str = "rsdn";
+
+/// Options for a conflist beyond our own plugin entry.
+#[derive(Debug, Clone, Default)]
+pub struct ConflistOptions {
+    /// Chain Debian/upstream `portmap` after rsdn-cni (hostPort support).
+    pub portmap: bool,
+    /// CNI spec version of the list; 1.0.0 keeps older runtimes and chained plugins happy.
+    pub cni_version: Option<String>,
+}
+
+/// The conflist for a node whose pod subnet is `subnet`, gateway `gateway` on `bridge`.
+pub fn conflist(
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    mtu: u32,
+    bridge: &str,
+    opts: &ConflistOptions,
+) -> Value {
+    let version = opts
+        .cni_version
+        .clone()
+        .unwrap_or_else(|| "1.0.0".to_string());
+    let mut ours = NetConf::for_node(NETWORK_NAME, subnet, gateway, mtu, bridge);
+    ours.cni_version = version.clone();
+    let mut ours = serde_json::to_value(&ours).expect("NetConf serializes");
+    // In a list, name and version belong to the list, not to each plugin.
+    if let Some(m) = ours.as_object_mut() {
+        m.remove("name");
+        m.remove("cniVersion");
+    }
+    let mut plugins = vec![ours];
+    if opts.portmap {
+        plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
+    }
+    json!({ "cniVersion": version, "name": NETWORK_NAME, "plugins": plugins })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conflist_entry_parses_as_our_plugin_config() {
+        let list = conflist(
+            "10.128.2.0/23".parse().unwrap(),
+            "10.128.2.1".parse().unwrap(),
+            1450,
+            "tun0",
+            &ConflistOptions {
+                portmap: true,
+                cni_version: None,
+            },
+        );
+        assert_eq!(list["name"], "rsdn");
+        assert_eq!(list["plugins"][1]["type"], "portmap");
+        // A runtime injects name and cniVersion into each plugin's config; do the same.
+        let mut entry = list["plugins"][0].clone();
+        entry["name"] = list["name"].clone();
+        entry["cniVersion"] = list["cniVersion"].clone();
+        let conf = NetConf::parse(entry.to_string().as_bytes()).unwrap();
+        let net = conf.pod_network().unwrap();
+        assert_eq!(
+            (
+                net.subnet.to_string().as_str(),
+                net.gateway.to_string().as_str(),
+                net.mtu
+            ),
+            ("10.128.2.0/23", "10.128.2.1", 1450)
+        );
+        assert_eq!(conf.plugin_type, "rsdn-cni");
+    }
+}

@@ -1,0 +1,3 @@
+//! The rsdn node daemon and the operator's tools.
+
+pub mod cniconf;
