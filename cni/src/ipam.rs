@@ -172,17 +172,26 @@ impl Store {
             .map(|a| a.ip))
     }
 
-    /// Allocates an address for the attachment: the one it already holds (a retried ADD), or
-    /// the next free one after the last reserved address.
-    pub fn allocate(&self, pool: &Pool, container_id: &str, ifname: &str) -> Result<Ipv4Addr> {
-        let allocations = self.allocations()?;
-        if let Some(a) = allocations
-            .iter()
-            .find(|a| a.owner.matches(container_id, ifname) && pool.contains(a.ip))
-        {
-            return Ok(a.ip);
+    /// The addresses in use: file names only, one directory read, no file contents.
+    fn used(&self) -> Result<HashSet<Ipv4Addr>> {
+        let read_dir = fs::read_dir(&self.dir)
+            .map_err(|e| io_error(format_args!("cannot list {}", self.dir.display()), e))?;
+        let mut used = HashSet::new();
+        for entry in read_dir {
+            let entry = entry
+                .map_err(|e| io_error(format_args!("cannot list {}", self.dir.display()), e))?;
+            if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
+                used.insert(ip);
+            }
         }
-        let used: HashSet<Ipv4Addr> = allocations.iter().map(|a| a.ip).collect();
+        Ok(used)
+    }
+
+    /// Allocates the next free address after the last reserved one. Costs one directory read
+    /// whatever the number of pods: the spec forbids a second ADD of the same attachment
+    /// without a DEL, so holders are not looked up here (host-local reads every file).
+    pub fn allocate(&self, pool: &Pool, container_id: &str, ifname: &str) -> Result<Ipv4Addr> {
+        let used = self.used()?;
         let last = fs::read_to_string(self.dir.join(LAST_RESERVED))
             .ok()
             .and_then(|s| s.trim().parse().ok());
@@ -212,6 +221,25 @@ impl Store {
         fs::write(self.dir.join(LAST_RESERVED), ip.to_string())
             .map_err(|e| io_error(format_args!("cannot write {LAST_RESERVED}"), e))?;
         Ok(ip)
+    }
+
+    /// Releases `ip` if this attachment holds it; says whether it did. The fast path of DEL
+    /// (the runtime passes the address in prevResult) and of ADD's rollback.
+    pub fn release_ip(&self, ip: Ipv4Addr, container_id: &str, ifname: &str) -> Result<bool> {
+        let path = self.path_of(ip);
+        let content = match fs::read_to_string(&path) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(io_error(format_args!("cannot read {}", path.display()), e)),
+        };
+        if !Owner::parse(&content).matches(container_id, ifname) {
+            return Ok(false);
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_error(format_args!("cannot release {ip}"), e)),
+        }
     }
 
     /// Releases every address of this attachment; releasing nothing is not an error.
@@ -310,14 +338,30 @@ mod tests {
     }
 
     #[test]
-    fn same_attachment_gets_its_address_back() {
+    fn release_ip_frees_only_the_holders_address() {
         let dir = tempfile::tempdir().unwrap();
         let pool = Pool::new(&network("10.0.0.0/29"));
         let store = Store::open(dir.path()).unwrap();
         let a = store.allocate(&pool, "c1", "eth0").unwrap();
-        assert_eq!(store.allocate(&pool, "c1", "eth0").unwrap(), a);
         let b = store.allocate(&pool, "c1", "net1").unwrap();
         assert_ne!(a, b);
+        assert_eq!(store.find("c1", "net1").unwrap(), Some(b));
+        assert!(
+            !store.release_ip(a, "c2", "eth0").unwrap(),
+            "not the holder"
+        );
+        assert!(
+            !store.release_ip(a, "c1", "net1").unwrap(),
+            "other interface"
+        );
+        assert!(
+            !store
+                .release_ip("10.0.0.6".parse().unwrap(), "c1", "eth0")
+                .unwrap(),
+            "not allocated"
+        );
+        assert!(store.release_ip(a, "c1", "eth0").unwrap());
+        assert_eq!(store.find("c1", "eth0").unwrap(), None);
         assert_eq!(store.find("c1", "net1").unwrap(), Some(b));
     }
 

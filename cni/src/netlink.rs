@@ -151,6 +151,17 @@ impl Netlink {
         self.handle.link().change(msg).execute().await
     }
 
+    /// Takes a link off its bridge and down in one request: from here on nothing flows through
+    /// it. (Detach happens before the flags change inside the kernel's do_setlink.)
+    pub async fn disconnect(&self, index: u32) -> NlResult<()> {
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(index)
+            .nocontroller()
+            .down()
+            .build();
+        self.handle.link().change(msg).execute().await
+    }
+
     /// `ip link set NAME type bridge_slave hairpin on`.
     pub async fn set_hairpin(&self, index: u32) -> NlResult<()> {
         let msg = LinkMessageBuilder::<LinkUnspec>::new()

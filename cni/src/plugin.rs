@@ -8,7 +8,7 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 use netlink_packet_route::link::InfoKind;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Command, Env, NetConf, PodNetwork};
 use crate::error::{CniError, Code, Result};
@@ -25,10 +25,14 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<Option<String>> {
         .enable_io()
         .build()
         .map_err(|e| CniError::new(Code::Io, "cannot start the runtime").with_details(e))?;
-    rt.block_on(async {
+    let mut reap_link = None;
+    let out = rt.block_on(async {
         match env.command {
             Command::Add => add(env, conf, version).await.map(Some),
-            Command::Del => del(env, conf).await.map(|()| None),
+            Command::Del => del(env, conf).await.map(|link| {
+                reap_link = link;
+                None
+            }),
             Command::Check => {
                 version.require("CHECK", Version::V0_4_0)?;
                 check(env, conf).await.map(|()| None)
@@ -43,7 +47,17 @@ pub fn run(env: &Env, conf: &NetConf) -> Result<Option<String>> {
             }
             Command::Version => Ok(Some(version::version_info())),
         }
-    })
+    });
+    if let Some(index) = reap_link {
+        // Outside block_on: the child must not inherit a "runtime entered" state.
+        if let Err(e) = spawn_reaper(index) {
+            warn!(index, error = %e, "cannot fork the reaper; deleting the veth inline");
+            if reap(index) != 0 {
+                warn!(index, "inline veth delete failed; GC will remove it");
+            }
+        }
+    }
+    out
 }
 
 fn kernel_error(what: impl std::fmt::Display) -> impl FnOnce(rtnetlink::Error) -> CniError {
@@ -95,11 +109,13 @@ async fn ready_bridge(host: &Netlink, name: &str, code: Code) -> Result<Link> {
 }
 
 async fn add(env: &Env, conf: &NetConf, version: Version) -> Result<String> {
+    debug!("ADD start");
     let net = conf.pod_network()?;
     let netns_path = env.netns.as_deref().expect("validated for ADD");
     let netns = open_netns(netns_path)?;
     let host = Netlink::connect().map_err(connect_error)?;
     let bridge = ready_bridge(&host, &net.bridge, Code::TryAgainLater).await?;
+    debug!(bridge = %bridge.name, "bridge ready");
 
     let ip = {
         // The lock is held only while choosing and recording the address.
@@ -108,6 +124,7 @@ async fn add(env: &Env, conf: &NetConf, version: Version) -> Result<String> {
     };
     let address = Ipv4Net::new(ip, net.subnet.prefix_len()).expect("prefix from a valid subnet");
     let host_veth = host_veth_name(&env.container_id, &env.ifname);
+    debug!(%ip, "address allocated");
 
     match wire(&host, &bridge, &net, &netns, env, &host_veth, address).await {
         Ok(host_link) => {
@@ -156,7 +173,7 @@ async fn add(env: &Env, conf: &NetConf, version: Version) -> Result<String> {
                 }
             }
             if let Err(rel_err) = Store::open(&conf.store_dir())
-                .and_then(|s| s.release(&env.container_id, &env.ifname))
+                .and_then(|s| s.release_ip(ip, &env.container_id, &env.ifname))
             {
                 warn!(ip = %ip, error = %rel_err, "rollback: cannot release address");
             }
@@ -215,6 +232,7 @@ async fn wire(
                 .with_details(e)
             })?;
     }
+    debug!(veth = %host_veth, "veth pair created");
     let host_link = host
         .link(host_veth)
         .await
@@ -232,6 +250,7 @@ async fn wire(
     }
 
     let pod = Netlink::connect_in(netns).map_err(connect_error)?;
+    debug!("host side configured, in the pod namespace");
     let pod_link = pod
         .link(&env.ifname)
         .await
@@ -267,43 +286,111 @@ async fn wire(
     Ok(host_link)
 }
 
-async fn del(env: &Env, conf: &NetConf) -> Result<()> {
-    let mut pod_side_deleted = false;
-    if let Some(path) = env.netns.as_deref() {
-        // A namespace that is gone, or a stale mount that is no namespace any more, took the
-        // veth pair with it: nothing left to delete on that side.
-        match File::open(path).and_then(|ns| Netlink::connect_in(&ns)) {
-            Ok(pod) => {
-                if let Some(l) = pod
-                    .link(&env.ifname)
-                    .await
-                    .map_err(kernel_error("cannot look up the pod interface"))?
-                {
-                    pod.delete_link(l.index)
-                        .await
-                        .map_err(kernel_error(format_args!("cannot delete {}", env.ifname)))?;
-                    pod_side_deleted = true;
+/// Returns the index of a disconnected host veth still to be destroyed (see `spawn_reaper`).
+async fn del(env: &Env, conf: &NetConf) -> Result<Option<u32>> {
+    let host = Netlink::connect().map_err(connect_error)?;
+    let name = host_veth_name(&env.container_id, &env.ifname);
+    let mut to_reap = None;
+    match host
+        .link(&name)
+        .await
+        .map_err(kernel_error("cannot look up veth"))?
+    {
+        Some(l) => {
+            // Synchronously the pod loses its network: the host end leaves the bridge and goes
+            // down. Destroying the pair makes the kernel wait for RCU (10-20 ms), so a detached
+            // reaper does that part; nothing can flow in the meantime.
+            host.disconnect(l.index)
+                .await
+                .map_err(kernel_error(format_args!("cannot disconnect {name}")))?;
+            to_reap = Some(l.index);
+        }
+        None => {
+            // No host end: the namespace is gone and took the pair with it, or the host end
+            // was renamed; in the latter case the pod end is still there to delete.
+            if let Some(path) = env.netns.as_deref() {
+                match File::open(path).and_then(|ns| Netlink::connect_in(&ns)) {
+                    Ok(pod) => {
+                        let link = pod
+                            .link(&env.ifname)
+                            .await
+                            .map_err(kernel_error("cannot look up the pod interface"))?;
+                        if let Some(l) = link {
+                            pod.delete_link(l.index)
+                                .await
+                                .map_err(kernel_error(format_args!(
+                                    "cannot delete {}",
+                                    env.ifname
+                                )))?;
+                        }
+                    }
+                    Err(e) => debug!(netns = %path.display(), error = %e, "namespace already gone"),
                 }
             }
-            Err(e) => info!(netns = %path.display(), error = %e, "namespace already gone"),
         }
     }
-    if !pod_side_deleted {
-        let host = Netlink::connect().map_err(connect_error)?;
-        let name = host_veth_name(&env.container_id, &env.ifname);
-        if let Some(l) = host
-            .link(&name)
-            .await
-            .map_err(kernel_error("cannot look up veth"))?
-        {
-            host.delete_link(l.index)
-                .await
-                .map_err(kernel_error(format_args!("cannot delete {name}")))?;
-        }
-    }
-    let released = Store::open(&conf.store_dir())?.release(&env.container_id, &env.ifname)?;
+
+    let store = Store::open(&conf.store_dir())?;
+    // Runtimes of spec 1.0+ pass the address in prevResult: one file to check instead of all.
+    let hinted = conf
+        .prev_result
+        .as_ref()
+        .and_then(|p| CniResult::from_prev(p).ok())
+        .and_then(|p| p.ip_of(&env.ifname).map(|ip| ip.address.addr()));
+    let released = match hinted {
+        Some(ip) if store.release_ip(ip, &env.container_id, &env.ifname)? => vec![ip],
+        _ => store.release(&env.container_id, &env.ifname)?,
+    };
     info!(container = %env.container_id, ifname = %env.ifname, released = ?released, "pod unwired");
-    Ok(())
+    Ok(to_reap)
+}
+
+/// Forks a child that destroys the link and exits, and returns at once: the runtime sees DEL
+/// finish while the kernel tears the veth down. The child's stdio points at /dev/null so the
+/// runtime's pipes close when the parent exits. A fork of this small single-threaded process
+/// costs far less than exec'ing a new one.
+fn spawn_reaper(index: u32) -> io::Result<()> {
+    use nix::unistd::{fork, ForkResult};
+    // SAFETY: the plugin is single-threaded (current-thread runtime, no blocking pool), so the
+    // child may run ordinary code. It never returns from here: it leaves through _exit.
+    match unsafe { fork() }.map_err(io::Error::from)? {
+        ForkResult::Parent { .. } => Ok(()),
+        ForkResult::Child => {
+            if let Ok(null) = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+            {
+                for fd in 0..3 {
+                    // SAFETY: plain dup2 onto the standard descriptors of this process.
+                    unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), fd) };
+                }
+            }
+            // Background cleanup yields the CPU to the runtime's foreground ADDs and DELs.
+            // SAFETY: setpriority on this process only.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 10) };
+            let code = reap(index);
+            // SAFETY: ends the child without running the parent's destructors or atexit hooks.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
+/// The reaper's whole job: delete one link in the namespace it was started in, by index, so
+/// that a veth re-created under the same name by a quick re-ADD is never hit.
+fn reap(index: u32) -> i32 {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+    else {
+        return 1;
+    };
+    rt.block_on(async {
+        match Netlink::connect() {
+            Ok(nl) => i32::from(nl.delete_link(index).await.is_err()),
+            Err(_) => 1,
+        }
+    })
 }
 
 async fn check(env: &Env, conf: &NetConf) -> Result<()> {
@@ -444,10 +531,10 @@ async fn gc(conf: &NetConf) -> Result<()> {
             .await
             .map_err(kernel_error("cannot list links"))?
         {
-            if l.master == Some(bridge.index)
-                && l.name.starts_with(VETH_PREFIX)
-                && !keep.contains(&l.name)
-            {
+            // Ours by name: on the bridge, or detached by a DEL whose reaper did not finish.
+            let ours = l.name.starts_with(VETH_PREFIX)
+                && (l.master == Some(bridge.index) || l.master.is_none());
+            if ours && !keep.contains(&l.name) {
                 host.delete_link(l.index)
                     .await
                     .map_err(kernel_error(format_args!("cannot delete {}", l.name)))?;

@@ -205,13 +205,24 @@ fn del_is_idempotent_and_succeeds_when_the_namespace_is_gone() {
 
     node.cni("DEL", "c1", Some(&pod.path()), "eth0", &conf).ok();
     assert!(node.allocated().is_empty());
+    // When DEL returns the pod is cut off; the kernel then destroys the pair in the background.
+    let ports = node.ns.ip(&["link", "show", "master", "tun0"]);
     assert!(
-        !node.ns.run(&["ip", "link", "show", &host_veth]).0,
-        "host veth survived DEL"
+        ports.trim().is_empty(),
+        "still a bridge port after DEL: {ports}"
     );
     assert!(
-        !pod.run(&["ip", "link", "show", "eth0"]).0,
-        "pod interface survived DEL"
+        !pod.ping("10.128.0.1"),
+        "pod still reaches the gateway after DEL"
+    );
+    let gone = |ns: &Netns, name: &str| !ns.run(&["ip", "link", "show", name]).0;
+    assert!(
+        eventually(5, || gone(&node.ns, &host_veth)),
+        "host veth never destroyed"
+    );
+    assert!(
+        eventually(5, || gone(&pod, "eth0")),
+        "pod interface never destroyed"
     );
     node.cni("DEL", "c1", Some(&pod.path()), "eth0", &conf).ok();
 
@@ -374,6 +385,76 @@ fn sixty_four_concurrent_adds_get_distinct_addresses_and_dels_free_them() {
         .ip(&["link", "show", "master", "tun0"])
         .trim()
         .is_empty());
+    let left = || node.ns.ip(&["link", "show"]);
+    assert!(
+        eventually(10, || !left().contains(" rsdn")),
+        "veths left behind: {}",
+        left()
+    );
+}
+
+#[test]
+fn re_add_right_after_del_survives_the_background_reaper() {
+    need_root!();
+    let node = Node::new("10.128.0.0/23");
+    let pod = Netns::new("pod");
+    let conf = node.conf("1.0.0");
+    let first = node
+        .cni("ADD", "c1", Some(&pod.path()), "eth0", &conf)
+        .ok()
+        .json();
+    node.cni("DEL", "c1", Some(&pod.path()), "eth0", &conf).ok();
+    // Same attachment again at once: the old pair may still be on its way out.
+    let second = node
+        .cni("ADD", "c1", Some(&pod.path()), "eth0", &conf)
+        .ok()
+        .json();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let veth = second["interfaces"][1]["name"].as_str().unwrap();
+    assert_eq!(
+        veth,
+        first["interfaces"][1]["name"].as_str().unwrap(),
+        "names are derived"
+    );
+    let port = node.ns.ip(&["link", "show", veth]);
+    assert!(
+        port.contains("master tun0") && port.contains("state UP"),
+        "the reaper hit the new veth: {port}"
+    );
+    assert!(pod.ping("10.128.0.1"), "re-added pod has no network");
+    let mut check = conf.clone();
+    check["prevResult"] = second;
+    node.cni("CHECK", "c1", Some(&pod.path()), "eth0", &check)
+        .ok();
+}
+
+#[test]
+fn del_releases_the_prev_result_address_only_for_its_holder() {
+    need_root!();
+    let node = Node::new("10.128.0.0/23");
+    let (p1, p2) = (Netns::new("pod"), Netns::new("pod"));
+    let conf = node.conf("1.0.0");
+    node.cni("ADD", "a", Some(&p1.path()), "eth0", &conf).ok();
+    let b = node
+        .cni("ADD", "b", Some(&p2.path()), "eth0", &conf)
+        .ok()
+        .json();
+    // A prevResult naming b's address must not release it on a's behalf: a's is found by scan.
+    let mut wrong = conf.clone();
+    wrong["prevResult"] = b.clone();
+    node.cni("DEL", "a", Some(&p1.path()), "eth0", &wrong).ok();
+    let b_ip = b["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert_eq!(node.allocated(), vec![b_ip]);
+    let mut right = conf.clone();
+    right["prevResult"] = b;
+    node.cni("DEL", "b", Some(&p2.path()), "eth0", &right).ok();
+    assert!(node.allocated().is_empty());
 }
 
 #[test]
