@@ -47,6 +47,16 @@ JSON
 
 echo "rsdn-cni $(git describe --always --dirty 2>/dev/null || echo unknown) vs $(dpkg-query -W -f='containernetworking-plugins ${Version}' containernetworking-plugins)"
 echo "kernel $(uname -r), $(nproc) cores"
+
+# Start-up: the cost every invocation pays before any work (VERSION does no kernel work).
+echo
+echo "start-up (CNI_COMMAND=VERSION), static-pie release build vs dynamic build vs reference plugins:"
+cargo build --release --quiet -p rsdn-cni --bin rsdn-cni
+CNI_COMMAND=VERSION hyperfine -N --warmup 20 -r 300 --style basic \
+  -n "rsdn-cni (static-pie)" target/dist/rsdn-cni \
+  -n "rsdn-cni (dynamic)" target/release/rsdn-cni \
+  -n bridge /usr/lib/cni/bridge \
+  -n host-local /usr/lib/cni/host-local 2>&1 | grep -E "^Benchmark|Time \(mean"
 for par in 1 "$PAR"; do
   echo
   "$DRIVER" "/run/netns/$NODE" "$PREFIX" "$N" "$par" \

@@ -135,32 +135,41 @@ impl Store {
         self.dir.join(ip.to_string())
     }
 
-    /// Every allocation in the store (files whose name is an IPv4 address).
-    pub fn allocations(&self) -> Result<Vec<Allocation>> {
-        let read_dir = fs::read_dir(&self.dir)
-            .map_err(|e| io_error(format_args!("cannot list {}", self.dir.display()), e))?;
-        let mut out = Vec::new();
-        for entry in read_dir {
-            let entry = entry
-                .map_err(|e| io_error(format_args!("cannot list {}", self.dir.display()), e))?;
-            let Some(ip) = entry
+    /// The allocated addresses: names of the files that are IPv4 addresses, one directory
+    /// read, no file contents.
+    fn allocated_ips(&self) -> Result<Vec<Ipv4Addr>> {
+        let list_error = |e| io_error(format_args!("cannot list {}", self.dir.display()), e);
+        let mut ips = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(list_error)? {
+            if let Some(ip) = entry
+                .map_err(list_error)?
                 .file_name()
                 .to_str()
-                .and_then(|n| n.parse::<Ipv4Addr>().ok())
-            else {
-                continue;
-            };
-            // A file removed between listing and reading was released by nobody else (we hold
-            // the lock), so a read error here is a real I/O problem.
-            let content = fs::read_to_string(entry.path())
-                .map_err(|e| io_error(format_args!("cannot read {}", entry.path().display()), e))?;
-            out.push(Allocation {
-                ip,
-                owner: Owner::parse(&content),
-            });
+                .and_then(|n| n.parse().ok())
+            {
+                ips.push(ip);
+            }
         }
-        out.sort_by_key(|a| a.ip);
-        Ok(out)
+        ips.sort();
+        Ok(ips)
+    }
+
+    /// Every allocation in the store, with its holder.
+    pub fn allocations(&self) -> Result<Vec<Allocation>> {
+        self.allocated_ips()?
+            .into_iter()
+            .map(|ip| {
+                // We hold the lock, so a file listed a moment ago is still there: a read error
+                // is a real I/O problem.
+                let path = self.path_of(ip);
+                let content = fs::read_to_string(&path)
+                    .map_err(|e| io_error(format_args!("cannot read {}", path.display()), e))?;
+                Ok(Allocation {
+                    ip,
+                    owner: Owner::parse(&content),
+                })
+            })
+            .collect()
     }
 
     /// The address held by this attachment, if any.
@@ -172,26 +181,11 @@ impl Store {
             .map(|a| a.ip))
     }
 
-    /// The addresses in use: file names only, one directory read, no file contents.
-    fn used(&self) -> Result<HashSet<Ipv4Addr>> {
-        let read_dir = fs::read_dir(&self.dir)
-            .map_err(|e| io_error(format_args!("cannot list {}", self.dir.display()), e))?;
-        let mut used = HashSet::new();
-        for entry in read_dir {
-            let entry = entry
-                .map_err(|e| io_error(format_args!("cannot list {}", self.dir.display()), e))?;
-            if let Some(ip) = entry.file_name().to_str().and_then(|n| n.parse().ok()) {
-                used.insert(ip);
-            }
-        }
-        Ok(used)
-    }
-
     /// Allocates the next free address after the last reserved one. Costs one directory read
     /// whatever the number of pods: the spec forbids a second ADD of the same attachment
     /// without a DEL, so holders are not looked up here (host-local reads every file).
     pub fn allocate(&self, pool: &Pool, container_id: &str, ifname: &str) -> Result<Ipv4Addr> {
-        let used = self.used()?;
+        let used: HashSet<Ipv4Addr> = self.allocated_ips()?.into_iter().collect();
         let last = fs::read_to_string(self.dir.join(LAST_RESERVED))
             .ok()
             .and_then(|s| s.trim().parse().ok());
