@@ -1,3 +1,10 @@
 //! The rsdn node daemon and the operator's tools.
 
 pub mod cniconf;
+pub mod config;
+pub mod daemon;
+pub mod lab;
+pub mod model;
+pub mod overlay;
+pub mod source;
+pub mod tunnel;

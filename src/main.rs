@@ -1,65 +1,256 @@
-//! `rsdn`: the node daemon and the operator's tools (subcommands grow with the issues).
+//! `rsdn`: the node daemon and the operator's tools.
 
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 
-use anyhow::{bail, Result};
-use clap::Parser;
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use rsdn::cniconf::{conflist, ConflistOptions};
+use rsdn::config::{FileConfig, NodeConfig};
 
 /// rsdn: a VXLAN + iptables Kubernetes network plugin in the style of OpenShift SDN.
 #[derive(Parser)]
 #[command(version, about)]
-enum Cli {
+struct Cli {
+    /// Log format of long-running commands.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon: program tun0, vxlan0 and one FDB, neighbour and route entry per
+    /// remote node, then write the CNI config. Keeps them right until stopped; stopping leaves
+    /// the datapath in place.
+    Node(NodeArgs),
+    /// Inspect the VXLAN tunnels of this node.
+    Tunnel {
+        #[command(subcommand)]
+        command: TunnelCommand,
+    },
     /// Print the CNI conflist for a node subnet, as the node daemon writes it.
-    CniConfig {
-        /// The node's pod subnet (its spec.podCIDR), e.g. 10.128.0.0/23.
-        #[arg(long)]
-        subnet: Ipv4Net,
-        /// The gateway address on the bridge; default: the first address of the subnet.
-        #[arg(long)]
-        gateway: Option<Ipv4Addr>,
-        /// Pod interface MTU (underlay MTU minus 50 for VXLAN).
-        #[arg(long, default_value_t = rsdn_cni::config::DEFAULT_MTU)]
-        mtu: u32,
-        /// The node bridge the pods join.
-        #[arg(long, default_value = rsdn_cni::config::DEFAULT_BRIDGE)]
-        bridge: String,
-        /// Chain the portmap plugin after rsdn-cni (hostPort support).
-        #[arg(long)]
-        portmap: bool,
-        /// CNI spec version of the list.
-        #[arg(long, default_value = "1.0.0")]
-        cni_version: String,
+    CniConfig(CniConfigArgs),
+    /// A simulated multi-node cluster on this machine, built from network namespaces.
+    Lab {
+        #[command(subcommand)]
+        command: rsdn::lab::LabCommand,
     },
 }
 
+#[derive(Subcommand)]
+enum TunnelCommand {
+    /// One line per remote node: pod subnet, node IP, VTEP MAC, and whether its FDB,
+    /// neighbour and route entries are all in the kernel.
+    List {
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Every option can also be set in the --config file (camelCase names, e.g. vxlanPort); the
+/// command line wins.
+#[derive(Args)]
+struct NodeArgs {
+    /// YAML configuration file (in a cluster: the rsdn ConfigMap).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// This node's name, as in its Node object [default: the hostname].
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Underlay address VXLAN packets leave from [default: the node's InternalIP].
+    #[arg(long)]
+    node_ip: Option<Ipv4Addr>,
+    /// The pod network of the whole cluster; node subnets outside it are refused [default: 10.128.0.0/14].
+    #[arg(long)]
+    cluster_network: Option<Ipv4Net>,
+    /// The Service ClusterIP range; must not overlap the cluster network [default: 172.30.0.0/16].
+    #[arg(long)]
+    service_network: Option<Ipv4Net>,
+    /// UDP port of VXLAN: 4789 is IANA's, 8472 is flannel's and Cilium's [default: 4789].
+    #[arg(long)]
+    vxlan_port: Option<u16>,
+    /// VXLAN network identifier, 0-16777215, the same on every node [default: 1].
+    #[arg(long)]
+    vni: Option<u32>,
+    /// Pod and tunnel MTU [default: MTU of the interface carrying the node IP, minus 50].
+    #[arg(long)]
+    mtu: Option<u32>,
+    /// Where the CNI conflist is written once the node network is ready [default: /etc/cni/net.d].
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// File name of the conflist [default: 10-rsdn.conflist].
+    #[arg(long)]
+    cni_conf_file: Option<String>,
+    /// IPAM data directory written into the conflist [default: the plugin's, /var/lib/cni/networks].
+    #[arg(long)]
+    cni_data_dir: Option<PathBuf>,
+    /// Cluster source: a directory of Kubernetes YAML objects (Node, ...), re-read on change.
+    #[arg(long)]
+    cluster_dir: Option<PathBuf>,
+    /// Seconds between full resyncs with the kernel [default: 5].
+    #[arg(long)]
+    resync_seconds: Option<u64>,
+}
+
+impl NodeArgs {
+    fn into_config(self) -> Result<NodeConfig> {
+        let file = match &self.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let over = FileConfig {
+            node_name: self.node_name,
+            node_ip: self.node_ip,
+            cluster_network: self.cluster_network,
+            service_network: self.service_network,
+            vxlan_port: self.vxlan_port,
+            vni: self.vni,
+            mtu: self.mtu,
+            cni_conf_dir: self.cni_conf_dir,
+            cni_conf_file: self.cni_conf_file,
+            cni_data_dir: self.cni_data_dir,
+            cluster_dir: self.cluster_dir,
+            resync_seconds: self.resync_seconds,
+        };
+        let hostname = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok());
+        Ok(NodeConfig::resolve(file.overlay(over), hostname)?)
+    }
+}
+
+#[derive(Args)]
+struct CniConfigArgs {
+    /// The node's pod subnet (its spec.podCIDR), e.g. 10.128.0.0/23.
+    #[arg(long)]
+    subnet: Ipv4Net,
+    /// The gateway address on the bridge; default: the first address of the subnet.
+    #[arg(long)]
+    gateway: Option<Ipv4Addr>,
+    /// Pod interface MTU (underlay MTU minus 50 for VXLAN).
+    #[arg(long, default_value_t = rsdn_cni::config::DEFAULT_MTU)]
+    mtu: u32,
+    /// The node bridge the pods join.
+    #[arg(long, default_value = rsdn_cni::config::DEFAULT_BRIDGE)]
+    bridge: String,
+    /// Chain the portmap plugin after rsdn-cni (hostPort support).
+    #[arg(long)]
+    portmap: bool,
+    /// CNI spec version of the list.
+    #[arg(long, default_value = "1.0.0")]
+    cni_version: String,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
 fn main() -> Result<()> {
-    match Cli::parse() {
-        Cli::CniConfig {
-            subnet,
-            gateway,
-            mtu,
-            bridge,
-            portmap,
-            cni_version,
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Node(args) => {
+            // Configuration errors end the process at once, naming the field.
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("rsdn node: {e:#}");
+                    std::process::exit(2);
+                }
+            };
+            init_logging(cli.log_format);
+            runtime()?.block_on(rsdn::daemon::run(config, shutdown_signal()))
+        }
+        Command::Tunnel {
+            command: TunnelCommand::List { output },
         } => {
-            if subnet != subnet.trunc() {
+            let entries = runtime()?.block_on(async {
+                let kernel = rsdn::overlay::kernel::Kernel::connect()?;
+                let Some(vxlan) = kernel.vxlan_index().await? else {
+                    bail!(
+                        "there is no {} here: rsdn node has not programmed this node",
+                        rsdn::overlay::VXLAN
+                    );
+                };
+                Ok(kernel
+                    .observe(vxlan, "0.0.0.0/0".parse().expect("any"))
+                    .await?)
+            })?;
+            let rows = rsdn::tunnel::rows(&entries);
+            match output {
+                Output::Table => print!("{}", rsdn::tunnel::render_table(&rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+            Ok(())
+        }
+        Command::CniConfig(a) => {
+            if a.subnet != a.subnet.trunc() {
                 bail!(
-                    "--subnet {subnet} has host bits set; did you mean {}?",
-                    subnet.trunc()
+                    "--subnet {} has host bits set; did you mean {}?",
+                    a.subnet,
+                    a.subnet.trunc()
                 );
             }
-            let gateway = gateway.unwrap_or_else(|| rsdn_cni::config::first_host(subnet));
+            let gateway = a
+                .gateway
+                .unwrap_or_else(|| rsdn_cni::config::first_host(a.subnet));
             let opts = ConflistOptions {
-                portmap,
-                cni_version: Some(cni_version),
+                portmap: a.portmap,
+                cni_version: Some(a.cni_version),
             };
             println!(
                 "{}",
-                serde_json::to_string_pretty(&conflist(subnet, gateway, mtu, &bridge, &opts))?
+                serde_json::to_string_pretty(&conflist(
+                    a.subnet, gateway, a.mtu, &a.bridge, &opts
+                ))?
             );
+            Ok(())
         }
+        Command::Lab { command } => rsdn::lab::run(command),
     }
-    Ok(())
 }

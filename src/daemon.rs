@@ -1,0 +1,268 @@
+//! `rsdn node`: one reconcile loop. It wakes on a new cluster model, on netlink events that may
+//! mean drift, and on a periodic resync; each pass makes the devices right, diffs the overlay
+//! entries against the kernel, applies only the difference, and (once the network is
+//! programmed) writes the CNI conflist. Stopping it leaves the datapath in place.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use tokio::sync::{watch, Notify};
+use tracing::{error, info, warn};
+
+use crate::cniconf::{conflist, ConflistOptions};
+use crate::config::{NodeConfig, VXLAN_OVERHEAD};
+use crate::model::{ClusterModel, ClusterNode, ModelScope};
+use crate::overlay::kernel::{assert_sysctls, DeviceSpec, Kernel, KernelError};
+use crate::overlay::{self, Action, BRIDGE};
+
+/// How long netlink events are collected before a reconcile runs (a burst is one pass).
+const EVENT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// Retry delay after a failed pass.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What a reconcile pass did.
+#[derive(Debug, Default)]
+pub struct Pass {
+    /// Set while the local node is unknown or has no subnet: nothing is programmed.
+    pub waiting: Option<String>,
+    pub device_changes: Vec<String>,
+    pub applied: Vec<Action>,
+    pub failures: Vec<(Action, KernelError)>,
+    pub remote_nodes: usize,
+    pub conflist_written: bool,
+}
+
+/// The daemon's state between passes.
+pub struct Reconciler {
+    config: NodeConfig,
+    kernel: Kernel,
+    underlay_mtu: Option<(Ipv4Addr, u32)>,
+    conflist: Option<String>,
+}
+
+impl Reconciler {
+    pub fn new(config: NodeConfig, kernel: Kernel) -> Reconciler {
+        Reconciler {
+            config,
+            kernel,
+            underlay_mtu: None,
+            conflist: None,
+        }
+    }
+
+    /// Pod MTU: configured, or the underlay interface's MTU minus the VXLAN overhead.
+    async fn mtu(&mut self, node_ip: Ipv4Addr) -> Result<u32, KernelError> {
+        if let Some(mtu) = self.config.mtu {
+            return Ok(mtu);
+        }
+        if let Some((ip, mtu)) = self.underlay_mtu {
+            if ip == node_ip {
+                return Ok(mtu - VXLAN_OVERHEAD);
+            }
+        }
+        let mtu = self.kernel.mtu_of_address(node_ip).await?.ok_or_else(|| {
+            KernelError::Setup(format!(
+                "node IP {node_ip} is on no interface here, so the MTU cannot be derived; set mtu"
+            ))
+        })?;
+        self.underlay_mtu = Some((node_ip, mtu));
+        Ok(mtu - VXLAN_OVERHEAD)
+    }
+
+    /// One pass over `model`.
+    pub async fn reconcile(&mut self, model: &ClusterModel) -> Result<Pass, KernelError> {
+        let mut pass = Pass::default();
+        let Some(found) = model.nodes.get(&self.config.node_name) else {
+            pass.waiting = Some(format!(
+                "waiting for Node/{} with a podCIDR and an InternalIP in the cluster source",
+                self.config.node_name
+            ));
+            return Ok(pass);
+        };
+        let local = ClusterNode {
+            ip: self.config.node_ip.unwrap_or(found.ip),
+            ..found.clone()
+        };
+        let mtu = self.mtu(local.ip).await?;
+        let gateway = Ipv4Net::new(local.subnet.gateway(), local.subnet.0.prefix_len())
+            .expect("prefix of a subnet");
+        let spec = DeviceSpec {
+            gateway,
+            mtu,
+            vni: self.config.vni,
+            port: self.config.vxlan_port,
+            local_ip: local.ip,
+        };
+
+        assert_sysctls()?;
+        let (devices, changes) = self.kernel.ensure_devices(&spec).await?;
+        pass.device_changes = changes;
+
+        let want = overlay::desired(&local, model.nodes.values());
+        pass.remote_nodes = want.routes.len();
+        let have = self
+            .kernel
+            .observe(devices.vxlan, self.config.cluster_network)
+            .await?;
+        let actions = overlay::diff(&want, &have);
+        pass.failures = self.kernel.apply(devices.vxlan, &actions).await;
+        pass.applied = actions
+            .into_iter()
+            .filter(|a| !pass.failures.iter().any(|(f, _)| f == a))
+            .collect();
+
+        // The kubelet calls the plugin only once the conflist exists: write it when the node
+        // network is programmed, never before.
+        if pass.failures.is_empty() {
+            pass.conflist_written = self.write_conflist(&local, gateway.addr(), mtu)?;
+        }
+        Ok(pass)
+    }
+
+    fn write_conflist(
+        &mut self,
+        local: &ClusterNode,
+        gateway: Ipv4Addr,
+        mtu: u32,
+    ) -> Result<bool, KernelError> {
+        let mut list = conflist(
+            local.subnet.0,
+            gateway,
+            mtu,
+            BRIDGE,
+            &ConflistOptions::default(),
+        );
+        if let Some(dir) = &self.config.cni_data_dir {
+            list["plugins"][0]["dataDir"] = serde_json::json!(dir);
+        }
+        let text = serde_json::to_string_pretty(&list).expect("JSON serializes") + "\n";
+        let path = self.config.cni_conf_path();
+        let on_disk = std::fs::read_to_string(&path).ok();
+        if self.conflist.as_deref() == Some(text.as_str())
+            && on_disk.as_deref() == Some(text.as_str())
+        {
+            return Ok(false);
+        }
+        write_atomically(&path, &text)
+            .map_err(|e| KernelError::Setup(format!("cannot write {}: {e}", path.display())))?;
+        self.conflist = Some(text);
+        Ok(true)
+    }
+}
+
+/// Temp file in the same directory, then rename: a reader sees the old file or the new one.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("rsdn")
+    ));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    info!(node = %config.node_name, cluster_dir = %config.cluster_dir.display(), "rsdn node starting");
+    let scope = ModelScope {
+        cluster_network: config.cluster_network,
+        local_node: config.node_name.clone(),
+    };
+    let resync = Duration::from_secs(config.resync_seconds);
+    let (model_tx, mut model_rx) = watch::channel(ClusterModel::default());
+    tokio::spawn(crate::source::dir::run(
+        config.cluster_dir.clone(),
+        scope,
+        model_tx,
+        Duration::from_millis(50),
+        resync,
+    ));
+    let wake = Arc::new(Notify::new());
+    tokio::spawn(overlay::monitor::run(wake.clone()));
+
+    let kernel = Kernel::connect()?;
+    let mut reconciler = Reconciler::new(config, kernel);
+    let mut last_waiting: Option<String> = None;
+    tokio::pin!(shutdown);
+    // Wait for the source's first read before the first pass.
+    let _ = tokio::time::timeout(Duration::from_secs(2), model_rx.changed()).await;
+    loop {
+        let model = model_rx.borrow_and_update().clone();
+        let started = Instant::now();
+        let next = match reconciler.reconcile(&model).await {
+            Ok(pass) => {
+                report(&pass, &model, started.elapsed(), &mut last_waiting);
+                tokio::time::Instant::now()
+                    + if pass.failures.is_empty() {
+                        resync
+                    } else {
+                        RETRY
+                    }
+            }
+            Err(e) => {
+                error!(error = %e, "reconcile failed; retrying");
+                tokio::time::Instant::now() + RETRY
+            }
+        };
+        tokio::select! {
+            r = model_rx.changed() => if r.is_err() { warn!("cluster source stopped"); },
+            _ = wake.notified() => tokio::time::sleep(EVENT_DEBOUNCE).await,
+            _ = tokio::time::sleep_until(next) => {}
+            _ = &mut shutdown => {
+                info!("shutting down; the datapath stays in place");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// One log line per change applied; nothing for a pass that changed nothing.
+fn report(pass: &Pass, model: &ClusterModel, took: Duration, last_waiting: &mut Option<String>) {
+    if pass.waiting != *last_waiting {
+        if let Some(w) = &pass.waiting {
+            warn!("{w}");
+        }
+        *last_waiting = pass.waiting.clone();
+    }
+    let names: BTreeMap<Ipv4Addr, &str> = model
+        .nodes
+        .values()
+        .map(|n| (n.subnet.vtep_ip(), n.name.as_str()))
+        .collect();
+    let node_of = |a: &Action| -> &str {
+        let ip = match a {
+            Action::SetNeigh(ip, _) | Action::DelNeigh(ip) => Some(*ip),
+            Action::SetRoute(d, _) | Action::DelRoute(d) => Some(d.network()),
+            Action::SetFdb(..) | Action::DelFdb(..) => None,
+        };
+        ip.and_then(|ip| names.get(&ip).copied()).unwrap_or("-")
+    };
+    for c in &pass.device_changes {
+        info!(change = %c, "device");
+    }
+    for a in &pass.applied {
+        info!(node = node_of(a), "{a}");
+    }
+    for (a, e) in &pass.failures {
+        error!(node = node_of(a), error = %e, "failed: {a}");
+    }
+    if pass.conflist_written {
+        info!("CNI configuration written; the node network is ready");
+    }
+    if !pass.applied.is_empty() || !pass.device_changes.is_empty() {
+        info!(
+            remote_nodes = pass.remote_nodes,
+            changes = pass.applied.len(),
+            took_ms = took.as_millis() as u64,
+            "overlay reconciled"
+        );
+    }
+}

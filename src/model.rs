@@ -1,0 +1,345 @@
+//! The cluster as rsdn sees it: nodes with their underlay address and pod subnet, built from
+//! Kubernetes objects. Every cluster source (a directory of YAML today, the API server later)
+//! produces this model; invalid objects are skipped with a reason and counted, never fatal.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+
+/// A node's pod subnet (`spec.podCIDR`): the node's gateway and the VTEP address derive from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeSubnet(pub Ipv4Net);
+
+impl NodeSubnet {
+    /// The bridge address on the node: the first host address.
+    pub fn gateway(&self) -> Ipv4Addr {
+        rsdn_cni::config::first_host(self.0)
+    }
+
+    /// The VTEP address of the node: the subnet's network address (the flannel convention).
+    /// It is never handed to a pod, and it names the node in neighbour and route entries.
+    pub fn vtep_ip(&self) -> Ipv4Addr {
+        self.0.network()
+    }
+}
+
+impl std::fmt::Display for NodeSubnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A node of the cluster, valid for the overlay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterNode {
+    pub name: String,
+    /// The underlay address VXLAN packets for this node go to (its InternalIP).
+    pub ip: Ipv4Addr,
+    pub subnet: NodeSubnet,
+}
+
+/// An object left out of the model, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Where it came from: "Node/name", or a file for unparsable input.
+    pub object: String,
+    pub reason: String,
+}
+
+/// One consistent view of the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterModel {
+    pub nodes: BTreeMap<String, ClusterNode>,
+    pub skipped: Vec<Skipped>,
+}
+
+/// What the model builder needs to know about the local configuration.
+#[derive(Debug, Clone)]
+pub struct ModelScope {
+    pub cluster_network: Ipv4Net,
+    /// The local node always wins a subnet conflict: its pods already use that subnet.
+    pub local_node: String,
+}
+
+/// Collects objects from a source, then validates them together (overlaps need all of them).
+#[derive(Debug, Default)]
+pub struct ModelBuilder {
+    candidates: Vec<(Option<String>, ClusterNode)>,
+    skipped: Vec<Skipped>,
+}
+
+impl ModelBuilder {
+    pub fn skip(&mut self, object: impl Into<String>, reason: impl Into<String>) {
+        self.skipped.push(Skipped {
+            object: object.into(),
+            reason: reason.into(),
+        });
+    }
+
+    pub fn add_node(&mut self, node: &Node) {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        match node_from_k8s(node) {
+            Ok(n) => {
+                let created = node
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map(|t| t.0.to_string());
+                self.candidates.push((created, n));
+            }
+            Err(reason) => self.skip(format!("Node/{name}"), reason),
+        }
+    }
+
+    /// Applies the checks that need the whole set: inside the cluster network, unique names,
+    /// no overlapping subnets (the local node first, then the oldest claim wins).
+    pub fn finish(mut self, scope: &ModelScope) -> ClusterModel {
+        self.candidates.sort_by(|(ta, a), (tb, b)| {
+            let local = |n: &ClusterNode| n.name != scope.local_node;
+            (local(a), ta.is_none(), ta, &a.name).cmp(&(local(b), tb.is_none(), tb, &b.name))
+        });
+        let mut model = ClusterModel {
+            nodes: BTreeMap::new(),
+            skipped: self.skipped,
+        };
+        for (_, node) in self.candidates {
+            let object = format!("Node/{}", node.name);
+            if !scope.cluster_network.contains(&node.subnet.0) {
+                model.skipped.push(Skipped {
+                    object,
+                    reason: format!(
+                        "podCIDR {} is outside the cluster network {}",
+                        node.subnet, scope.cluster_network
+                    ),
+                });
+                continue;
+            }
+            if model.nodes.contains_key(&node.name) {
+                model.skipped.push(Skipped {
+                    object,
+                    reason: "duplicate node name".into(),
+                });
+                continue;
+            }
+            let clash = model
+                .nodes
+                .values()
+                .find(|other| overlaps(other.subnet.0, node.subnet.0));
+            if let Some(other) = clash {
+                model.skipped.push(Skipped {
+                    object,
+                    reason: format!(
+                        "podCIDR {} overlaps {} of node {}",
+                        node.subnet, other.subnet, other.name
+                    ),
+                });
+                continue;
+            }
+            model.nodes.insert(node.name.clone(), node);
+        }
+        model
+    }
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Validates one Node object on its own: a name, an IPv4 pod CIDR, an IPv4 InternalIP.
+pub fn node_from_k8s(node: &Node) -> Result<ClusterNode, String> {
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or("no metadata.name")?;
+    let spec = node.spec.as_ref();
+    // podCIDRs lists one CIDR per family; podCIDR is the first. We take the first IPv4 one.
+    let cidrs: Vec<&String> = spec
+        .and_then(|s| s.pod_cidrs.as_ref())
+        .map(|v| v.iter().collect())
+        .filter(|v: &Vec<&String>| !v.is_empty())
+        .or_else(|| spec.and_then(|s| s.pod_cidr.as_ref()).map(|c| vec![c]))
+        .ok_or("no podCIDR yet (the controller-manager has not allocated one)")?;
+    let subnet = cidrs
+        .iter()
+        .find_map(|c| c.parse::<Ipv4Net>().ok())
+        .ok_or_else(|| format!("no IPv4 podCIDR in {cidrs:?}"))?;
+    if subnet != subnet.trunc() {
+        return Err(format!("podCIDR {subnet} has host bits set"));
+    }
+    if subnet.prefix_len() > 30 {
+        return Err(format!(
+            "podCIDR {subnet} is too small for a gateway and pods"
+        ));
+    }
+    let ip = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|addrs| {
+            addrs
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        })
+        .ok_or("no IPv4 InternalIP in status.addresses")?;
+    Ok(ClusterNode {
+        name,
+        ip,
+        subnet: NodeSubnet(subnet),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub fn node(name: &str, cidr: Option<&str>, ip: Option<&str>, created: Option<&str>) -> Node {
+        let mut v =
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}});
+        if let Some(c) = cidr {
+            v["spec"] = serde_json::json!({"podCIDR": c});
+        }
+        if let Some(ip) = ip {
+            v["status"] = serde_json::json!({"addresses": [{"type": "Hostname", "address": name}, {"type": "InternalIP", "address": ip}]});
+        }
+        if let Some(t) = created {
+            v["metadata"]["creationTimestamp"] = serde_json::json!(t);
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn scope() -> ModelScope {
+        ModelScope {
+            cluster_network: "10.128.0.0/14".parse().unwrap(),
+            local_node: "a".into(),
+        }
+    }
+
+    #[test]
+    fn valid_node_becomes_a_cluster_node() {
+        let n = node_from_k8s(&node(
+            "a",
+            Some("10.128.2.0/23"),
+            Some("192.168.1.12"),
+            None,
+        ))
+        .unwrap();
+        assert_eq!(n.ip.to_string(), "192.168.1.12");
+        assert_eq!(n.subnet.to_string(), "10.128.2.0/23");
+        assert_eq!(n.subnet.gateway().to_string(), "10.128.2.1");
+        assert_eq!(n.subnet.vtep_ip().to_string(), "10.128.2.0");
+    }
+
+    #[test]
+    fn each_invalid_node_has_a_reason() {
+        let cases = [
+            (node("a", None, Some("192.168.1.1"), None), "no podCIDR"),
+            (
+                node("a", Some("fd00::/64"), Some("192.168.1.1"), None),
+                "no IPv4 podCIDR",
+            ),
+            (
+                node("a", Some("10.128.2.1/23"), Some("192.168.1.1"), None),
+                "host bits",
+            ),
+            (
+                node("a", Some("10.128.2.0/31"), Some("192.168.1.1"), None),
+                "too small",
+            ),
+            (node("a", Some("10.128.2.0/23"), None, None), "InternalIP"),
+            (
+                node("", Some("10.128.2.0/23"), Some("192.168.1.1"), None),
+                "metadata.name",
+            ),
+        ];
+        for (n, word) in cases {
+            let e = node_from_k8s(&n).unwrap_err();
+            assert!(e.contains(word), "{e} should mention {word}");
+        }
+    }
+
+    #[test]
+    fn pod_cidrs_list_wins_and_first_ipv4_is_taken() {
+        let mut n = node("a", Some("10.128.2.0/23"), Some("192.168.1.1"), None);
+        n.spec.as_mut().unwrap().pod_cidrs = Some(vec!["fd00::/64".into(), "10.128.4.0/23".into()]);
+        assert_eq!(
+            node_from_k8s(&n).unwrap().subnet.to_string(),
+            "10.128.4.0/23"
+        );
+    }
+
+    #[test]
+    fn finish_skips_outside_duplicate_and_overlapping() {
+        let mut b = ModelBuilder::default();
+        b.add_node(&node(
+            "c",
+            Some("10.128.4.0/23"),
+            Some("192.168.1.3"),
+            Some("2024-01-01T00:00:00Z"),
+        ));
+        b.add_node(&node(
+            "d",
+            Some("10.128.4.0/24"),
+            Some("192.168.1.4"),
+            Some("2025-01-01T00:00:00Z"),
+        ));
+        b.add_node(&node("e", Some("10.200.0.0/23"), Some("192.168.1.5"), None));
+        b.add_node(&node(
+            "b",
+            Some("10.128.0.0/22"),
+            Some("192.168.1.2"),
+            Some("2020-01-01T00:00:00Z"),
+        ));
+        b.add_node(&node(
+            "a",
+            Some("10.128.2.0/23"),
+            Some("192.168.1.1"),
+            Some("2026-01-01T00:00:00Z"),
+        ));
+        b.skip("file bad.yaml", "not YAML");
+        let m = b.finish(&scope());
+        // a is local: it keeps 10.128.2.0/23 although b (older) claims 10.128.0.0/22 over it.
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["a", "c"]);
+        let reasons: BTreeMap<_, _> = m
+            .skipped
+            .iter()
+            .map(|s| (s.object.as_str(), s.reason.as_str()))
+            .collect();
+        assert!(
+            reasons["Node/b"].contains("overlaps 10.128.2.0/23 of node a"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons["Node/d"].contains("overlaps 10.128.4.0/23 of node c"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons["Node/e"].contains("outside the cluster network"),
+            "{reasons:?}"
+        );
+        assert_eq!(reasons["file bad.yaml"], "not YAML");
+    }
+
+    #[test]
+    fn oldest_claim_wins_between_remote_nodes() {
+        let mut b = ModelBuilder::default();
+        b.add_node(&node(
+            "young",
+            Some("10.128.8.0/23"),
+            Some("192.168.1.8"),
+            Some("2026-01-01T00:00:00Z"),
+        ));
+        b.add_node(&node(
+            "old",
+            Some("10.128.8.0/23"),
+            Some("192.168.1.9"),
+            Some("2021-01-01T00:00:00Z"),
+        ));
+        let m = b.finish(&scope());
+        assert!(m.nodes.contains_key("old") && !m.nodes.contains_key("young"));
+    }
+}

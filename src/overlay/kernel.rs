@@ -1,0 +1,635 @@
+//! The overlay's kernel side, through rtnetlink: makes tun0 and vxlan0 what the spec says (in
+//! place where the kernel allows, recreated where it does not), reads the per-node entries rsdn
+//! owns, and applies actions. Ownership is by construction: entries on vxlan0 with a VTEP MAC
+//! (FDB) or a cluster-network address (neighbours), and routes with protocol ROUTE_PROTOCOL.
+//! Anything else, on any device, is left alone.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::{StreamExt, TryStreamExt};
+use ipnet::Ipv4Net;
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{
+    Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
+};
+use tracing::info;
+
+use super::{Action, Entries, RouteTarget, VtepMac, BRIDGE, ROUTE_PROTOCOL, VXLAN};
+
+/// How many netlink requests are in flight at once when applying many actions.
+const PIPELINE: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error("cannot open a netlink socket: {0}")]
+    Connect(#[source] io::Error),
+    #[error("{what}: {source}")]
+    Netlink {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+    #[error("{0} exists but is not a {1} device; rsdn will not take it over")]
+    Foreign(String, &'static str),
+    #[error("{0}")]
+    Setup(String),
+}
+
+fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+    let what = what.into();
+    move |source| KernelError::Netlink { what, source }
+}
+
+fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
+        _ => None,
+    }
+}
+
+/// What tun0 and vxlan0 must look like on this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSpec {
+    /// Gateway address with the node subnet's prefix, e.g. 10.128.0.1/23.
+    pub gateway: Ipv4Net,
+    pub mtu: u32,
+    pub vni: u32,
+    pub port: u16,
+    pub local_ip: Ipv4Addr,
+}
+
+impl DeviceSpec {
+    /// The bridge's MAC is pinned (0a:58 + gateway): a Linux bridge otherwise takes the lowest
+    /// port MAC, which changes as pods come and go and makes every pod re-ARP its gateway.
+    pub fn bridge_mac(&self) -> VtepMac {
+        VtepMac::of(self.gateway.addr())
+    }
+
+    pub fn vxlan_mac(&self) -> VtepMac {
+        VtepMac::of(self.local_ip)
+    }
+}
+
+/// Interface indices of the two devices once they are right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Devices {
+    pub bridge: u32,
+    pub vxlan: u32,
+}
+
+/// A link as the overlay cares about it.
+#[derive(Debug, Clone)]
+struct Link {
+    index: u32,
+    kind: Option<InfoKind>,
+    mac: Vec<u8>,
+    mtu: u32,
+    up: bool,
+    vxlan: Vec<InfoVxlan>,
+}
+
+impl Link {
+    fn from_message(m: &LinkMessage) -> Link {
+        let mut l = Link {
+            index: m.header.index,
+            kind: None,
+            mac: vec![],
+            mtu: 0,
+            up: m.header.flags.contains(LinkFlags::Up),
+            vxlan: vec![],
+        };
+        for a in &m.attributes {
+            match a {
+                LinkAttribute::Address(mac) => l.mac = mac.clone(),
+                LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
+                LinkAttribute::LinkInfo(infos) => {
+                    for i in infos {
+                        match i {
+                            LinkInfo::Kind(k) => l.kind = Some(k.clone()),
+                            LinkInfo::Data(InfoData::Vxlan(v)) => l.vxlan = v.clone(),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        l
+    }
+
+    fn vxlan_matches(&self, spec: &DeviceSpec) -> bool {
+        let has = |want: &InfoVxlan| self.vxlan.contains(want);
+        has(&InfoVxlan::Id(spec.vni))
+            && has(&InfoVxlan::Local(spec.local_ip))
+            && has(&InfoVxlan::Port(spec.port))
+            && has(&InfoVxlan::Learning(false))
+    }
+}
+
+/// An rtnetlink connection to the namespace the daemon runs in.
+#[derive(Clone)]
+pub struct Kernel {
+    handle: Handle,
+}
+
+impl Kernel {
+    /// Must be called inside a tokio runtime.
+    pub fn connect() -> Result<Kernel, KernelError> {
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
+        tokio::spawn(conn);
+        Ok(Kernel { handle })
+    }
+
+    async fn link(&self, name: &str) -> Result<Option<Link>, KernelError> {
+        let mut s = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match s.try_next().await {
+            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl(format!("cannot look up {name}"))(e)),
+        }
+    }
+
+    /// The index of vxlan0, if it exists.
+    pub async fn vxlan_index(&self) -> Result<Option<u32>, KernelError> {
+        Ok(self.link(VXLAN).await?.map(|l| l.index))
+    }
+
+    /// Makes tun0 and vxlan0 match `spec`; returns their indices and a line per change made.
+    pub async fn ensure_devices(
+        &self,
+        spec: &DeviceSpec,
+    ) -> Result<(Devices, Vec<String>), KernelError> {
+        let mut changes = Vec::new();
+        let bridge = self.ensure_bridge(spec, &mut changes).await?;
+        let vxlan = self.ensure_vxlan(spec, &mut changes).await?;
+        Ok((Devices { bridge, vxlan }, changes))
+    }
+
+    async fn ensure_bridge(
+        &self,
+        spec: &DeviceSpec,
+        changes: &mut Vec<String>,
+    ) -> Result<u32, KernelError> {
+        let mac = spec.bridge_mac().0.to_vec();
+        let link = match self.link(BRIDGE).await? {
+            Some(l) if l.kind != Some(InfoKind::Bridge) => {
+                return Err(KernelError::Foreign(BRIDGE.into(), "bridge"))
+            }
+            Some(l) => l,
+            None => {
+                let msg = LinkBridge::new(BRIDGE)
+                    .mtu(spec.mtu)
+                    .address(mac.clone())
+                    .up()
+                    .build();
+                self.handle
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("cannot create {BRIDGE}")))?;
+                changes.push(format!("created bridge {BRIDGE}"));
+                self.link(BRIDGE)
+                    .await?
+                    .ok_or_else(|| KernelError::Foreign(BRIDGE.into(), "bridge"))?
+            }
+        };
+        self.fix_link(&link, BRIDGE, spec.mtu, &mac, changes)
+            .await?;
+        // tun0 is ours: exactly the gateway address, nothing else.
+        let addrs = self.ipv4_addresses(link.index).await?;
+        if !addrs.contains(&spec.gateway) {
+            self.handle
+                .address()
+                .add(
+                    link.index,
+                    IpAddr::V4(spec.gateway.addr()),
+                    spec.gateway.prefix_len(),
+                )
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("cannot add {} to {BRIDGE}", spec.gateway)))?;
+            changes.push(format!("address {} on {BRIDGE}", spec.gateway));
+        }
+        for (a, msg) in self.ipv4_address_messages(link.index).await? {
+            if a != spec.gateway {
+                self.handle
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("cannot remove {a} from {BRIDGE}")))?;
+                changes.push(format!("removed stale address {a} from {BRIDGE}"));
+            }
+        }
+        Ok(link.index)
+    }
+
+    async fn ensure_vxlan(
+        &self,
+        spec: &DeviceSpec,
+        changes: &mut Vec<String>,
+    ) -> Result<u32, KernelError> {
+        let mac = spec.vxlan_mac().0.to_vec();
+        let existing = match self.link(VXLAN).await? {
+            Some(l) if l.kind != Some(InfoKind::Vxlan) => {
+                return Err(KernelError::Foreign(VXLAN.into(), "vxlan"))
+            }
+            // VNI, port and local address cannot be changed in place: recreate. The diff that
+            // follows puts every entry back.
+            Some(l) if !l.vxlan_matches(spec) => {
+                self.handle
+                    .link()
+                    .del(l.index)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("cannot delete {VXLAN}")))?;
+                changes.push(format!("deleted {VXLAN} with outdated settings"));
+                None
+            }
+            other => other,
+        };
+        let link = match existing {
+            Some(l) => l,
+            None => {
+                let msg = LinkVxlan::new(VXLAN, spec.vni)
+                    .local(spec.local_ip)
+                    .port(spec.port)
+                    .learning(false)
+                    .mtu(spec.mtu)
+                    .address(mac.clone())
+                    .up()
+                    .build();
+                self.handle
+                    .link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("cannot create {VXLAN}")))?;
+                changes.push(format!(
+                    "created {VXLAN} (vni {}, dstport {}, local {}, nolearning)",
+                    spec.vni, spec.port, spec.local_ip
+                ));
+                self.link(VXLAN)
+                    .await?
+                    .ok_or_else(|| KernelError::Foreign(VXLAN.into(), "vxlan"))?
+            }
+        };
+        self.fix_link(&link, VXLAN, spec.mtu, &mac, changes).await?;
+        Ok(link.index)
+    }
+
+    /// MTU, MAC and up, changed in place in one request when any differs.
+    async fn fix_link(
+        &self,
+        l: &Link,
+        name: &str,
+        mtu: u32,
+        mac: &[u8],
+        changes: &mut Vec<String>,
+    ) -> Result<(), KernelError> {
+        if l.mtu == mtu && l.mac == mac && l.up {
+            return Ok(());
+        }
+        let msg = LinkMessageBuilder::<LinkUnspec>::new()
+            .index(l.index)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .up()
+            .build();
+        self.handle
+            .link()
+            .change(msg)
+            .execute()
+            .await
+            .map_err(nl(format!("cannot set {name} up")))?;
+        changes.push(format!(
+            "{name}: mtu {mtu}, mac {}, up",
+            rsdn_cni::names::format_mac(mac)
+        ));
+        Ok(())
+    }
+
+    async fn ipv4_address_messages(
+        &self,
+        index: u32,
+    ) -> Result<Vec<(Ipv4Net, netlink_packet_route::address::AddressMessage)>, KernelError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("cannot list addresses"))?;
+        Ok(msgs
+            .into_iter()
+            .filter_map(|m| {
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                Some((Ipv4Net::new(ip, m.header.prefix_len).ok()?, m))
+            })
+            .collect())
+    }
+
+    async fn ipv4_addresses(&self, index: u32) -> Result<Vec<Ipv4Net>, KernelError> {
+        Ok(self
+            .ipv4_address_messages(index)
+            .await?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect())
+    }
+
+    /// The MTU of the interface holding `ip` (the underlay), if any holds it.
+    pub async fn mtu_of_address(&self, ip: Ipv4Addr) -> Result<Option<u32>, KernelError> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("cannot list addresses"))?;
+        let Some(index) = msgs
+            .iter()
+            .find(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(x)) if *x == ip))
+            })
+            .map(|m| m.header.index)
+        else {
+            return Ok(None);
+        };
+        let mut s = self.handle.link().get().match_index(index).execute();
+        let link = s
+            .try_next()
+            .await
+            .map_err(nl("cannot look up the underlay link"))?;
+        Ok(link.map(|m| Link::from_message(&m).mtu))
+    }
+
+    /// The entries rsdn owns, as the kernel holds them now.
+    pub async fn observe(
+        &self,
+        vxlan: u32,
+        cluster_network: Ipv4Net,
+    ) -> Result<Entries, KernelError> {
+        let mut e = Entries::default();
+        let fdb: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("cannot dump the FDB"))?;
+        for m in fdb.iter().filter(|m| m.header.ifindex == vxlan) {
+            let mac = lladdr(m).and_then(|b| VtepMac::from_bytes(&b));
+            // For AF_BRIDGE the library cannot tell the address family and leaves NDA_DST raw.
+            let dst = m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                    <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from)
+                }
+                _ => None,
+            });
+            if let (Some(mac), Some(dst)) = (mac, dst) {
+                e.fdb.insert((mac, dst));
+            }
+        }
+        let neigh: Vec<NeighbourMessage> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("cannot dump neighbours"))?;
+        for m in neigh
+            .iter()
+            .filter(|m| m.header.ifindex == vxlan && m.header.state == NeighbourState::Permanent)
+        {
+            let ip = m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let (Some(ip), Some(mac)) = (ip, lladdr(m)) {
+                if cluster_network.contains(&ip) {
+                    // A permanent neighbour of ours with a foreign MAC still counts: the diff
+                    // replaces it.
+                    let mac = VtepMac::from_bytes(&mac).unwrap_or(VtepMac([0; 6]));
+                    e.neigh.insert(ip, mac);
+                }
+            }
+        }
+        for (dst, target) in self.owned_routes(vxlan).await? {
+            e.routes.insert(dst, target);
+        }
+        Ok(e)
+    }
+
+    /// Routes with our protocol; a route of ours on another device reads as a wrong target.
+    async fn owned_routes(&self, vxlan: u32) -> Result<Vec<(Ipv4Net, RouteTarget)>, KernelError> {
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("cannot dump routes"))?;
+        Ok(msgs
+            .iter()
+            .filter(|m| {
+                m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                    && m.header.address_family == AddressFamily::Inet
+            })
+            .filter_map(|m| {
+                let (mut dst, mut via, mut src, mut oif) = (
+                    Ipv4Addr::UNSPECIFIED,
+                    Ipv4Addr::UNSPECIFIED,
+                    Ipv4Addr::UNSPECIFIED,
+                    0,
+                );
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = *g,
+                        RouteAttribute::PrefSource(RouteAddress::Inet(s)) => src = *s,
+                        RouteAttribute::Oif(i) => oif = *i,
+                        _ => {}
+                    }
+                }
+                if oif != vxlan {
+                    via = Ipv4Addr::UNSPECIFIED;
+                }
+                Some((
+                    Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?,
+                    RouteTarget { via, src },
+                ))
+            })
+            .collect())
+    }
+
+    /// Applies actions phase by phase (all deletions, then FDB, neighbour and route additions),
+    /// pipelining up to PIPELINE requests inside a phase. Returns the failures; "already gone"
+    /// on deletion is success.
+    pub async fn apply(&self, vxlan: u32, actions: &[Action]) -> Vec<(Action, KernelError)> {
+        let phase = |a: &Action| match a {
+            Action::DelRoute(_) | Action::DelNeigh(_) | Action::DelFdb(..) => 0,
+            Action::SetFdb(..) => 1,
+            Action::SetNeigh(..) => 2,
+            Action::SetRoute(..) => 3,
+        };
+        let mut failures = Vec::new();
+        for p in 0..4 {
+            let batch: Vec<Action> = actions.iter().copied().filter(|a| phase(a) == p).collect();
+            let results: Vec<_> = futures::stream::iter(batch)
+                .map(|a| async move { (a, self.apply_one(vxlan, a).await) })
+                .buffer_unordered(PIPELINE)
+                .collect()
+                .await;
+            for (a, r) in results {
+                if let Err(e) = r {
+                    failures.push((a, e));
+                }
+            }
+        }
+        failures
+    }
+
+    async fn apply_one(&self, vxlan: u32, action: Action) -> Result<(), KernelError> {
+        let what = action.to_string();
+        let gone_ok = |r: Result<(), rtnetlink::Error>| match r {
+            Err(e)
+                if matches!(
+                    errno(&e),
+                    Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::ENODEV)
+                ) =>
+            {
+                Ok(())
+            }
+            r => r,
+        };
+        let r = match action {
+            Action::SetFdb(mac, dst) => {
+                self.handle
+                    .neighbours()
+                    .add_bridge(vxlan, &mac.0)
+                    .flags(NeighbourFlags::Own)
+                    .state(NeighbourState::Permanent)
+                    .destination(IpAddr::V4(dst))
+                    .replace()
+                    .execute()
+                    .await
+            }
+            Action::DelFdb(mac, dst) => {
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Bridge;
+                m.header.ifindex = vxlan;
+                m.header.flags = NeighbourFlags::Own;
+                m.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+                gone_ok(self.handle.neighbours().del(m).execute().await)
+            }
+            Action::SetNeigh(ip, mac) => {
+                self.handle
+                    .neighbours()
+                    .add(vxlan, IpAddr::V4(ip))
+                    .link_layer_address(&mac.0)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await
+            }
+            Action::DelNeigh(ip) => {
+                let mut m = NeighbourMessage::default();
+                m.header.family = AddressFamily::Inet;
+                m.header.ifindex = vxlan;
+                m.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+                gone_ok(self.handle.neighbours().del(m).execute().await)
+            }
+            Action::SetRoute(dst, t) => {
+                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst.addr(), dst.prefix_len())
+                    .gateway(t.via)
+                    .output_interface(vxlan)
+                    .pref_source(t.src)
+                    .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                    .onlink()
+                    .build();
+                self.handle.route().add(msg).replace().execute().await
+            }
+            Action::DelRoute(dst) => {
+                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(dst.addr(), dst.prefix_len())
+                    .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                    .build();
+                gone_ok(self.handle.route().del(msg).execute().await)
+            }
+        };
+        r.map_err(nl(what))
+    }
+}
+
+fn lladdr(m: &NeighbourMessage) -> Option<Vec<u8>> {
+    m.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(b) => Some(b.clone()),
+        _ => None,
+    })
+}
+
+/// Sysctls the datapath needs in this namespace: forwarding, and bridged traffic through
+/// iptables (same-node Service replies must pass conntrack). Returns the ones it had to change.
+pub fn assert_sysctls() -> Result<Vec<String>, KernelError> {
+    let mut changed = Vec::new();
+    for (path, why) in [
+        (
+            "/proc/sys/net/ipv4/ip_forward",
+            "route between pods, nodes and the overlay",
+        ),
+        (
+            "/proc/sys/net/bridge/bridge-nf-call-iptables",
+            "conntrack for same-node Service replies",
+        ),
+    ] {
+        let current = std::fs::read_to_string(path).map_err(|e| {
+            KernelError::Setup(format!(
+                "cannot read {path} ({why}): {e}; is br_netfilter loaded?"
+            ))
+        })?;
+        if current.trim() != "1" {
+            std::fs::write(path, "1")
+                .map_err(|e| KernelError::Setup(format!("cannot set {path}: {e}")))?;
+            info!(sysctl = path, "set to 1");
+            changed.push(path.to_string());
+        }
+    }
+    Ok(changed)
+}
