@@ -141,10 +141,9 @@ impl Reconciler {
         }
         let text = serde_json::to_string_pretty(&list).expect("JSON serializes") + "\n";
         let path = self.config.cni_conf_path();
-        let on_disk = std::fs::read_to_string(&path).ok();
-        if self.conflist.as_deref() == Some(text.as_str())
-            && on_disk.as_deref() == Some(text.as_str())
-        {
+        // A restarted daemon finds its own file and leaves it be.
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+            self.conflist = Some(text);
             return Ok(false);
         }
         write_atomically(&path, &text)

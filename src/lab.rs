@@ -199,8 +199,17 @@ fn daemon_pid(i: u32) -> Option<i32> {
         .ok()
 }
 
+/// Running, and not a zombie: a daemon whose parent (an earlier `lab up`) is gone may linger
+/// unreaped, and kill(pid, 0) succeeds on zombies.
 fn alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name, which may itself contain spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X"))
 }
 
 fn node_count() -> u32 {

@@ -227,8 +227,19 @@ impl Invocation {
     }
 }
 
-pub fn plugin() -> &'static str {
-    env!("CARGO_BIN_EXE_rsdn-cni")
+/// The plugin binary: Cargo's path when this is a test of the cni crate, else the workspace
+/// build next to the test binary (target/<profile>/rsdn-cni).
+pub fn plugin() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_rsdn-cni") {
+        Some(p) => PathBuf::from(p),
+        None => {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent()
+                .and_then(Path::parent)
+                .unwrap()
+                .join("rsdn-cni")
+        }
+    }
 }
 
 /// Runs the plugin with the CNI environment, in `node`'s namespace when given.

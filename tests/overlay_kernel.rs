@@ -1,0 +1,446 @@
+//! Kernel tier for the overlay: the real reconciler, on a dedicated thread inside a fresh
+//! network namespace, against the real kernel. State is checked with iproute2.
+
+#[path = "../cni/tests/common/mod.rs"]
+mod common;
+
+use std::path::PathBuf;
+
+use common::{root_or_skip, Netns};
+use rsdn::config::NodeConfig;
+use rsdn::daemon::{Pass, Reconciler};
+use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
+use rsdn::overlay::kernel::Kernel;
+use rsdn_cni::netns::NetnsGuard;
+
+macro_rules! need_root {
+    () => {
+        if !root_or_skip(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
+    ClusterNode {
+        name: name.into(),
+        ip: ip.parse().unwrap(),
+        subnet: NodeSubnet(subnet.parse().unwrap()),
+    }
+}
+
+fn model(nodes: &[ClusterNode]) -> ClusterModel {
+    ClusterModel {
+        nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
+        skipped: vec![],
+    }
+}
+
+fn three() -> Vec<ClusterNode> {
+    vec![
+        node("a", "192.168.1.11", "10.128.0.0/23"),
+        node("b", "192.168.1.12", "10.128.2.0/23"),
+        node("c", "192.168.1.13", "10.128.4.0/23"),
+    ]
+}
+
+/// A node namespace with an underlay interface holding the node IP (MTU 1500).
+fn node_ns() -> (Netns, tempfile::TempDir) {
+    let ns = Netns::new("ovl");
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+    ]);
+    ns.ip(&["addr", "add", "192.168.1.11/24", "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "peer0", "up"]);
+    (ns, tempfile::tempdir().unwrap())
+}
+
+fn config(dir: &tempfile::TempDir) -> NodeConfig {
+    NodeConfig {
+        node_name: "a".into(),
+        node_ip: None,
+        cluster_network: "10.128.0.0/14".parse().unwrap(),
+        service_network: "172.30.0.0/16".parse().unwrap(),
+        vxlan_port: 4789,
+        vni: 7,
+        mtu: None,
+        cni_conf_dir: dir.path().join("net.d"),
+        cni_conf_file: "10-rsdn.conflist".into(),
+        cni_data_dir: None,
+        cluster_dir: PathBuf::from("/nonexistent"),
+        resync_seconds: 5,
+    }
+}
+
+/// Runs reconcile passes over `models` inside `ns`, one after the other.
+fn passes(ns: &Netns, cfg: NodeConfig, models: Vec<ClusterModel>) -> Vec<Pass> {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let _guard = NetnsGuard::enter_path(&path).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut r = Reconciler::new(cfg, Kernel::connect().unwrap());
+            let mut out = Vec::new();
+            for m in models {
+                out.push(r.reconcile(&m).await.unwrap());
+            }
+            out
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The three entry kinds on vxlan0, normalised.
+fn overlay_state(ns: &Netns) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let fdb = ns.run(&["bridge", "fdb", "show", "dev", "vxlan0"]).1;
+    let fdb: Vec<String> = lines(&fdb)
+        .into_iter()
+        .filter(|l| l.contains(" dst "))
+        .collect();
+    let neigh = lines(&ns.ip(&["neigh", "show", "dev", "vxlan0", "nud", "permanent"]));
+    let routes = lines(&ns.ip(&["route", "show", "proto", "212"]));
+    (fdb, neigh, routes)
+}
+
+#[test]
+fn from_empty_programs_devices_entries_and_conflist_then_changes_nothing() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    let cfg = config(&dir);
+    let conf_path = cfg.cni_conf_path();
+    let p = passes(&ns, cfg, vec![model(&three()), model(&three())]);
+
+    assert!(p[0].conflist_written && p[0].failures.is_empty());
+    assert_eq!(p[0].applied.len(), 6);
+    assert!(
+        p[1].applied.is_empty() && p[1].device_changes.is_empty() && !p[1].conflist_written,
+        "second pass changed things: {:?}",
+        p[1].applied
+    );
+
+    let tun0 = ns.ip(&["-d", "addr", "show", "tun0"]);
+    assert!(
+        tun0.contains("inet 10.128.0.1/23")
+            && tun0.contains("mtu 1450")
+            && tun0.contains("0a:58:0a:80:00:01"),
+        "{tun0}"
+    );
+    let vx = ns.ip(&["-d", "link", "show", "vxlan0"]);
+    assert!(
+        vx.contains("vxlan id 7")
+            && vx.contains("local 192.168.1.11")
+            && vx.contains("dstport 4789"),
+        "{vx}"
+    );
+    assert!(
+        vx.contains("nolearning") && vx.contains("mtu 1450") && vx.contains("0a:58:c0:a8:01:0b"),
+        "{vx}"
+    );
+
+    let (fdb, neigh, routes) = overlay_state(&ns);
+    assert_eq!(
+        fdb,
+        [
+            "0a:58:c0:a8:01:0c dst 192.168.1.12 self permanent",
+            "0a:58:c0:a8:01:0d dst 192.168.1.13 self permanent"
+        ]
+    );
+    assert_eq!(
+        neigh,
+        [
+            "10.128.2.0 lladdr 0a:58:c0:a8:01:0c PERMANENT",
+            "10.128.4.0 lladdr 0a:58:c0:a8:01:0d PERMANENT"
+        ]
+    );
+    assert_eq!(
+        routes,
+        [
+            "10.128.2.0/23 via 10.128.2.0 dev vxlan0 src 10.128.0.1 onlink",
+            "10.128.4.0/23 via 10.128.4.0 dev vxlan0 src 10.128.0.1 onlink"
+        ]
+    );
+    assert_eq!(
+        ns.run(&["cat", "/proc/sys/net/ipv4/ip_forward"]).1.trim(),
+        "1"
+    );
+    assert_eq!(
+        ns.run(&["cat", "/proc/sys/net/bridge/bridge-nf-call-iptables"])
+            .1
+            .trim(),
+        "1"
+    );
+
+    let list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(conf_path).unwrap()).unwrap();
+    assert_eq!(list["plugins"][0]["subnet"], "10.128.0.0/23");
+    assert_eq!(list["plugins"][0]["mtu"], 1450);
+}
+
+#[test]
+fn waits_without_programming_anything_until_the_local_node_is_known() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    let cfg = config(&dir);
+    let conf_path = cfg.cni_conf_path();
+    let others = three()[1..].to_vec();
+    let p = passes(&ns, cfg, vec![model(&others)]);
+    assert!(p[0].waiting.as_deref().unwrap().contains("Node/a"));
+    assert!(
+        !ns.run(&["ip", "link", "show", "vxlan0"]).0,
+        "vxlan0 created before the node was known"
+    );
+    assert!(
+        !conf_path.exists(),
+        "conflist written before the network was programmed"
+    );
+}
+
+#[test]
+fn from_partial_and_stale_state_converges_exactly() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    // An earlier run left: vxlan0 with another VNI, an entry set for a node that is gone (d),
+    // b's route only, and a wrong MAC for c's VTEP neighbour.
+    ns.ip(&[
+        "link",
+        "add",
+        "vxlan0",
+        "type",
+        "vxlan",
+        "id",
+        "99",
+        "dstport",
+        "4789",
+        "local",
+        "192.168.1.11",
+        "nolearning",
+    ]);
+    ns.ip(&["link", "set", "vxlan0", "up"]);
+    let p = passes(&ns, config(&dir), vec![model(&three())]);
+    assert!(
+        p[0].device_changes.iter().any(|c| c.contains("outdated")),
+        "{:?}",
+        p[0].device_changes
+    );
+    ns.ip(&[
+        "route",
+        "add",
+        "10.128.6.0/23",
+        "via",
+        "10.128.6.0",
+        "dev",
+        "vxlan0",
+        "onlink",
+        "proto",
+        "212",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.128.6.0",
+        "lladdr",
+        "0a:58:c0:a8:01:0e",
+        "dev",
+        "vxlan0",
+        "nud",
+        "permanent",
+    ]);
+    ns.run(&[
+        "bridge",
+        "fdb",
+        "append",
+        "0a:58:c0:a8:01:0e",
+        "dev",
+        "vxlan0",
+        "dst",
+        "192.168.1.14",
+        "self",
+        "permanent",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.128.4.0",
+        "lladdr",
+        "0a:58:01:02:03:04",
+        "dev",
+        "vxlan0",
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&["route", "del", "10.128.4.0/23"]);
+    let p = passes(&ns, config(&dir), vec![model(&three()), model(&three())]);
+    assert_eq!(p[0].applied.len(), 5, "{:?}", p[0].applied);
+    assert!(p[1].applied.is_empty());
+    let (fdb, neigh, routes) = overlay_state(&ns);
+    assert_eq!(fdb.len(), 2, "{fdb:?}");
+    assert_eq!(
+        neigh,
+        [
+            "10.128.2.0 lladdr 0a:58:c0:a8:01:0c PERMANENT",
+            "10.128.4.0 lladdr 0a:58:c0:a8:01:0d PERMANENT"
+        ]
+    );
+    assert_eq!(routes.len(), 2, "{routes:?}");
+    assert!(!routes.iter().any(|r| r.contains("10.128.6.0")));
+}
+
+#[test]
+fn foreign_entries_are_left_alone() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    passes(&ns, config(&dir), vec![model(&three())]);
+    // Someone else's state, on our devices and elsewhere.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.200.0.0/16",
+        "via",
+        "192.168.1.1",
+        "dev",
+        "eth0",
+        "proto",
+        "static",
+    ]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.128.8.0/23",
+        "dev",
+        "vxlan0",
+        "proto",
+        "static",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "192.168.1.77",
+        "lladdr",
+        "02:00:00:00:00:77",
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "172.16.0.1",
+        "lladdr",
+        "02:00:00:00:00:01",
+        "dev",
+        "vxlan0",
+        "nud",
+        "permanent",
+    ]);
+    let added = ns.run(&[
+        "bridge",
+        "fdb",
+        "append",
+        "00:00:00:00:00:00",
+        "dev",
+        "vxlan0",
+        "dst",
+        "192.168.1.99",
+        "self",
+        "permanent",
+    ]);
+    assert!(added.0, "{}", added.1);
+    ns.ip(&["addr", "add", "192.168.2.1/24", "dev", "eth0"]);
+    let before = (
+        ns.ip(&["route"]),
+        ns.ip(&["neigh"]),
+        ns.run(&["bridge", "fdb", "show"]).1,
+        ns.ip(&["addr"]),
+    );
+
+    let p = passes(&ns, config(&dir), vec![model(&three())]);
+    assert!(p[0].applied.is_empty(), "touched: {:?}", p[0].applied);
+    let after = (
+        ns.ip(&["route"]),
+        ns.ip(&["neigh"]),
+        ns.run(&["bridge", "fdb", "show"]).1,
+        ns.ip(&["addr"]),
+    );
+    assert_eq!(lines(&before.0), lines(&after.0));
+    assert_eq!(lines(&before.1), lines(&after.1));
+    assert_eq!(lines(&before.2).len(), lines(&after.2).len());
+    assert_eq!(lines(&before.3), lines(&after.3));
+
+    // Removing every remote node removes only what is ours.
+    let alone = model(&three()[..1]);
+    passes(&ns, config(&dir), vec![alone]);
+    let routes = ns.ip(&["route"]);
+    assert!(
+        routes.contains("10.200.0.0/16")
+            && routes.contains("10.128.8.0/23 dev vxlan0 proto static"),
+        "{routes}"
+    );
+    assert!(!routes.contains("10.128.2.0/23"), "{routes}");
+    assert!(ns.ip(&["neigh"]).contains("172.16.0.1"));
+    let fdb = ns.run(&["bridge", "fdb", "show", "dev", "vxlan0"]).1;
+    assert!(fdb.contains("00:00:00:00:00:00 dst 192.168.1.99"), "{fdb}");
+}
+
+#[test]
+fn node_ip_and_subnet_changes_replace_the_old_entries() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    let mut changed = three();
+    changed[1].ip = "192.168.1.22".parse().unwrap();
+    changed[2].subnet = NodeSubnet("10.128.10.0/23".parse().unwrap());
+    passes(&ns, config(&dir), vec![model(&three()), model(&changed)]);
+    let (fdb, neigh, routes) = overlay_state(&ns);
+    assert_eq!(
+        fdb,
+        [
+            "0a:58:c0:a8:01:0d dst 192.168.1.13 self permanent",
+            "0a:58:c0:a8:01:16 dst 192.168.1.22 self permanent"
+        ]
+    );
+    assert_eq!(
+        neigh,
+        [
+            "10.128.10.0 lladdr 0a:58:c0:a8:01:0d PERMANENT",
+            "10.128.2.0 lladdr 0a:58:c0:a8:01:16 PERMANENT"
+        ]
+    );
+    assert_eq!(
+        routes,
+        [
+            "10.128.10.0/23 via 10.128.10.0 dev vxlan0 src 10.128.0.1 onlink",
+            "10.128.2.0/23 via 10.128.2.0 dev vxlan0 src 10.128.0.1 onlink"
+        ]
+    );
+}
+
+#[test]
+fn sysctls_change_only_in_the_test_namespace() {
+    need_root!();
+    let root_forward = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
+    let (ns, dir) = node_ns();
+    passes(&ns, config(&dir), vec![model(&three())]);
+    assert_eq!(
+        ns.run(&["cat", "/proc/sys/net/ipv4/ip_forward"]).1.trim(),
+        "1"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
+        root_forward
+    );
+}
