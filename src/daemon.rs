@@ -21,6 +21,9 @@ use crate::overlay::{self, Action, BRIDGE};
 
 /// How long netlink events are collected before a reconcile runs (a burst is one pass).
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(50);
+/// A burst of writes to the cluster directory is read once it has been quiet this long; short,
+/// because a new node's entries wait for it.
+const SOURCE_QUIET: Duration = Duration::from_millis(20);
 /// Retry delay after a failed pass.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -181,7 +184,7 @@ pub async fn run(
         config.cluster_dir.clone(),
         scope,
         model_tx,
-        Duration::from_millis(50),
+        SOURCE_QUIET,
         resync,
     ));
     let wake = Arc::new(Notify::new());

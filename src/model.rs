@@ -64,13 +64,19 @@ pub struct ModelScope {
 }
 
 /// Collects objects from a source, then validates them together (overlaps need all of them).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct ModelBuilder {
     candidates: Vec<(Option<String>, ClusterNode)>,
     skipped: Vec<Skipped>,
 }
 
 impl ModelBuilder {
+    /// Adds everything another builder collected (a source caches one builder per file).
+    pub fn absorb(&mut self, other: &ModelBuilder) {
+        self.candidates.extend(other.candidates.iter().cloned());
+        self.skipped.extend(other.skipped.iter().cloned());
+    }
+
     pub fn skip(&mut self, object: impl Into<String>, reason: impl Into<String>) {
         self.skipped.push(Skipped {
             object: object.into(),
@@ -104,6 +110,9 @@ impl ModelBuilder {
             nodes: BTreeMap::new(),
             skipped: self.skipped,
         };
+        // Accepted subnets by first address -> (last address, node): an overlap is found with
+        // the one before and the ones starting inside, in O(log n).
+        let mut taken: BTreeMap<u32, (u32, String)> = BTreeMap::new();
         for (_, node) in self.candidates {
             let object = format!("Node/{}", node.name);
             if !scope.cluster_network.contains(&node.subnet.0) {
@@ -123,11 +132,17 @@ impl ModelBuilder {
                 });
                 continue;
             }
-            let clash = model
-                .nodes
-                .values()
-                .find(|other| overlaps(other.subnet.0, node.subnet.0));
-            if let Some(other) = clash {
+            let (first, last) = (
+                u32::from(node.subnet.0.network()),
+                u32::from(node.subnet.0.broadcast()),
+            );
+            let before = taken
+                .range(..=first)
+                .next_back()
+                .filter(|(_, (end, _))| *end >= first);
+            let inside = taken.range(first..=last).next();
+            if let Some((_, (_, other))) = before.or(inside) {
+                let other = &model.nodes[other];
                 model.skipped.push(Skipped {
                     object,
                     reason: format!(
@@ -137,14 +152,11 @@ impl ModelBuilder {
                 });
                 continue;
             }
+            taken.insert(first, (last, node.name.clone()));
             model.nodes.insert(node.name.clone(), node);
         }
         model
     }
-}
-
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 /// Validates one Node object on its own: a name, an IPv4 pod CIDR, an IPv4 InternalIP.
@@ -191,6 +203,20 @@ pub fn node_from_k8s(node: &Node) -> Result<ClusterNode, String> {
         ip,
         subnet: NodeSubnet(subnet),
     })
+}
+
+/// Shorthands for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
+        ClusterNode {
+            name: name.into(),
+            ip: ip.parse().unwrap(),
+            subnet: NodeSubnet(subnet.parse().unwrap()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -322,6 +348,25 @@ mod tests {
             "{reasons:?}"
         );
         assert_eq!(reasons["file bad.yaml"], "not YAML");
+    }
+
+    #[test]
+    fn overlap_is_found_before_inside_and_around() {
+        let mut b = ModelBuilder::default();
+        for (name, cidr) in [
+            ("a", "10.128.4.0/23"),
+            ("x1", "10.128.5.0/24"),
+            ("x2", "10.128.0.0/21"),
+            ("x3", "10.128.3.128/25"),
+            ("ok", "10.128.6.0/23"),
+            ("ok2", "10.128.2.0/24"),
+        ] {
+            b.add_node(&node(name, Some(cidr), Some("192.168.1.1"), None));
+        }
+        let m = b.finish(&scope());
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["a", "ok", "ok2", "x3"]);
+        let skipped: Vec<&str> = m.skipped.iter().map(|s| s.object.as_str()).collect();
+        assert_eq!(skipped, ["Node/x1", "Node/x2"]);
     }
 
     #[test]

@@ -106,16 +106,8 @@ pub fn render_table(rows: &[TunnelRow]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClusterNode, NodeSubnet};
+    use crate::model::testing::node;
     use crate::overlay::desired;
-
-    fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
-        ClusterNode {
-            name: name.into(),
-            ip: ip.parse().unwrap(),
-            subnet: NodeSubnet(subnet.parse().unwrap()),
-        }
-    }
 
     #[test]
     fn complete_and_partial_rows() {

@@ -1,4 +1,5 @@
-//! The few rtnetlink operations the plugin needs, on one connection per namespace.
+//! The few rtnetlink operations the plugin needs, on one connection per namespace. The node
+//! daemon builds on the same link lookups and error handling.
 
 use std::fs::File;
 use std::io;
@@ -37,6 +38,8 @@ pub struct Link {
     pub mtu: u32,
     pub master: Option<u32>,
     pub kind: Option<InfoKind>,
+    /// Kind-specific settings (the VXLAN id, port, ... for a vxlan link).
+    pub data: Option<InfoData>,
     pub up: bool,
 }
 
@@ -49,6 +52,7 @@ impl Link {
             mtu: 0,
             master: None,
             kind: None,
+            data: None,
             up: m.header.flags.contains(LinkFlags::Up),
         };
         for attr in &m.attributes {
@@ -59,8 +63,10 @@ impl Link {
                 LinkAttribute::Controller(i) => link.master = Some(*i),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
-                        if let LinkInfo::Kind(k) = info {
-                            link.kind = Some(k.clone());
+                        match info {
+                            LinkInfo::Kind(k) => link.kind = Some(k.clone()),
+                            LinkInfo::Data(d) => link.data = Some(d.clone()),
+                            _ => {}
                         }
                     }
                 }
@@ -89,6 +95,11 @@ impl Netlink {
         let (conn, handle, _) = rtnetlink::new_connection()?;
         tokio::spawn(conn);
         Ok(Netlink { handle })
+    }
+
+    /// The underlying handle, for requests this module does not wrap.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
     }
 
     /// A connection whose socket lives in `ns` (the thread returns home right after).

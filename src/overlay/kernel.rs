@@ -6,18 +6,18 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
-use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
-};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkMessage};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use netlink_packet_route::AddressFamily;
+use rsdn_cni::netlink::{errno, Link, Netlink};
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
@@ -47,13 +47,6 @@ pub enum KernelError {
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
     let what = what.into();
     move |source| KernelError::Netlink { what, source }
-}
-
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
-    match e {
-        rtnetlink::Error::NetlinkError(m) => Some(-m.raw_code()),
-        _ => None,
-    }
 }
 
 /// What tun0 and vxlan0 must look like on this node.
@@ -86,81 +79,57 @@ pub struct Devices {
     pub vxlan: u32,
 }
 
-/// A link as the overlay cares about it.
-#[derive(Debug, Clone)]
-struct Link {
-    index: u32,
-    kind: Option<InfoKind>,
-    mac: Vec<u8>,
-    mtu: u32,
-    up: bool,
-    vxlan: Vec<InfoVxlan>,
-}
-
-impl Link {
-    fn from_message(m: &LinkMessage) -> Link {
-        let mut l = Link {
-            index: m.header.index,
-            kind: None,
-            mac: vec![],
-            mtu: 0,
-            up: m.header.flags.contains(LinkFlags::Up),
-            vxlan: vec![],
-        };
-        for a in &m.attributes {
-            match a {
-                LinkAttribute::Address(mac) => l.mac = mac.clone(),
-                LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
-                LinkAttribute::LinkInfo(infos) => {
-                    for i in infos {
-                        match i {
-                            LinkInfo::Kind(k) => l.kind = Some(k.clone()),
-                            LinkInfo::Data(InfoData::Vxlan(v)) => l.vxlan = v.clone(),
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-        l
-    }
-
-    fn vxlan_matches(&self, spec: &DeviceSpec) -> bool {
-        let has = |want: &InfoVxlan| self.vxlan.contains(want);
-        has(&InfoVxlan::Id(spec.vni))
-            && has(&InfoVxlan::Local(spec.local_ip))
-            && has(&InfoVxlan::Port(spec.port))
-            && has(&InfoVxlan::Learning(false))
-    }
+/// Whether an existing vxlan0 has the settings that cannot be changed in place.
+fn vxlan_matches(l: &Link, spec: &DeviceSpec) -> bool {
+    let Some(InfoData::Vxlan(v)) = &l.data else {
+        return false;
+    };
+    [
+        InfoVxlan::Id(spec.vni),
+        InfoVxlan::Local(spec.local_ip),
+        InfoVxlan::Port(spec.port),
+        InfoVxlan::Learning(false),
+    ]
+    .iter()
+    .all(|want| v.contains(want))
 }
 
 /// An rtnetlink connection to the namespace the daemon runs in.
 #[derive(Clone)]
 pub struct Kernel {
-    handle: Handle,
+    nl: Arc<Netlink>,
 }
 
 impl Kernel {
     /// Must be called inside a tokio runtime.
     pub fn connect() -> Result<Kernel, KernelError> {
-        let (conn, handle, _) = rtnetlink::new_connection().map_err(KernelError::Connect)?;
-        tokio::spawn(conn);
-        Ok(Kernel { handle })
+        Ok(Kernel {
+            nl: Arc::new(Netlink::connect().map_err(KernelError::Connect)?),
+        })
+    }
+
+    fn handle(&self) -> &Handle {
+        self.nl.handle()
     }
 
     async fn link(&self, name: &str) -> Result<Option<Link>, KernelError> {
-        let mut s = self
-            .handle
+        self.nl
+            .link(name)
+            .await
+            .map_err(nl(format!("cannot look up {name}")))
+    }
+
+    /// Creates a link and returns it as the kernel now holds it.
+    async fn create(&self, msg: LinkMessage, name: &str) -> Result<Link, KernelError> {
+        self.handle()
             .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        match s.try_next().await {
-            Ok(m) => Ok(m.as_ref().map(Link::from_message)),
-            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
-            Err(e) => Err(nl(format!("cannot look up {name}"))(e)),
-        }
+            .add(msg)
+            .execute()
+            .await
+            .map_err(nl(format!("cannot create {name}")))?;
+        self.link(name)
+            .await?
+            .ok_or_else(|| KernelError::Setup(format!("{name} vanished right after creation")))
     }
 
     /// The index of vxlan0, if it exists.
@@ -196,16 +165,9 @@ impl Kernel {
                     .address(mac.clone())
                     .up()
                     .build();
-                self.handle
-                    .link()
-                    .add(msg)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("cannot create {BRIDGE}")))?;
+                let link = self.create(msg, BRIDGE).await?;
                 changes.push(format!("created bridge {BRIDGE}"));
-                self.link(BRIDGE)
-                    .await?
-                    .ok_or_else(|| KernelError::Foreign(BRIDGE.into(), "bridge"))?
+                link
             }
         };
         self.fix_link(&link, BRIDGE, spec.mtu, &mac, changes)
@@ -213,7 +175,7 @@ impl Kernel {
         // tun0 is ours: exactly the gateway address, nothing else.
         let addrs = self.ipv4_addresses(link.index).await?;
         if !addrs.contains(&spec.gateway) {
-            self.handle
+            self.handle()
                 .address()
                 .add(
                     link.index,
@@ -228,7 +190,7 @@ impl Kernel {
         }
         for (a, msg) in self.ipv4_address_messages(link.index).await? {
             if a != spec.gateway {
-                self.handle
+                self.handle()
                     .address()
                     .del(msg)
                     .execute()
@@ -252,8 +214,8 @@ impl Kernel {
             }
             // VNI, port and local address cannot be changed in place: recreate. The diff that
             // follows puts every entry back.
-            Some(l) if !l.vxlan_matches(spec) => {
-                self.handle
+            Some(l) if !vxlan_matches(&l, spec) => {
+                self.handle()
                     .link()
                     .del(l.index)
                     .execute()
@@ -275,19 +237,12 @@ impl Kernel {
                     .address(mac.clone())
                     .up()
                     .build();
-                self.handle
-                    .link()
-                    .add(msg)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("cannot create {VXLAN}")))?;
+                let link = self.create(msg, VXLAN).await?;
                 changes.push(format!(
                     "created {VXLAN} (vni {}, dstport {}, local {}, nolearning)",
                     spec.vni, spec.port, spec.local_ip
                 ));
-                self.link(VXLAN)
-                    .await?
-                    .ok_or_else(|| KernelError::Foreign(VXLAN.into(), "vxlan"))?
+                link
             }
         };
         self.fix_link(&link, VXLAN, spec.mtu, &mac, changes).await?;
@@ -312,7 +267,7 @@ impl Kernel {
             .address(mac.to_vec())
             .up()
             .build();
-        self.handle
+        self.handle()
             .link()
             .change(msg)
             .execute()
@@ -330,7 +285,7 @@ impl Kernel {
         index: u32,
     ) -> Result<Vec<(Ipv4Net, netlink_packet_route::address::AddressMessage)>, KernelError> {
         let msgs: Vec<_> = self
-            .handle
+            .handle()
             .address()
             .get()
             .set_link_index_filter(index)
@@ -362,7 +317,7 @@ impl Kernel {
     /// The MTU of the interface holding `ip` (the underlay), if any holds it.
     pub async fn mtu_of_address(&self, ip: Ipv4Addr) -> Result<Option<u32>, KernelError> {
         let msgs: Vec<_> = self
-            .handle
+            .handle()
             .address()
             .get()
             .execute()
@@ -380,7 +335,7 @@ impl Kernel {
         else {
             return Ok(None);
         };
-        let mut s = self.handle.link().get().match_index(index).execute();
+        let mut s = self.handle().link().get().match_index(index).execute();
         let link = s
             .try_next()
             .await
@@ -396,7 +351,7 @@ impl Kernel {
     ) -> Result<Entries, KernelError> {
         let mut e = Entries::default();
         let fdb: Vec<NeighbourMessage> = self
-            .handle
+            .handle()
             .neighbours()
             .get()
             .set_address_family(AddressFamily::Bridge)
@@ -419,7 +374,7 @@ impl Kernel {
             }
         }
         let neigh: Vec<NeighbourMessage> = self
-            .handle
+            .handle()
             .neighbours()
             .get()
             .set_address_family(AddressFamily::Inet)
@@ -454,7 +409,7 @@ impl Kernel {
     async fn owned_routes(&self, vxlan: u32) -> Result<Vec<(Ipv4Net, RouteTarget)>, KernelError> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
         let msgs: Vec<RouteMessage> = self
-            .handle
+            .handle()
             .route()
             .get(filter)
             .execute()
@@ -507,6 +462,8 @@ impl Kernel {
         let mut failures = Vec::new();
         for p in 0..4 {
             let batch: Vec<Action> = actions.iter().copied().filter(|a| phase(a) == p).collect();
+            let started = std::time::Instant::now();
+            let n = batch.len();
             let results: Vec<_> = futures::stream::iter(batch)
                 .map(|a| async move { (a, self.apply_one(vxlan, a).await) })
                 .buffer_unordered(PIPELINE)
@@ -516,6 +473,14 @@ impl Kernel {
                 if let Err(e) = r {
                     failures.push((a, e));
                 }
+            }
+            if n > 0 {
+                tracing::debug!(
+                    phase = p,
+                    requests = n,
+                    took_us = started.elapsed().as_micros() as u64,
+                    "apply phase"
+                );
             }
         }
         failures
@@ -536,7 +501,7 @@ impl Kernel {
         };
         let r = match action {
             Action::SetFdb(mac, dst) => {
-                self.handle
+                self.handle()
                     .neighbours()
                     .add_bridge(vxlan, &mac.0)
                     .flags(NeighbourFlags::Own)
@@ -555,10 +520,10 @@ impl Kernel {
                     .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
                 m.attributes
                     .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
-                gone_ok(self.handle.neighbours().del(m).execute().await)
+                gone_ok(self.handle().neighbours().del(m).execute().await)
             }
             Action::SetNeigh(ip, mac) => {
-                self.handle
+                self.handle()
                     .neighbours()
                     .add(vxlan, IpAddr::V4(ip))
                     .link_layer_address(&mac.0)
@@ -573,7 +538,7 @@ impl Kernel {
                 m.header.ifindex = vxlan;
                 m.attributes
                     .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-                gone_ok(self.handle.neighbours().del(m).execute().await)
+                gone_ok(self.handle().neighbours().del(m).execute().await)
             }
             Action::SetRoute(dst, t) => {
                 let msg = RouteMessageBuilder::<Ipv4Addr>::new()
@@ -584,14 +549,14 @@ impl Kernel {
                     .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
                     .onlink()
                     .build();
-                self.handle.route().add(msg).replace().execute().await
+                self.handle().route().add(msg).replace().execute().await
             }
             Action::DelRoute(dst) => {
                 let msg = RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(dst.addr(), dst.prefix_len())
                     .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
                     .build();
-                gone_ok(self.handle.route().del(msg).execute().await)
+                gone_ok(self.handle().route().del(msg).execute().await)
             }
         };
         r.map_err(nl(what))

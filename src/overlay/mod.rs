@@ -157,15 +157,8 @@ pub fn diff(desired: &Entries, observed: &Entries) -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::testing::node;
     use crate::model::NodeSubnet;
-
-    fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
-        ClusterNode {
-            name: name.into(),
-            ip: ip.parse().unwrap(),
-            subnet: NodeSubnet(subnet.parse().unwrap()),
-        }
-    }
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()

@@ -21,32 +21,147 @@ fn is_manifest(path: &Path) -> bool {
     )
 }
 
-/// Reads the directory once into a model. Unreadable files, bad documents and invalid
-/// objects are skipped with a reason; everything else is kept.
-pub fn read_cluster_dir(dir: &Path, scope: &ModelScope) -> Result<ClusterModel, std::io::Error> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_manifest(p))
-        .collect();
-    files.sort();
-    let mut builder = ModelBuilder::default();
-    for file in files {
-        let name = file.display().to_string();
-        match std::fs::read_to_string(&file) {
-            Ok(text) => add_documents(&mut builder, &name, &text),
-            Err(e) => builder.skip(name, format!("cannot read: {e}")),
+/// Identity of a file's content as far as re-reading goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
         }
     }
-    Ok(builder.finish(scope))
+}
+
+/// Parsed files, so a re-read parses only what changed (a directory of 5000 Node files where
+/// one changes costs one parse, not 5000).
+#[derive(Debug, Default)]
+pub struct DirCache {
+    files: std::collections::HashMap<PathBuf, (Stamp, ModelBuilder)>,
+}
+
+impl DirCache {
+    /// Reads the directory into a model. Unreadable files, bad documents and invalid objects
+    /// are skipped with a reason; everything else is kept.
+    pub fn read(&mut self, dir: &Path, scope: &ModelScope) -> Result<ClusterModel, std::io::Error> {
+        let mut files: Vec<(PathBuf, Stamp)> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok())
+            .filter(|e| is_manifest(&e.path()))
+            .filter_map(|e| Some((e.path(), Stamp::of(&e.metadata().ok()?))))
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        self.files
+            .retain(|path, _| files.iter().any(|(p, _)| p == path));
+        let mut builder = ModelBuilder::default();
+        for (path, stamp) in files {
+            let fresh = matches!(self.files.get(&path), Some((s, _)) if *s == stamp);
+            if !fresh {
+                let name = path.display().to_string();
+                let mut part = ModelBuilder::default();
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => add_documents(&mut part, &name, &text),
+                    Err(e) => part.skip(name, format!("cannot read: {e}")),
+                }
+                self.files.insert(path.clone(), (stamp, part));
+            }
+            builder.absorb(&self.files[&path].1);
+        }
+        Ok(builder.finish(scope))
+    }
+}
+
+/// Reads the directory once into a model (no cache).
+pub fn read_cluster_dir(dir: &Path, scope: &ModelScope) -> Result<ClusterModel, std::io::Error> {
+    DirCache::default().read(dir, scope)
 }
 
 /// Feeds every document of one file to the builder. YAML is a superset of JSON, so one parser
-/// serves both.
+/// serves both. Large multi-document files are cut at document markers and parsed on every
+/// core: parsing is most of the time between a write and the kernel holding its entries.
 pub fn add_documents(builder: &mut ModelBuilder, file: &str, text: &str) {
-    match serde_saphyr::from_multiple::<Value>(text) {
+    let starts = document_starts(text);
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    // Directives (%YAML) bind to the following document: do not cut files that have any.
+    if starts.len() < PARALLEL_DOCUMENTS
+        || workers < 2
+        || text.starts_with('%')
+        || text.contains("\n%")
+    {
+        parse_documents(builder, file, text, 0);
+        return;
+    }
+    let per = starts.len().div_ceil(workers);
+    let mut cuts: Vec<(usize, usize)> = (0..workers)
+        .filter_map(|k| {
+            let from = if k == 0 { 0 } else { *starts.get(k * per)? };
+            Some((from, k * per))
+        })
+        .collect();
+    cuts.dedup_by_key(|c| c.0);
+    let parts: Vec<ModelBuilder> = std::thread::scope(|s| {
+        let handles: Vec<_> = cuts
+            .iter()
+            .enumerate()
+            .map(|(i, &(from, first))| {
+                let to = cuts.get(i + 1).map_or(text.len(), |c| c.0);
+                s.spawn(move || {
+                    let mut part = ModelBuilder::default();
+                    parse_documents(&mut part, file, &text[from..to], first);
+                    part
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    for part in &parts {
+        builder.absorb(part);
+    }
+}
+
+/// Below this many documents a file is parsed on one thread.
+const PARALLEL_DOCUMENTS: usize = 256;
+
+/// Byte offsets of the lines that start a document (`---` at column 0).
+fn document_starts(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let l = line.trim_end_matches(['\n', '\r']);
+        if l == "---" || l.starts_with("--- ") || l.starts_with("---\t") {
+            starts.push(offset);
+        }
+        offset += line.len();
+    }
+    starts
+}
+
+fn parse_documents(builder: &mut ModelBuilder, file: &str, text: &str, first_index: usize) {
+    // The parser's default budget (1024 documents, 250k nodes) guards against hostile input;
+    // a cluster directory is written by the operator and may hold a large cluster's objects,
+    // so the limits are sized for 100k objects instead of removed.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: 100_000,
+            max_nodes: 20_000_000,
+            max_events: 50_000_000,
+        },
+    };
+    match serde_saphyr::from_multiple_with_options::<Value>(text, options) {
         Ok(docs) => {
             for (i, doc) in docs.into_iter().enumerate() {
-                add_object(builder, &format!("{file}#{i}"), doc);
+                add_object(builder, &format!("{file}#{}", first_index + i), doc);
             }
         }
         Err(e) => builder.skip(file.to_string(), format!("not valid YAML: {e}")),
@@ -87,11 +202,11 @@ pub async fn run(
     quiet: Duration,
     resync: Duration,
 ) {
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<()>();
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Change>();
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
-            if res.is_ok() {
-                let _ = ev_tx.send(());
+            if let Ok(ev) = res {
+                let _ = ev_tx.send(Change::of(&ev.kind));
             }
         },
     ) {
@@ -102,19 +217,38 @@ pub async fn run(
         }
     };
     let mut watching = false;
+    let mut cache = Some(DirCache::default());
     loop {
         if !watching {
             if let Some(w) = watcher.as_mut() {
                 watching = w.watch(&dir, RecursiveMode::NonRecursive).is_ok();
             }
         }
-        match read_cluster_dir(&dir, &scope) {
+        // Events queued so far are covered by the read that follows.
+        while ev_rx.try_recv().is_ok() {}
+        // Parsing thousands of objects takes a while: off the runtime thread, so reconciles and
+        // netlink events keep flowing meanwhile.
+        let mut c = cache.take().unwrap_or_default();
+        let (d, sc) = (dir.clone(), scope.clone());
+        let read = tokio::task::spawn_blocking(move || {
+            let r = c.read(&d, &sc);
+            (c, r)
+        })
+        .await;
+        let result = match read {
+            Ok((c, r)) => {
+                cache = Some(c);
+                r
+            }
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        };
+        match result {
             Ok(model) => {
-                for s in &model.skipped {
-                    warn!(object = %s.object, reason = %s.reason, "skipping invalid object");
-                }
                 let changed = *tx.borrow() != model;
                 if changed {
+                    for s in &model.skipped {
+                        warn!(object = %s.object, reason = %s.reason, "skipping invalid object");
+                    }
                     info!(nodes = model.nodes.len(), skipped = model.skipped.len(), dir = %dir.display(), "cluster directory read");
                     if tx.send(model).is_err() {
                         return;
@@ -125,13 +259,42 @@ pub async fn run(
                 warn!(dir = %dir.display(), error = %e, "cannot read the cluster directory; retrying")
             }
         }
-        // Wait for a change or the resync, then for the burst to end.
-        tokio::select! {
-            _ = ev_rx.recv() => {}
-            _ = tokio::time::sleep(resync) => {}
+        // Wait for a change or the resync. A finished write is read at once; a write in
+        // progress is read once the directory has been quiet for `quiet` (or it finishes).
+        let change = tokio::select! {
+            c = ev_rx.recv() => c,
+            _ = tokio::time::sleep(resync) => None,
             _ = tx.closed() => return,
+        };
+        if change == Some(Change::InProgress) {
+            while let Ok(Some(Change::InProgress)) = tokio::time::timeout(quiet, ev_rx.recv()).await
+            {
+            }
         }
-        while let Ok(Some(())) = tokio::time::timeout(quiet, ev_rx.recv()).await {}
+    }
+}
+
+/// What a filesystem event says about the directory's content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// A file was closed after writing, renamed into place or removed: its content is final.
+    Complete,
+    /// Anything else (created, being written): more is likely to follow.
+    InProgress,
+}
+
+impl Change {
+    fn of(kind: &notify::EventKind) -> Change {
+        use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+        use notify::EventKind;
+        match kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(
+                RenameMode::To | RenameMode::Both | RenameMode::From,
+            ))
+            | EventKind::Remove(_) => Change::Complete,
+            _ => Change::InProgress,
+        }
     }
 }
 
@@ -181,6 +344,54 @@ mod tests {
             all.contains("not valid YAML") && all.contains("no podCIDR"),
             "{all}"
         );
+    }
+
+    #[test]
+    fn a_file_with_thousands_of_documents_is_read() {
+        let d = tempfile::tempdir().unwrap();
+        let many: String = (0..3000)
+            .map(|i| format!("---\nkind: Node\nmetadata: {{name: n{i}}}\nspec: {{podCIDR: 10.{}.{}.0/24}}\nstatus: {{addresses: [{{type: InternalIP, address: 100.64.{}.{}}}]}}\n", i / 256, i % 256, i / 256, i % 256))
+            .collect();
+        std::fs::write(d.path().join("many.yaml"), many).unwrap();
+        let scope = ModelScope {
+            cluster_network: "10.0.0.0/8".parse().unwrap(),
+            local_node: "n0".into(),
+        };
+        let m = read_cluster_dir(d.path(), &scope).unwrap();
+        assert_eq!(
+            (m.nodes.len(), m.skipped.len()),
+            (3000, 0),
+            "{:?}",
+            m.skipped.first()
+        );
+    }
+
+    #[test]
+    fn cached_rereads_see_changed_added_and_removed_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
+        let n2 = |cidr: &str| {
+            format!("kind: Node\nmetadata: {{name: n2}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: 192.168.77.12}}]}}\n")
+        };
+        std::fs::write(d.path().join("n2.yaml"), n2("10.128.2.0/23")).unwrap();
+        let mut cache = DirCache::default();
+        assert_eq!(
+            cache.read(d.path(), &scope()).unwrap().nodes["n2"]
+                .subnet
+                .to_string(),
+            "10.128.2.0/23"
+        );
+        std::fs::write(d.path().join("n2.yaml"), n2("10.128.8.0/23")).unwrap();
+        assert_eq!(
+            cache.read(d.path(), &scope()).unwrap().nodes["n2"]
+                .subnet
+                .to_string(),
+            "10.128.8.0/23"
+        );
+        std::fs::remove_file(d.path().join("n1.yaml")).unwrap();
+        let m = cache.read(d.path(), &scope()).unwrap();
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n2"]);
+        assert_eq!(cache.files.len(), 1, "a removed file leaves the cache");
     }
 
     #[tokio::test]

@@ -10,17 +10,7 @@ BIN_DIR=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/debug}
 RSDN=$BIN_DIR/rsdn
 LAB=/run/rsdn-lab
 T=$(mktemp -d /tmp/rsdn-lab-e2e.XXXXXX)
-passed=0
-failed=0
-
-check() { # check NAME CMD...
-  local name=$1; shift
-  if "$@" >"$T/last.log" 2>&1; then
-    passed=$((passed + 1)); echo "ok   $name"
-  else
-    failed=$((failed + 1)); echo "FAIL $name"; sed 's/^/     /' "$T/last.log" | tail -25
-  fi
-}
+source "$(dirname "$0")/lib.sh"
 cleanup() { "$RSDN" lab down >/dev/null 2>&1; rm -rf "$T"; }
 trap cleanup EXIT
 
@@ -125,5 +115,4 @@ all_gone() {
 }
 check "lab down after a crash: no namespaces, state or daemons left ($(cat "$T/down.log"))" all_gone
 
-echo "lab: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary lab

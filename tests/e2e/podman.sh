@@ -13,17 +13,7 @@ CLIENT=rsdn-pm-client-$$
 IMAGE=localhost/rsdn-busybox:e2e
 SUBNET=10.128.4.0/23
 GATEWAY=10.128.4.1
-passed=0
-failed=0
-
-check() { # check NAME CMD...
-  local name=$1; shift
-  if "$@" >"$T/last.log" 2>&1; then
-    passed=$((passed + 1)); echo "ok   $name"
-  else
-    failed=$((failed + 1)); echo "FAIL $name"; sed 's/^/     /' "$T/last.log" | tail -20
-  fi
-}
+source "$(dirname "$0")/lib.sh"
 
 pm() { CONTAINERS_CONF=$T/containers.conf nsenter --net="/run/netns/$NODE" podman --runtime runc --cgroup-manager cgroupfs "$@"; }
 
@@ -103,5 +93,4 @@ pm rm -f -t 0 rsdn-e2e-a rsdn-e2e-b >/dev/null
 check "removing the containers released their addresses" store_empty
 check "removing the containers removed their bridge ports" no_pod_ports
 
-echo "podman: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+summary podman
