@@ -56,6 +56,14 @@ fn node_ns() -> (Netns, tempfile::TempDir) {
     (ns, tempfile::tempdir().unwrap())
 }
 
+/// vxlan0, up, as an earlier run (or a test) might have left it.
+fn add_vxlan0(ns: &Netns, vni: &str) {
+    let cmd =
+        format!("link add vxlan0 type vxlan id {vni} dstport 4789 local 192.168.1.11 nolearning");
+    ns.ip(&cmd.split(' ').collect::<Vec<_>>());
+    ns.ip(&["link", "set", "vxlan0", "up"]);
+}
+
 fn config(dir: &tempfile::TempDir) -> NodeConfig {
     NodeConfig {
         node_name: "a".into(),
@@ -73,8 +81,12 @@ fn config(dir: &tempfile::TempDir) -> NodeConfig {
     }
 }
 
-/// Runs reconcile passes over `models` inside `ns`, one after the other.
-fn passes(ns: &Netns, cfg: NodeConfig, models: Vec<ClusterModel>) -> Vec<Pass> {
+/// Runs `f` with a kernel connection inside `ns`, on a thread of its own (setns is per thread).
+fn in_ns<T, F>(ns: &Netns, f: impl FnOnce(Kernel) -> F + Send + 'static) -> T
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = T>,
+{
     let path = ns.path();
     std::thread::spawn(move || {
         let _guard = NetnsGuard::enter_path(&path).unwrap();
@@ -82,17 +94,22 @@ fn passes(ns: &Netns, cfg: NodeConfig, models: Vec<ClusterModel>) -> Vec<Pass> {
             .enable_all()
             .build()
             .unwrap();
-        rt.block_on(async {
-            let mut r = Reconciler::new(cfg, Kernel::connect().unwrap());
-            let mut out = Vec::new();
-            for m in models {
-                out.push(r.reconcile(&m).await.unwrap());
-            }
-            out
-        })
+        rt.block_on(async { f(Kernel::connect().unwrap()).await })
     })
     .join()
     .unwrap()
+}
+
+/// Runs reconcile passes over `models` inside `ns`, one after the other.
+fn passes(ns: &Netns, cfg: NodeConfig, models: Vec<ClusterModel>) -> Vec<Pass> {
+    in_ns(ns, |kernel| async move {
+        let mut r = Reconciler::new(cfg, kernel);
+        let mut out = Vec::new();
+        for m in models {
+            out.push(r.reconcile(&m).await.unwrap());
+        }
+        out
+    })
 }
 
 fn lines(s: &str) -> Vec<String> {
@@ -216,21 +233,7 @@ fn from_partial_and_stale_state_converges_exactly() {
     let (ns, dir) = node_ns();
     // An earlier run left: vxlan0 with another VNI, an entry set for a node that is gone (d),
     // b's route only, and a wrong MAC for c's VTEP neighbour.
-    ns.ip(&[
-        "link",
-        "add",
-        "vxlan0",
-        "type",
-        "vxlan",
-        "id",
-        "99",
-        "dstport",
-        "4789",
-        "local",
-        "192.168.1.11",
-        "nolearning",
-    ]);
-    ns.ip(&["link", "set", "vxlan0", "up"]);
+    add_vxlan0(&ns, "99");
     let p = passes(&ns, config(&dir), vec![model(&three())]);
     assert!(
         p[0].device_changes.iter().any(|c| c.contains("outdated")),
@@ -443,4 +446,69 @@ fn sysctls_change_only_in_the_test_namespace() {
         std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap(),
         root_forward
     );
+}
+
+/// Batched apply across several datagrams: the one request the kernel refuses (a route whose
+/// source address is not local), in the middle of the second chunk, is the one reported, with
+/// its errno; every other entry is in the kernel; deleting what is already gone is success.
+#[test]
+fn batched_apply_reports_exactly_the_refused_requests() {
+    use rsdn::overlay::{Action, RouteTarget, VtepMac};
+    need_root!();
+    let (ns, _dir) = node_ns();
+    add_vxlan0(&ns, "7");
+    ns.ip(&["link", "add", "tun0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.128.0.1/23", "dev", "tun0"]);
+    ns.ip(&["link", "set", "tun0", "up"]);
+
+    let local_src = "10.128.0.1".parse().unwrap();
+    let mut actions = vec![
+        Action::DelRoute("10.200.0.0/24".parse().unwrap()),
+        Action::DelNeigh("10.200.0.0".parse().unwrap()),
+        Action::DelFdb(
+            VtepMac::of("192.168.9.9".parse().unwrap()),
+            "192.168.9.9".parse().unwrap(),
+        ),
+    ];
+    let bad = 3 + 200;
+    for i in 0..300u32 {
+        let subnet: ipnet::Ipv4Net = format!("10.{}.{}.0/24", 129 + i / 256, i % 256)
+            .parse()
+            .unwrap();
+        let src = if 3 + i as usize == bad {
+            "10.99.0.1".parse().unwrap()
+        } else {
+            local_src
+        };
+        actions.push(Action::SetRoute(
+            subnet,
+            RouteTarget {
+                via: subnet.network(),
+                src,
+            },
+        ));
+    }
+    let failures = in_ns(&ns, |k| async move {
+        let vxlan = k.vxlan_index().await.unwrap().unwrap();
+        let failures = k.apply(vxlan, &actions).await;
+        failures
+            .into_iter()
+            .map(|(a, e)| (a, e.to_string()))
+            .collect::<Vec<_>>()
+    });
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(
+        failures[0].0.to_string(),
+        "route replace 10.129.200.0/24 via 10.129.200.0 dev vxlan0 onlink src 10.99.0.1"
+    );
+    assert!(
+        failures[0].1.contains("Invalid argument"),
+        "errno named: {}",
+        failures[0].1
+    );
+    let routes = lines(&ns.ip(&["route", "show", "proto", "212"]));
+    assert_eq!(routes.len(), 299);
+    assert!(!routes.iter().any(|r| r.starts_with("10.129.200.0/24")));
+    assert!(routes
+        .contains(&"10.129.43.0/24 via 10.129.43.0 dev vxlan0 src 10.128.0.1 onlink".to_string()));
 }

@@ -8,7 +8,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkMessage};
@@ -16,17 +16,14 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
-use netlink_packet_route::AddressFamily;
-use rsdn_cni::netlink::{errno, Link, Netlink};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rsdn_cni::netlink::{Link, Netlink};
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
 use tracing::info;
 
-use super::{Action, Entries, RouteTarget, VtepMac, BRIDGE, ROUTE_PROTOCOL, VXLAN};
-
-/// How many netlink requests are in flight at once when applying many actions.
-const PIPELINE: usize = 64;
+use super::{batch, Action, Entries, RouteTarget, VtepMac, BRIDGE, ROUTE_PROTOCOL, VXLAN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -42,6 +39,8 @@ pub enum KernelError {
     Foreign(String, &'static str),
     #[error("{0}")]
     Setup(String),
+    #[error("{what}: {}", std::io::Error::from_raw_os_error(*errno))]
+    Entry { what: String, errno: i32 },
 }
 
 fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
@@ -449,118 +448,140 @@ impl Kernel {
             .collect())
     }
 
-    /// Applies actions phase by phase (all deletions, then FDB, neighbour and route additions),
-    /// pipelining up to PIPELINE requests inside a phase. Returns the failures; "already gone"
-    /// on deletion is success.
+    /// Applies actions phase by phase (route deletions; neighbour and FDB deletions; FDB and
+    /// neighbour additions; route additions), each phase in large netlink datagrams (see
+    /// `batch`). Returns the failures; "already gone" on deletion is success.
     pub async fn apply(&self, vxlan: u32, actions: &[Action]) -> Vec<(Action, KernelError)> {
+        // Routes go first and come last: traffic follows a route only, so a route never points
+        // at a path that is half gone or half built. Neighbours and FDB entries carry nothing
+        // on their own and share a phase.
         let phase = |a: &Action| match a {
-            Action::DelRoute(_) | Action::DelNeigh(_) | Action::DelFdb(..) => 0,
-            Action::SetFdb(..) => 1,
-            Action::SetNeigh(..) => 2,
+            Action::DelRoute(_) => 0,
+            Action::DelNeigh(_) | Action::DelFdb(..) => 1,
+            Action::SetFdb(..) | Action::SetNeigh(..) => 2,
             Action::SetRoute(..) => 3,
         };
         let mut failures = Vec::new();
         for p in 0..4 {
             let batch: Vec<Action> = actions.iter().copied().filter(|a| phase(a) == p).collect();
+            if batch.is_empty() {
+                continue;
+            }
             let started = std::time::Instant::now();
-            let n = batch.len();
-            let results: Vec<_> = futures::stream::iter(batch)
-                .map(|a| async move { (a, self.apply_one(vxlan, a).await) })
-                .buffer_unordered(PIPELINE)
-                .collect()
-                .await;
-            for (a, r) in results {
-                if let Err(e) = r {
-                    failures.push((a, e));
+            let requests = batch.iter().map(|a| request(vxlan, *a)).collect();
+            let sent = tokio::task::spawn_blocking(move || batch::send_all(requests))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match sent {
+                Ok(refused) => {
+                    for (i, errno) in refused {
+                        let already_gone = !is_set(&batch[i])
+                            && matches!(errno, libc::ENOENT | libc::ESRCH | libc::ENODEV);
+                        if !already_gone {
+                            let what = batch[i].to_string();
+                            failures.push((batch[i], KernelError::Entry { what, errno }));
+                        }
+                    }
                 }
+                // The whole phase is in doubt: report every action; the next pass re-diffs.
+                Err(e) => failures.extend(
+                    batch
+                        .iter()
+                        .map(|a| (*a, KernelError::Setup(format!("{a}: {e}")))),
+                ),
             }
-            if n > 0 {
-                tracing::debug!(
-                    phase = p,
-                    requests = n,
-                    took_us = started.elapsed().as_micros() as u64,
-                    "apply phase"
-                );
-            }
+            tracing::debug!(
+                phase = p,
+                requests = batch.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "apply phase"
+            );
         }
         failures
     }
+}
 
-    async fn apply_one(&self, vxlan: u32, action: Action) -> Result<(), KernelError> {
-        let what = action.to_string();
-        let gone_ok = |r: Result<(), rtnetlink::Error>| match r {
-            Err(e)
-                if matches!(
-                    errno(&e),
-                    Some(libc::ENOENT) | Some(libc::ESRCH) | Some(libc::ENODEV)
-                ) =>
-            {
-                Ok(())
-            }
-            r => r,
-        };
-        let r = match action {
-            Action::SetFdb(mac, dst) => {
-                self.handle()
-                    .neighbours()
-                    .add_bridge(vxlan, &mac.0)
-                    .flags(NeighbourFlags::Own)
-                    .state(NeighbourState::Permanent)
-                    .destination(IpAddr::V4(dst))
-                    .replace()
-                    .execute()
-                    .await
-            }
-            Action::DelFdb(mac, dst) => {
-                let mut m = NeighbourMessage::default();
-                m.header.family = AddressFamily::Bridge;
-                m.header.ifindex = vxlan;
-                m.header.flags = NeighbourFlags::Own;
-                m.attributes
-                    .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
-                m.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
-                gone_ok(self.handle().neighbours().del(m).execute().await)
-            }
-            Action::SetNeigh(ip, mac) => {
-                self.handle()
-                    .neighbours()
-                    .add(vxlan, IpAddr::V4(ip))
-                    .link_layer_address(&mac.0)
-                    .state(NeighbourState::Permanent)
-                    .replace()
-                    .execute()
-                    .await
-            }
-            Action::DelNeigh(ip) => {
-                let mut m = NeighbourMessage::default();
-                m.header.family = AddressFamily::Inet;
-                m.header.ifindex = vxlan;
-                m.attributes
-                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-                gone_ok(self.handle().neighbours().del(m).execute().await)
-            }
-            Action::SetRoute(dst, t) => {
-                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(dst.addr(), dst.prefix_len())
+fn is_set(a: &Action) -> bool {
+    matches!(
+        a,
+        Action::SetFdb(..) | Action::SetNeigh(..) | Action::SetRoute(..)
+    )
+}
+
+/// The netlink request for one action (vxlan0 is `vxlan`).
+fn request(vxlan: u32, action: Action) -> batch::Request {
+    let neigh = |family, ip: Ipv4Addr, mac: Option<VtepMac>, flags| {
+        let mut m = NeighbourMessage::default();
+        m.header.family = family;
+        m.header.ifindex = vxlan;
+        m.header.state = NeighbourState::Permanent;
+        m.header.flags = flags;
+        if let Some(mac) = mac {
+            m.attributes
+                .push(NeighbourAttribute::LinkLayerAddress(mac.0.to_vec()));
+        }
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        m
+    };
+    let route = |dst: Ipv4Net| {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dst.addr(), dst.prefix_len())
+            .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+    };
+    let (message, create) = match action {
+        // FDB: AF_BRIDGE neighbours of vxlan0 handled by the device itself (NTF_SELF).
+        Action::SetFdb(mac, dst) => (
+            RouteNetlinkMessage::NewNeighbour(neigh(
+                AddressFamily::Bridge,
+                dst,
+                Some(mac),
+                NeighbourFlags::Own,
+            )),
+            true,
+        ),
+        Action::DelFdb(mac, dst) => (
+            RouteNetlinkMessage::DelNeighbour(neigh(
+                AddressFamily::Bridge,
+                dst,
+                Some(mac),
+                NeighbourFlags::Own,
+            )),
+            false,
+        ),
+        Action::SetNeigh(ip, mac) => (
+            RouteNetlinkMessage::NewNeighbour(neigh(
+                AddressFamily::Inet,
+                ip,
+                Some(mac),
+                NeighbourFlags::empty(),
+            )),
+            true,
+        ),
+        Action::DelNeigh(ip) => (
+            RouteNetlinkMessage::DelNeighbour(neigh(
+                AddressFamily::Inet,
+                ip,
+                None,
+                NeighbourFlags::empty(),
+            )),
+            false,
+        ),
+        Action::SetRoute(dst, t) => (
+            RouteNetlinkMessage::NewRoute(
+                route(dst)
                     .gateway(t.via)
                     .output_interface(vxlan)
                     .pref_source(t.src)
-                    .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
                     .onlink()
-                    .build();
-                self.handle().route().add(msg).replace().execute().await
-            }
-            Action::DelRoute(dst) => {
-                let msg = RouteMessageBuilder::<Ipv4Addr>::new()
-                    .destination_prefix(dst.addr(), dst.prefix_len())
-                    .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
-                    .build();
-                gone_ok(self.handle().route().del(msg).execute().await)
-            }
-        };
-        r.map_err(nl(what))
-    }
+                    .build(),
+            ),
+            true,
+        ),
+        Action::DelRoute(dst) => (RouteNetlinkMessage::DelRoute(route(dst).build()), false),
+    };
+    batch::Request { message, create }
 }
 
 fn lladdr(m: &NeighbourMessage) -> Option<Vec<u8>> {

@@ -4,6 +4,7 @@
 //! `desired` computes it, `diff` compares it with what the kernel holds, `kernel` observes and
 //! applies. Nothing here is flushed: only the difference is written.
 
+pub mod batch;
 pub mod kernel;
 pub mod monitor;
 
@@ -121,8 +122,9 @@ impl fmt::Display for Action {
 }
 
 /// The changes that turn `observed` into `desired`, in a safe order: removals first (route,
-/// then neighbour, then FDB: a route never points at a half-gone path), then additions the
-/// other way round (FDB, neighbour, route: a route appears only once its path is complete).
+/// then neighbour and FDB: a route never points at a half-gone path), then additions the other
+/// way round (FDB and neighbour, then route: a route appears only once its path is complete).
+/// `kernel::Kernel::apply` keeps this order between phases.
 pub fn diff(desired: &Entries, observed: &Entries) -> Vec<Action> {
     let mut out = Vec::new();
     for d in observed.routes.keys() {

@@ -226,6 +226,7 @@ pub async fn run(
         }
         // Events queued so far are covered by the read that follows.
         while ev_rx.try_recv().is_ok() {}
+        let started = std::time::Instant::now();
         // Parsing thousands of objects takes a while: off the runtime thread, so reconciles and
         // netlink events keep flowing meanwhile.
         let mut c = cache.take().unwrap_or_default();
@@ -249,7 +250,13 @@ pub async fn run(
                     for s in &model.skipped {
                         warn!(object = %s.object, reason = %s.reason, "skipping invalid object");
                     }
-                    info!(nodes = model.nodes.len(), skipped = model.skipped.len(), dir = %dir.display(), "cluster directory read");
+                    info!(
+                        nodes = model.nodes.len(),
+                        skipped = model.skipped.len(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        dir = %dir.display(),
+                        "cluster directory read"
+                    );
                     if tx.send(model).is_err() {
                         return;
                     }

@@ -16,7 +16,7 @@ trap cleanup EXIT
 
 lab() { "$RSDN" lab "$@"; }
 # complete NODE: how many complete tunnels NODE has.
-complete() { lab exec "$1" -- "$RSDN" tunnel list -o json | jq '[.[] | select(.fdb and .neigh and .route)] | length'; }
+complete() { lab exec "$1" -- "$RSDN" tunnel list -o json 2>/dev/null | jq '[.[] | select(.fdb and .neigh and .route)] | length'; }
 # total NODE: how many tunnel rows, complete or not.
 total() { lab exec "$1" -- "$RSDN" tunnel list -o json | jq 'length'; }
 # eventually SECONDS CMD...: polls CMD every 50 ms.
