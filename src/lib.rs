@@ -6,5 +6,6 @@ pub mod daemon;
 pub mod lab;
 pub mod model;
 pub mod overlay;
+pub mod proxy;
 pub mod source;
 pub mod tunnel;

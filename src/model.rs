@@ -1,12 +1,15 @@
-//! The cluster as rsdn sees it: nodes with their underlay address and pod subnet, built from
-//! Kubernetes objects. Every cluster source (a directory of YAML today, the API server later)
+//! The cluster as rsdn sees it: nodes with their underlay address and pod subnet, and the
+//! Service ports with their endpoints, built from Kubernetes objects. Every cluster source (a directory of YAML today, the API server later)
 //! produces this model; invalid objects are skipped with a reason and counted, never fatal.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::proxy::model::{self as svc, EndpointsBuilder, ServicePort, ServicePortName, Services};
 
 /// A node's pod subnet (`spec.podCIDR`): the node's gateway and the VTEP address derive from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -52,6 +55,7 @@ pub struct Skipped {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterModel {
     pub nodes: BTreeMap<String, ClusterNode>,
+    pub services: Services,
     pub skipped: Vec<Skipped>,
 }
 
@@ -67,6 +71,8 @@ pub struct ModelScope {
 #[derive(Debug, Default, Clone)]
 pub struct ModelBuilder {
     candidates: Vec<(Option<String>, ClusterNode)>,
+    services: Vec<(ServicePortName, ServicePort)>,
+    endpoints: EndpointsBuilder,
     skipped: Vec<Skipped>,
 }
 
@@ -74,6 +80,8 @@ impl ModelBuilder {
     /// Adds everything another builder collected (a source caches one builder per file).
     pub fn absorb(&mut self, other: &ModelBuilder) {
         self.candidates.extend(other.candidates.iter().cloned());
+        self.services.extend(other.services.iter().cloned());
+        self.endpoints.absorb(&other.endpoints);
         self.skipped.extend(other.skipped.iter().cloned());
     }
 
@@ -99,6 +107,31 @@ impl ModelBuilder {
         }
     }
 
+    /// A Service: all its ports, or (invalid) none of them.
+    pub fn add_service(&mut self, service: &Service) {
+        let object = object_name("Service", &service.metadata);
+        match svc::service_ports(service) {
+            Ok(ports) => self.services.extend(ports),
+            Err(reason) => self.skip(object, reason),
+        }
+    }
+
+    /// An EndpointSlice: all its endpoints, or (invalid) none of them.
+    pub fn add_endpoint_slice(&mut self, slice: &EndpointSlice) {
+        let object = object_name("EndpointSlice", &slice.metadata);
+        match svc::slice_endpoints(slice) {
+            Ok(Some(eps)) => {
+                let key = (
+                    slice.metadata.namespace.clone().unwrap_or_default(),
+                    slice.metadata.name.clone().unwrap_or_default(),
+                );
+                self.endpoints.add(key, eps);
+            }
+            Ok(None) => {}
+            Err(reason) => self.skip(object, reason),
+        }
+    }
+
     /// Applies the checks that need the whole set: inside the cluster network, unique names,
     /// no overlapping subnets (the local node first, then the oldest claim wins).
     pub fn finish(mut self, scope: &ModelScope) -> ClusterModel {
@@ -108,8 +141,20 @@ impl ModelBuilder {
         });
         let mut model = ClusterModel {
             nodes: BTreeMap::new(),
+            services: Services::default(),
             skipped: self.skipped,
         };
+        model.services.endpoints = self.endpoints.finish(&scope.local_node);
+        for (spn, port) in self.services {
+            if model.services.ports.contains_key(&spn) {
+                model.skipped.push(Skipped {
+                    object: format!("Service/{}/{}", spn.namespace, spn.name),
+                    reason: format!("duplicate Service port {spn} ({})", spn.protocol.as_str()),
+                });
+                continue;
+            }
+            model.services.ports.insert(spn, port);
+        }
         // Accepted subnets by first address -> (last address, node): an overlap is found with
         // the one before and the ones starting inside, in O(log n).
         let mut taken: BTreeMap<u32, (u32, String)> = BTreeMap::new();
@@ -157,6 +202,18 @@ impl ModelBuilder {
         }
         model
     }
+}
+
+/// "Kind/namespace/name" for logs.
+fn object_name(
+    kind: &str,
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> String {
+    format!(
+        "{kind}/{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
 }
 
 /// Validates one Node object on its own: a name, an IPv4 pod CIDR, an IPv4 InternalIP.

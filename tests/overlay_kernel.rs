@@ -32,7 +32,7 @@ fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
 fn model(nodes: &[ClusterNode]) -> ClusterModel {
     ClusterModel {
         nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
-        skipped: vec![],
+        ..Default::default()
     }
 }
 

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -179,8 +180,19 @@ fn add_object(builder: &mut ModelBuilder, origin: &str, doc: Value) {
             Ok(node) => builder.add_node(&node),
             Err(e) => builder.skip(origin.to_string(), format!("not a valid Node: {e}")),
         },
+        "Service" => match serde_json::from_value::<Service>(doc) {
+            Ok(svc) => builder.add_service(&svc),
+            Err(e) => builder.skip(origin.to_string(), format!("not a valid Service: {e}")),
+        },
+        "EndpointSlice" => match serde_json::from_value::<EndpointSlice>(doc) {
+            Ok(slice) => builder.add_endpoint_slice(&slice),
+            Err(e) => builder.skip(
+                origin.to_string(),
+                format!("not a valid EndpointSlice: {e}"),
+            ),
+        },
         // `kubectl get -o yaml` output.
-        "List" | "NodeList" => {
+        "List" | "NodeList" | "ServiceList" | "EndpointSliceList" => {
             if let Some(Value::Array(items)) = doc.get("items").cloned() {
                 for (i, item) in items.into_iter().enumerate() {
                     add_object(builder, &format!("{origin}.items[{i}]"), item);
@@ -322,7 +334,7 @@ mod tests {
     fn reads_yaml_json_multi_document_and_lists() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
-        let two = "---\nkind: Node\nmetadata: {name: n2}\nspec: {podCIDR: 10.128.2.0/23}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.12}]}\n---\nkind: Service\nmetadata: {name: s}\n---\n";
+        let two = "---\nkind: Node\nmetadata: {name: n2}\nspec: {podCIDR: 10.128.2.0/23}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.12}]}\n---\nkind: ConfigMap\nmetadata: {name: s}\n---\n";
         std::fs::write(d.path().join("more.yml"), two).unwrap();
         let list = r#"{"kind":"List","items":[{"kind":"Node","metadata":{"name":"n3"},"spec":{"podCIDR":"10.128.4.0/23"},"status":{"addresses":[{"type":"InternalIP","address":"192.168.77.13"}]}}]}"#;
         std::fs::write(d.path().join("list.json"), list).unwrap();

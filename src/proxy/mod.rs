@@ -1,0 +1,7 @@
+//! The Service proxy: kube-proxy-compatible iptables NAT. `model` reads Services and
+//! EndpointSlices, `names` computes kube-proxy's chain names, `render` computes the ruleset as
+//! data and the restore payload between two rulesets, `iptables` applies it.
+
+pub mod model;
+pub mod names;
+pub mod render;

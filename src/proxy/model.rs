@@ -1,0 +1,509 @@
+//! Services and their endpoints as the proxy needs them, built from `Service` and
+//! `discovery.k8s.io/v1` `EndpointSlice` objects with kube-proxy's reading of each field.
+//! One `ServicePort` per port of a Service (kube-proxy's unit of proxying); endpoints of all the
+//! slices of a Service merged per port name and protocol.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// kube-proxy's default ClientIP affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// Lower case, as iptables and kube-proxy's chain-name hash spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// The API's spelling ("TCP"); absent means TCP.
+    pub fn parse(s: Option<&str>) -> Result<Protocol, String> {
+        match s.unwrap_or("TCP") {
+            "TCP" => Ok(Protocol::Tcp),
+            "UDP" => Ok(Protocol::Udp),
+            "SCTP" => Ok(Protocol::Sctp),
+            other => Err(format!("unknown protocol {other:?}")),
+        }
+    }
+}
+
+/// A Service port: `namespace/name:port` (no `:port` for an unnamed port) plus its protocol,
+/// as kube-proxy keys everything.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    pub namespace: String,
+    pub name: String,
+    pub port: String,
+    pub protocol: Protocol,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the proxy programs for one Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    pub cluster_ip: Ipv4Addr,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    pub external_ips: Vec<Ipv4Addr>,
+    /// `status.loadBalancer.ingress[].ip`, except those with `ipMode: Proxy`.
+    pub load_balancer_ips: Vec<Ipv4Addr>,
+    pub load_balancer_source_ranges: Vec<Ipv4Net>,
+    /// ClientIP affinity timeout, when `sessionAffinity: ClientIP`.
+    pub affinity_seconds: Option<u32>,
+    pub internal_local: bool,
+    /// `externalTrafficPolicy: Local` on a Service reachable from outside.
+    pub external_local: bool,
+}
+
+impl ServicePort {
+    pub fn externally_accessible(&self) -> bool {
+        self.node_port.is_some()
+            || !self.external_ips.is_empty()
+            || !self.load_balancer_ips.is_empty()
+    }
+
+    /// Whether any traffic uses the cluster-wide endpoint set ("Cluster" policy). External
+    /// traffic needs it even with a Local policy, for the short-circuit of in-cluster clients.
+    pub fn uses_cluster_endpoints(&self) -> bool {
+        !self.internal_local || self.externally_accessible()
+    }
+
+    pub fn uses_local_endpoints(&self) -> bool {
+        self.internal_local || (self.external_local && self.externally_accessible())
+    }
+}
+
+/// One endpoint of a Service port (first address of a slice endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub node: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.ip, self.port)
+    }
+}
+
+fn ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
+    s.parse()
+        .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
+}
+
+fn port_number(n: i32, what: &str) -> Result<u16, String> {
+    u16::try_from(n)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{what} {n} is out of range"))
+}
+
+/// The Service ports a Service yields, or why the whole Service is skipped. Headless Services
+/// (`clusterIP: None`), ExternalName Services and Services of another IP family yield none:
+/// kube-proxy does not proxy them either.
+pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+    let namespace = svc
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let name = svc
+        .metadata
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or("no metadata.name")?;
+    let Some(spec) = &svc.spec else {
+        return Err("no spec".into());
+    };
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    if kind == "ExternalName" {
+        return Ok(vec![]);
+    }
+    let cluster_ip = match spec.cluster_ip.as_deref() {
+        None | Some("") | Some("None") => return Ok(vec![]),
+        Some(ip) if ip.contains(':') => return Ok(vec![]),
+        Some(ip) => ipv4(ip, "clusterIP")?,
+    };
+    let external_ips = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter(|ip| !ip.contains(':'))
+        .map(|ip| ipv4(ip, "externalIP"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let load_balancer_ips = if kind == "LoadBalancer" {
+        svc.status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|lb| lb.ingress.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref())
+            .filter(|ip| !ip.contains(':'))
+            .map(|ip| ipv4(ip, "loadBalancer ingress IP"))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        vec![]
+    };
+    // An unparsable source range would open the firewall if it were dropped: refuse the Service.
+    let load_balancer_source_ranges = spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .map(|r| r.trim())
+        .filter(|r| !r.contains(':'))
+        .map(|r| {
+            r.parse::<Ipv4Net>()
+                .map(|n| n.trunc())
+                .map_err(|_| format!("loadBalancerSourceRange {r:?} is not an IPv4 CIDR"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let affinity_seconds = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => Some(
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .map(|t| u32::try_from(t).ok().filter(|t| (1..=86400).contains(t)))
+                .unwrap_or(Some(DEFAULT_AFFINITY_SECONDS))
+                .ok_or("sessionAffinityConfig.clientIP.timeoutSeconds must be 1..86400")?,
+        ),
+        None | Some("None") => None,
+        Some(other) => return Err(format!("unknown sessionAffinity {other:?}")),
+    };
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let reachable_from_outside =
+        matches!(kind, "NodePort" | "LoadBalancer") || !external_ips.is_empty();
+    let external_local =
+        reachable_from_outside && spec.external_traffic_policy.as_deref() == Some("Local");
+    let mut out = Vec::new();
+    for p in spec.ports.iter().flatten() {
+        let spn = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port: p.name.clone().unwrap_or_default(),
+            protocol: Protocol::parse(p.protocol.as_deref())?,
+        };
+        let node_port = match (kind, p.node_port) {
+            ("NodePort" | "LoadBalancer", Some(n)) => Some(port_number(n, "nodePort")?),
+            _ => None,
+        };
+        out.push((
+            spn,
+            ServicePort {
+                cluster_ip,
+                port: port_number(p.port, "port")?,
+                node_port,
+                external_ips: external_ips.clone(),
+                load_balancer_ips: load_balancer_ips.clone(),
+                load_balancer_source_ranges: load_balancer_source_ranges.clone(),
+                affinity_seconds,
+                internal_local,
+                external_local,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The Service a slice belongs to (namespace, name) and its endpoints per (port name,
+/// protocol). Slices of another address type yield nothing; so do endpoints without an
+/// address and ports without a number (kube-proxy skips them too).
+pub type SliceEndpoints = ((String, String), Vec<((String, Protocol), Endpoint)>);
+
+pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, String> {
+    let namespace = slice
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
+    let service = slice
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| format!("no {SERVICE_NAME_LABEL} label"))?
+        .clone();
+    if slice.address_type != "IPv4" {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for port in slice.ports.iter().flatten() {
+        let Some(number) = port.port else { continue };
+        let number = port_number(number, "endpoint port")?;
+        let key = (
+            port.name.clone().unwrap_or_default(),
+            Protocol::parse(port.protocol.as_deref())?,
+        );
+        for ep in &slice.endpoints {
+            let Some(addr) = ep.addresses.first() else {
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            out.push((
+                key.clone(),
+                Endpoint {
+                    ip: ipv4(addr, "endpoint address")?,
+                    port: number,
+                    node: ep.node_name.clone(),
+                    ready,
+                    // The API says an absent serving condition means true (not "same as ready").
+                    serving: c.and_then(|c| c.serving).unwrap_or(true),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                },
+            ));
+        }
+    }
+    Ok(Some(((namespace, service), out)))
+}
+
+/// Every proxied Service port and its endpoints: what the ruleset is computed from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Services {
+    pub ports: BTreeMap<ServicePortName, ServicePort>,
+    /// Endpoints per Service port, deduplicated by `ip:port` (a local copy wins) and sorted by
+    /// their `ip:port` text, as kube-proxy orders them.
+    pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
+}
+
+/// Collects slices (in any order) and merges them deterministically.
+#[derive(Debug, Default, Clone)]
+pub struct EndpointsBuilder {
+    /// (namespace, slice name) -> its endpoints, so the merge does not depend on file order.
+    slices: BTreeMap<(String, String), SliceEndpoints>,
+}
+
+impl EndpointsBuilder {
+    pub fn add(&mut self, slice_key: (String, String), endpoints: SliceEndpoints) {
+        self.slices.insert(slice_key, endpoints);
+    }
+
+    pub fn absorb(&mut self, other: &EndpointsBuilder) {
+        self.slices
+            .extend(other.slices.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+
+    pub fn finish(self, local_node: &str) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
+        let mut merged: BTreeMap<ServicePortName, BTreeMap<String, Endpoint>> = BTreeMap::new();
+        for ((namespace, name), eps) in self.slices.into_values() {
+            for ((port, protocol), ep) in eps {
+                let spn = ServicePortName {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    port,
+                    protocol,
+                };
+                let set = merged.entry(spn).or_default();
+                let key = ep.to_string();
+                let local = ep.node.as_deref() == Some(local_node);
+                if !set.contains_key(&key) || local {
+                    set.insert(key, ep);
+                }
+            }
+        }
+        merged
+            .into_iter()
+            .map(|(spn, set)| (spn, set.into_values().collect()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(yaml: &str) -> Service {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn port_names_print_like_kube_proxy() {
+        let mut spn = ServicePortName {
+            namespace: "ns1".into(),
+            name: "svc1".into(),
+            port: "p80".into(),
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(spn.to_string(), "ns1/svc1:p80");
+        spn.port.clear();
+        assert_eq!(spn.to_string(), "ns1/svc1");
+    }
+
+    #[test]
+    fn a_load_balancer_service_reads_every_field() {
+        let s = svc(r#"
+metadata: {name: web, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 172.30.0.10
+  externalIPs: [192.168.77.200, "2001:db8::1"]
+  externalTrafficPolicy: Local
+  loadBalancerSourceRanges: [" 203.0.113.0/25 "]
+  sessionAffinity: ClientIP
+  ports:
+  - {name: http, port: 80, targetPort: web, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
+status:
+  loadBalancer:
+    ingress: [{ip: 192.168.77.201}, {ip: 192.168.77.202, ipMode: Proxy}, {hostname: lb.example}]
+"#);
+        let ports = service_ports(&s).unwrap();
+        assert_eq!(ports.len(), 2);
+        let (spn, p) = &ports[0];
+        assert_eq!(spn.to_string(), "shop/web:http");
+        assert_eq!(p.cluster_ip.to_string(), "172.30.0.10");
+        assert_eq!((p.port, p.node_port), (80, Some(30080)));
+        assert_eq!(
+            p.external_ips,
+            vec!["192.168.77.200".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            p.load_balancer_ips,
+            vec!["192.168.77.201".parse::<Ipv4Addr>().unwrap()]
+        );
+        assert_eq!(
+            p.load_balancer_source_ranges[0].to_string(),
+            "203.0.113.0/25"
+        );
+        assert_eq!(p.affinity_seconds, Some(DEFAULT_AFFINITY_SECONDS));
+        assert!(p.external_local && !p.internal_local);
+        assert!(p.uses_cluster_endpoints() && p.uses_local_endpoints());
+        assert_eq!(ports[1].0.protocol, Protocol::Udp);
+    }
+
+    #[test]
+    fn headless_external_name_and_ipv6_services_are_not_proxied() {
+        for spec in [
+            "clusterIP: None\n  ports: [{port: 80}]",
+            "type: ExternalName\n  externalName: example.com",
+            "clusterIP: fd00::10\n  ports: [{port: 80}]",
+            "ports: [{port: 80}]",
+        ] {
+            let s = svc(&format!("metadata: {{name: a}}\nspec:\n  {spec}\n"));
+            assert_eq!(service_ports(&s).unwrap(), vec![], "{spec}");
+        }
+    }
+
+    #[test]
+    fn invalid_services_are_refused_with_a_reason() {
+        for (spec, word) in [
+            ("clusterIP: 172.30.0.300\n  ports: [{port: 80}]", "clusterIP"),
+            ("clusterIP: 172.30.0.1\n  ports: [{port: 0}]", "port 0"),
+            ("clusterIP: 172.30.0.1\n  ports: [{port: 80, protocol: ICMP}]", "protocol"),
+            ("clusterIP: 172.30.0.1\n  externalIPs: [nope]\n  ports: [{port: 80}]", "externalIP"),
+            (
+                "clusterIP: 172.30.0.1\n  type: LoadBalancer\n  loadBalancerSourceRanges: [10.0.0.0/33]\n  ports: [{port: 80}]",
+                "loadBalancerSourceRange",
+            ),
+            (
+                "clusterIP: 172.30.0.1\n  sessionAffinity: ClientIP\n  sessionAffinityConfig: {clientIP: {timeoutSeconds: 0}}\n  ports: [{port: 80}]",
+                "timeoutSeconds",
+            ),
+        ] {
+            let s = svc(&format!("metadata: {{name: a}}\nspec:\n  {spec}\n"));
+            let e = service_ports(&s).unwrap_err();
+            assert!(e.contains(word), "{e} should mention {word}");
+        }
+    }
+
+    #[test]
+    fn external_policy_local_needs_an_external_path() {
+        let s = svc("metadata: {name: a}\nspec:\n  clusterIP: 172.30.0.1\n  externalTrafficPolicy: Local\n  internalTrafficPolicy: Local\n  ports: [{port: 80}]\n");
+        let p = &service_ports(&s).unwrap()[0].1;
+        assert!(!p.external_local && p.internal_local);
+        assert!(!p.uses_cluster_endpoints() && p.uses_local_endpoints());
+    }
+
+    fn slice(name: &str, yaml_endpoints: &str) -> EndpointSlice {
+        serde_saphyr::from_str(&format!(
+            "metadata: {{name: {name}, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{name: none}}]\nendpoints:\n{yaml_endpoints}"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn slices_merge_dedupe_and_sort_with_conditions() {
+        let a = slice(
+            "web-a",
+            "- {addresses: [10.128.0.10], nodeName: n1}\n- {addresses: [10.128.2.5], nodeName: n2, conditions: {ready: false, serving: true, terminating: true}}\n- {addresses: []}\n",
+        );
+        let b = slice(
+            "web-b",
+            "- {addresses: [10.128.0.9], nodeName: n1, conditions: {ready: false}}\n- {addresses: [10.128.0.10], nodeName: other}\n",
+        );
+        let mut builder = EndpointsBuilder::default();
+        for s in [&b, &a] {
+            let eps = slice_endpoints(s).unwrap().unwrap();
+            builder.add(("ns".into(), s.metadata.name.clone().unwrap()), eps);
+        }
+        let merged = builder.finish("n1");
+        assert_eq!(merged.len(), 1, "the port without a number is skipped");
+        let (spn, eps) = merged.into_iter().next().unwrap();
+        assert_eq!(spn.to_string(), "ns/web:http");
+        let shown: Vec<String> = eps
+            .iter()
+            .map(|e| {
+                format!(
+                    "{e} {:?} {} {} {}",
+                    e.node, e.ready, e.serving, e.terminating
+                )
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                // Text order, as kube-proxy sorts; the local copy of a duplicate wins.
+                "10.128.0.10:8080 Some(\"n1\") true true false",
+                "10.128.0.9:8080 Some(\"n1\") false true false",
+                "10.128.2.5:8080 Some(\"n2\") false true true",
+            ]
+        );
+    }
+
+    #[test]
+    fn slices_without_service_label_or_of_another_family() {
+        let mut s = slice("x", "- {addresses: [10.128.0.10]}\n");
+        s.address_type = "IPv6".into();
+        assert_eq!(slice_endpoints(&s).unwrap(), None);
+        s.metadata.labels = None;
+        assert!(slice_endpoints(&s).unwrap_err().contains("service-name"));
+        let bad = slice("y", "- {addresses: [not-an-ip]}\n");
+        assert!(slice_endpoints(&bad)
+            .unwrap_err()
+            .contains("endpoint address"));
+    }
+}

@@ -1,0 +1,75 @@
+//! Chain names, computed exactly as kube-proxy computes them: the first 16 characters of the
+//! base32 (standard alphabet) SHA-256 of the Service port name and the lower-case protocol (and
+//! for KUBE-SEP-, the endpoint's `ip:port`). The same Service gets the same chains in both.
+
+use data_encoding::BASE32;
+use sha2::{Digest, Sha256};
+
+use super::model::{Endpoint, ServicePortName};
+
+pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
+pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";
+pub const KUBE_NODEPORTS: &str = "KUBE-NODEPORTS";
+pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
+pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
+pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
+pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
+/// Our own: masquerade of pod traffic leaving the cluster (OpenShift SDN's OPENSHIFT-MASQUERADE).
+pub const RSDN_MASQUERADE: &str = "RSDN-MASQUERADE";
+/// Our own: lets pod traffic through a FORWARD chain whose policy is DROP.
+pub const RSDN_FORWARD: &str = "RSDN-FORWARD";
+
+/// Prefixes of the per-Service and per-endpoint chains: stale ones are deleted.
+pub const SERVICE_CHAIN_PREFIXES: [&str; 5] = [
+    "KUBE-SVC-",
+    "KUBE-SVL-",
+    "KUBE-EXT-",
+    "KUBE-FW-",
+    "KUBE-SEP-",
+];
+
+pub fn is_service_chain(name: &str) -> bool {
+    SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+fn hash16(text: &str) -> String {
+    let digest = Sha256::digest(text.as_bytes());
+    BASE32.encode(&digest)[..16].to_string()
+}
+
+fn port_proto_hash(spn: &ServicePortName) -> String {
+    hash16(&format!("{spn}{}", spn.protocol.as_str()))
+}
+
+/// The chains of one Service port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceChains {
+    /// KUBE-SVC-: all usable endpoints ("Cluster" policy).
+    pub cluster: String,
+    /// KUBE-SVL-: this node's endpoints ("Local" policy).
+    pub local: String,
+    /// KUBE-EXT-: traffic to NodePorts, external IPs and load-balancer IPs.
+    pub external: String,
+    /// KUBE-FW-: loadBalancerSourceRanges.
+    pub firewall: String,
+}
+
+impl ServiceChains {
+    pub fn of(spn: &ServicePortName) -> ServiceChains {
+        let h = port_proto_hash(spn);
+        ServiceChains {
+            cluster: format!("KUBE-SVC-{h}"),
+            local: format!("KUBE-SVL-{h}"),
+            external: format!("KUBE-EXT-{h}"),
+            firewall: format!("KUBE-FW-{h}"),
+        }
+    }
+}
+
+/// KUBE-SEP-: one endpoint of one Service port.
+pub fn endpoint_chain(spn: &ServicePortName, ep: &Endpoint) -> String {
+    format!(
+        "KUBE-SEP-{}",
+        hash16(&format!("{spn}{}{ep}", spn.protocol.as_str()))
+    )
+}

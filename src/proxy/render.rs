@@ -1,0 +1,708 @@
+//! The ruleset as data: a pure function of (configuration, node, Service ports, endpoints) that
+//! yields every chain rsdn owns in the nat and filter tables with its rules, in the shape
+//! kube-proxy's iptables mode builds (same chain names, comments, matches and order), plus our
+//! own egress masquerade and forward chains. `payload` turns two rulesets into the
+//! iptables-restore input that moves the kernel from one to the other.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use super::model::{Endpoint, ServicePort, ServicePortName, Services};
+use super::names::*;
+
+/// What the ruleset depends on besides the Services.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyScope {
+    pub cluster_network: Ipv4Net,
+    pub service_network: Ipv4Net,
+    /// The packet mark bit that KUBE-MARK-MASQ sets (OpenShift SDN: bit 0).
+    pub masquerade_bit: u8,
+    pub node_name: String,
+    pub node_ip: Ipv4Addr,
+    /// false: no KUBE-* chains at all (kube-proxy runs); egress masquerade stays.
+    pub proxy: bool,
+}
+
+impl ProxyScope {
+    pub fn mark(&self) -> String {
+        format!("{:#x}", 1u32 << self.masquerade_bit)
+    }
+}
+
+/// One table: chain -> its rules (complete `-A CHAIN ...` lines), in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Table {
+    pub chains: BTreeMap<String, Vec<String>>,
+}
+
+impl Table {
+    fn chain(&mut self, name: &str) -> &mut Vec<String> {
+        self.chains.entry(name.to_string()).or_default()
+    }
+
+    /// Appends `-A chain <args>`.
+    fn add(&mut self, chain: &str, args: impl AsRef<str>) {
+        let line = format!("-A {chain} {}", args.as_ref());
+        self.chain(chain).push(line);
+    }
+
+    pub fn rules(&self) -> usize {
+        self.chains.values().map(Vec::len).sum()
+    }
+}
+
+/// Everything rsdn owns in iptables, per table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ruleset {
+    pub filter: Table,
+    pub nat: Table,
+}
+
+/// A jump from a built-in chain into ours: not part of the restore payload (that would mean
+/// owning the built-in chain); ensured one by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jump {
+    pub table: &'static str,
+    pub chain: &'static str,
+    pub rule: String,
+    /// Inserted first (kube-proxy's jumps) or appended (our permissive forward rules, which
+    /// must not pre-empt kube-proxy's REJECT and DROP rules).
+    pub first: bool,
+}
+
+/// `-m comment --comment ...`, quoted when it has spaces.
+fn comment(text: &str) -> String {
+    if text.contains(' ') {
+        format!("-m comment --comment \"{text}\"")
+    } else {
+        format!("-m comment --comment {text}")
+    }
+}
+
+pub fn jumps(scope: &ProxyScope) -> Vec<Jump> {
+    let j = |table, chain, extra: &str, text: &str, target: &str, first| Jump {
+        table,
+        chain,
+        rule: format!("{extra}{} -j {target}", comment(text)),
+        first,
+    };
+    let new = "-m conntrack --ctstate NEW ";
+    let mut out = vec![];
+    if scope.proxy {
+        let ext = "kubernetes externally-visible service portals";
+        let fw = "kubernetes load balancer firewall";
+        out.extend([
+            j("filter", "INPUT", new, ext, KUBE_EXTERNAL_SERVICES, true),
+            j("filter", "FORWARD", new, ext, KUBE_EXTERNAL_SERVICES, true),
+            j(
+                "filter",
+                "INPUT",
+                "",
+                "kubernetes health check service ports",
+                KUBE_NODEPORTS,
+                true,
+            ),
+            j(
+                "filter",
+                "FORWARD",
+                new,
+                "kubernetes service portals",
+                KUBE_SERVICES,
+                true,
+            ),
+            j(
+                "filter",
+                "OUTPUT",
+                new,
+                "kubernetes service portals",
+                KUBE_SERVICES,
+                true,
+            ),
+            j(
+                "filter",
+                "FORWARD",
+                "",
+                "kubernetes forwarding rules",
+                KUBE_FORWARD,
+                true,
+            ),
+            j("filter", "INPUT", new, fw, KUBE_PROXY_FIREWALL, true),
+            j("filter", "OUTPUT", new, fw, KUBE_PROXY_FIREWALL, true),
+            j("filter", "FORWARD", new, fw, KUBE_PROXY_FIREWALL, true),
+            j(
+                "nat",
+                "OUTPUT",
+                "",
+                "kubernetes service portals",
+                KUBE_SERVICES,
+                true,
+            ),
+            j(
+                "nat",
+                "PREROUTING",
+                "",
+                "kubernetes service portals",
+                KUBE_SERVICES,
+                true,
+            ),
+            j(
+                "nat",
+                "POSTROUTING",
+                "",
+                "kubernetes postrouting rules",
+                KUBE_POSTROUTING,
+                true,
+            ),
+        ]);
+    }
+    out.extend([
+        j(
+            "nat",
+            "POSTROUTING",
+            "",
+            "rsdn egress masquerade",
+            RSDN_MASQUERADE,
+            false,
+        ),
+        j(
+            "filter",
+            "FORWARD",
+            "",
+            "rsdn pod traffic",
+            RSDN_FORWARD,
+            false,
+        ),
+    ]);
+    out
+}
+
+/// kube-proxy's endpoint selection (topology hints aside): ready endpoints; when none is ready
+/// anywhere, the serving-and-terminating ones, so connections drain instead of failing.
+struct Categorized<'a> {
+    cluster: Vec<&'a Endpoint>,
+    local: Vec<&'a Endpoint>,
+    /// Endpoints some chain may jump to: each gets a KUBE-SEP- chain.
+    reachable: Vec<&'a Endpoint>,
+    any: bool,
+}
+
+fn categorize<'a>(eps: &'a [Endpoint], svc: &ServicePort, node: &str) -> Categorized<'a> {
+    let local = |e: &Endpoint| e.node.as_deref() == Some(node);
+    let draining = |e: &Endpoint| e.serving && e.terminating;
+    let mut c = Categorized {
+        cluster: vec![],
+        local: vec![],
+        reachable: vec![],
+        any: false,
+    };
+    if svc.uses_cluster_endpoints() {
+        c.cluster = eps.iter().filter(|e| e.ready).collect();
+        if c.cluster.is_empty() {
+            c.cluster = eps.iter().filter(|e| draining(e)).collect();
+        }
+        c.any = !c.cluster.is_empty();
+    }
+    if !svc.uses_local_endpoints() {
+        c.reachable = c.cluster.clone();
+        return c;
+    }
+    c.any |= eps.iter().any(|e| e.ready || draining(e));
+    let local_ready: Vec<_> = eps.iter().filter(|e| local(e) && e.ready).collect();
+    let local_fallback = local_ready.is_empty();
+    c.local = if local_fallback {
+        eps.iter().filter(|e| local(e) && draining(e)).collect()
+    } else {
+        local_ready
+    };
+    if !svc.uses_cluster_endpoints() {
+        c.reachable = c.local.clone();
+    } else if !local_fallback {
+        c.reachable = c.cluster.clone();
+    } else {
+        let mut seen = BTreeSet::new();
+        c.reachable = c
+            .cluster
+            .iter()
+            .chain(c.local.iter())
+            .filter(|e| seen.insert(e.to_string()))
+            .copied()
+            .collect();
+        c.reachable.sort_by_key(|e| e.to_string());
+    }
+    c
+}
+
+/// Counters the metrics report alongside a ruleset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RenderStats {
+    pub no_local_endpoints_internal: usize,
+    pub no_local_endpoints_external: usize,
+}
+
+/// Computes every chain rsdn owns, for this node.
+pub fn render(scope: &ProxyScope, services: &Services) -> (Ruleset, RenderStats) {
+    let mut r = Ruleset::default();
+    let mut stats = RenderStats::default();
+    egress(scope, &mut r);
+    if !scope.proxy {
+        return (r, stats);
+    }
+    let mark = scope.mark();
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_FORWARD,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+    ] {
+        r.filter.chain(chain);
+    }
+    for chain in [
+        KUBE_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ] {
+        r.nat.chain(chain);
+    }
+    r.nat.add(
+        KUBE_POSTROUTING,
+        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+    );
+    // Clear the bit so a packet that traverses the stack again is not masqueraded twice.
+    r.nat
+        .add(KUBE_POSTROUTING, format!("-j MARK --xor-mark {mark}"));
+    r.nat.add(
+        KUBE_POSTROUTING,
+        format!(
+            "{} -j MASQUERADE --random-fully",
+            comment("kubernetes service traffic requiring SNAT")
+        ),
+    );
+    r.nat
+        .add(KUBE_MARK_MASQ, format!("-j MARK --or-mark {mark}"));
+
+    let empty = vec![];
+    for (spn, svc) in &services.ports {
+        let eps = services.endpoints.get(spn).unwrap_or(&empty);
+        service_port(scope, spn, svc, eps, &mut r, &mut stats);
+    }
+
+    r.nat.add(
+        KUBE_SERVICES,
+        format!(
+            "{} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j {KUBE_NODEPORTS}",
+            comment("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+        ),
+    );
+    // Without nf_conntrack_tcp_be_liberal, out-of-window packets would otherwise reach pods
+    // un-NATed and get reset (kubernetes#74839).
+    r.filter
+        .add(KUBE_FORWARD, "-m conntrack --ctstate INVALID -j DROP");
+    r.filter.add(
+        KUBE_FORWARD,
+        format!(
+            "{} -m mark --mark {mark}/{mark} -j ACCEPT",
+            comment("kubernetes forwarding rules")
+        ),
+    );
+    r.filter.add(
+        KUBE_FORWARD,
+        format!(
+            "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            comment("kubernetes forwarding conntrack rule")
+        ),
+    );
+    (r, stats)
+}
+
+/// Pod traffic leaving the cluster and service networks leaves with the node's address;
+/// pod-to-pod traffic across nodes keeps its source. Pod traffic is forwarded even where the
+/// FORWARD policy is DROP.
+fn egress(scope: &ProxyScope, r: &mut Ruleset) {
+    let (cn, sn) = (scope.cluster_network, scope.service_network);
+    r.nat.add(RSDN_MASQUERADE, format!("! -s {cn} -j RETURN"));
+    r.nat.add(
+        RSDN_MASQUERADE,
+        format!(
+            "-d {cn} {} -j RETURN",
+            comment("pod to pod keeps its address")
+        ),
+    );
+    r.nat.add(RSDN_MASQUERADE, format!("-d {sn} -j RETURN"));
+    r.nat.add(
+        RSDN_MASQUERADE,
+        format!(
+            "{} -j MASQUERADE --random-fully",
+            comment("pod traffic leaving the cluster network")
+        ),
+    );
+    r.filter.add(RSDN_FORWARD, format!("-s {cn} -j ACCEPT"));
+    r.filter.add(RSDN_FORWARD, format!("-d {cn} -j ACCEPT"));
+}
+
+fn service_port(
+    scope: &ProxyScope,
+    spn: &ServicePortName,
+    svc: &ServicePort,
+    eps: &[Endpoint],
+    r: &mut Ruleset,
+    stats: &mut RenderStats,
+) {
+    let name = spn.to_string();
+    let proto = spn.protocol.as_str();
+    let chains = ServiceChains::of(spn);
+    let c = categorize(eps, svc, &scope.node_name);
+    let uses_cluster_chain = !c.cluster.is_empty() && svc.uses_cluster_endpoints();
+    let uses_local_chain = !c.local.is_empty() && svc.uses_local_endpoints();
+
+    let (internal_chain, has_internal) = if svc.internal_local {
+        (&chains.local, c.any && !c.local.is_empty())
+    } else {
+        (&chains.cluster, c.any)
+    };
+    let (external_policy_chain, has_external) = if svc.external_local {
+        (&chains.local, c.any && !c.local.is_empty())
+    } else {
+        (&chains.cluster, c.any)
+    };
+    let uses_external_chain = c.any && svc.externally_accessible();
+    let uses_fw_chain =
+        c.any && !svc.load_balancer_ips.is_empty() && !svc.load_balancer_source_ranges.is_empty();
+    let lb_chain = if uses_fw_chain {
+        &chains.firewall
+    } else {
+        &chains.external
+    };
+
+    let no_endpoints = format!("{name} has no endpoints");
+    let no_local = format!("{name} has no local endpoints");
+    let (internal_filter, external_filter) = if !c.any {
+        (("REJECT", &no_endpoints), ("REJECT", &no_endpoints))
+    } else {
+        (("DROP", &no_local), ("DROP", &no_local))
+    };
+    if c.any && !has_internal {
+        stats.no_local_endpoints_internal += 1;
+    }
+    if c.any && !has_external {
+        stats.no_local_endpoints_external += 1;
+    }
+
+    let dst = |ip: Ipv4Addr, port: u16| format!("-m {proto} -p {proto} -d {ip} --dport {port}");
+    let cluster_ip = dst(svc.cluster_ip, svc.port);
+
+    // Capture the cluster IP.
+    if has_internal {
+        r.nat.add(
+            KUBE_SERVICES,
+            format!(
+                "{} {cluster_ip} -j {internal_chain}",
+                comment(&format!("{name} cluster IP"))
+            ),
+        );
+    } else {
+        let (target, text) = internal_filter;
+        r.filter.add(
+            KUBE_SERVICES,
+            format!("{} {cluster_ip} -j {target}", comment(text)),
+        );
+    }
+    // External IPs.
+    for ip in &svc.external_ips {
+        if c.any {
+            r.nat.add(
+                KUBE_SERVICES,
+                format!(
+                    "{} {} -j {}",
+                    comment(&format!("{name} external IP")),
+                    dst(*ip, svc.port),
+                    chains.external
+                ),
+            );
+        }
+        if !has_external {
+            let (target, text) = external_filter;
+            r.filter.add(
+                KUBE_EXTERNAL_SERVICES,
+                format!("{} {} -j {target}", comment(text), dst(*ip, svc.port)),
+            );
+        }
+    }
+    // Load-balancer IPs.
+    for ip in &svc.load_balancer_ips {
+        if c.any {
+            r.nat.add(
+                KUBE_SERVICES,
+                format!(
+                    "{} {} -j {lb_chain}",
+                    comment(&format!("{name} loadbalancer IP")),
+                    dst(*ip, svc.port)
+                ),
+            );
+        }
+        if uses_fw_chain {
+            r.filter.add(
+                KUBE_PROXY_FIREWALL,
+                format!(
+                    "{} {} -j DROP",
+                    comment(&format!(
+                        "{name} traffic not accepted by {}",
+                        chains.firewall
+                    )),
+                    dst(*ip, svc.port)
+                ),
+            );
+        }
+    }
+    if !has_external {
+        let (target, text) = external_filter;
+        for ip in &svc.load_balancer_ips {
+            r.filter.add(
+                KUBE_EXTERNAL_SERVICES,
+                format!("{} {} -j {target}", comment(text), dst(*ip, svc.port)),
+            );
+        }
+    }
+    // NodePorts.
+    if let Some(np) = svc.node_port {
+        if c.any {
+            r.nat.add(
+                KUBE_NODEPORTS,
+                format!(
+                    "{} -m {proto} -p {proto} --dport {np} -j {}",
+                    comment(&name),
+                    chains.external
+                ),
+            );
+        }
+        if !has_external {
+            let (target, text) = external_filter;
+            r.filter.add(
+                KUBE_EXTERNAL_SERVICES,
+                format!(
+                    "{} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {target}",
+                    comment(text)
+                ),
+            );
+        }
+    }
+
+    // Internal traffic: masquerade what does not come from a pod (a node, or a host routing
+    // the service network to us), since the endpoint may be on another node.
+    if has_internal {
+        r.nat.add(
+            internal_chain,
+            format!(
+                "{} {cluster_ip} ! -s {} -j {KUBE_MARK_MASQ}",
+                comment(&format!("{name} cluster IP")),
+                scope.cluster_network
+            ),
+        );
+    }
+    // External traffic.
+    if uses_external_chain {
+        let ext = &chains.external;
+        r.nat.chain(ext);
+        if !svc.external_local {
+            r.nat.add(
+                ext,
+                format!(
+                    "{} -j {KUBE_MARK_MASQ}",
+                    comment(&format!(
+                        "masquerade traffic for {name} external destinations"
+                    ))
+                ),
+            );
+        } else {
+            // Pods and the node itself reach an external address of a Local Service as if
+            // from outside and back in: Cluster policy, masqueraded for the node.
+            r.nat.add(
+                ext,
+                format!(
+                    "{} -s {} -j {}",
+                    comment(&format!("pod traffic for {name} external destinations")),
+                    scope.cluster_network,
+                    chains.cluster
+                ),
+            );
+            r.nat.add(
+                ext,
+                format!(
+                    "{} -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}",
+                    comment(&format!(
+                        "masquerade LOCAL traffic for {name} external destinations"
+                    ))
+                ),
+            );
+            r.nat.add(
+                ext,
+                format!(
+                    "{} -m addrtype --src-type LOCAL -j {}",
+                    comment(&format!(
+                        "route LOCAL traffic for {name} external destinations"
+                    )),
+                    chains.cluster
+                ),
+            );
+        }
+        if has_external {
+            r.nat.add(ext, format!("-j {external_policy_chain}"));
+        }
+    }
+    // Source ranges of load-balancer IPs.
+    if uses_fw_chain {
+        let fw = &chains.firewall;
+        r.nat.chain(fw);
+        let lb = comment(&format!("{name} loadbalancer IP"));
+        let mut from_node = false;
+        for range in &svc.load_balancer_source_ranges {
+            r.nat
+                .add(fw, format!("{lb} -s {range} -j {}", chains.external));
+            from_node |= range.contains(&scope.node_ip);
+        }
+        // A VIP often sits on the node itself; the node's own requests then come from it.
+        if from_node {
+            for ip in &svc.load_balancer_ips {
+                r.nat
+                    .add(fw, format!("{lb} -s {ip} -j {}", chains.external));
+            }
+        }
+        r.nat.add(
+            fw,
+            comment(&format!(
+                "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
+            )),
+        );
+    }
+    if uses_cluster_chain {
+        endpoint_jumps(spn, &name, svc, &chains.cluster, &c.cluster, &mut r.nat);
+    }
+    if uses_local_chain {
+        endpoint_jumps(spn, &name, svc, &chains.local, &c.local, &mut r.nat);
+    }
+    for ep in &c.reachable {
+        let sep = endpoint_chain(spn, ep);
+        r.nat.add(
+            &sep,
+            format!("{} -s {} -j {KUBE_MARK_MASQ}", comment(&name), ep.ip),
+        );
+        let recent = match svc.affinity_seconds {
+            Some(_) => format!(" -m recent --name {sep} --set"),
+            None => String::new(),
+        };
+        r.nat.add(
+            &sep,
+            format!(
+                "{}{recent} -m {proto} -p {proto} -j DNAT --to-destination {ep}",
+                comment(&name)
+            ),
+        );
+    }
+}
+
+/// A Service chain's jumps to its endpoints: affinity first, then random load balancing with
+/// kube-proxy's probabilities (1/n, 1/(n-1), ..., the last one unconditional).
+fn endpoint_jumps(
+    spn: &ServicePortName,
+    name: &str,
+    svc: &ServicePort,
+    chain: &str,
+    eps: &[&Endpoint],
+    nat: &mut Table,
+) {
+    nat.chain(chain);
+    if let Some(seconds) = svc.affinity_seconds {
+        for ep in eps {
+            let sep = endpoint_chain(spn, ep);
+            nat.add(
+                chain,
+                format!(
+                    "{} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
+                    comment(&format!("{name} -> {ep}"))
+                ),
+            );
+        }
+    }
+    let n = eps.len();
+    for (i, ep) in eps.iter().enumerate() {
+        let sep = endpoint_chain(spn, ep);
+        let stat = if i + 1 < n {
+            format!(
+                " -m statistic --mode random --probability {:.10}",
+                1.0 / (n - i) as f64
+            )
+        } else {
+            String::new()
+        };
+        nat.add(
+            chain,
+            format!("{}{stat} -j {sep}", comment(&format!("{name} -> {ep}"))),
+        );
+    }
+}
+
+/// The iptables-restore input that turns `before` (what the kernel holds; `None`: unknown,
+/// write everything) into `after`. Chains whose rules are unchanged are left out; chains that
+/// are gone are flushed and deleted (`existing` adds stale chains found in the kernel). A table
+/// with nothing to change is left out entirely; an empty string means nothing to do.
+pub fn payload(
+    before: Option<&Ruleset>,
+    after: &Ruleset,
+    existing: &BTreeMap<&'static str, BTreeSet<String>>,
+) -> String {
+    let mut out = String::new();
+    for (table, old, new) in [
+        ("filter", before.map(|b| &b.filter), &after.filter),
+        ("nat", before.map(|b| &b.nat), &after.nat),
+    ] {
+        let changed: Vec<(&String, &Vec<String>)> = new
+            .chains
+            .iter()
+            .filter(|(name, rules)| old.and_then(|o| o.chains.get(*name)) != Some(*rules))
+            .collect();
+        let mut gone: BTreeSet<&String> = old
+            .map(|o| {
+                o.chains
+                    .keys()
+                    .filter(|c| !new.chains.contains_key(*c))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Some(stale) = existing.get(table) {
+            gone.extend(
+                stale
+                    .iter()
+                    .filter(|c| is_service_chain(c) && !new.chains.contains_key(*c)),
+            );
+        }
+        if changed.is_empty() && gone.is_empty() {
+            continue;
+        }
+        let _ = writeln!(out, "*{table}");
+        for (name, _) in &changed {
+            let _ = writeln!(out, ":{name} - [0:0]");
+        }
+        for name in &gone {
+            let _ = writeln!(out, ":{name} - [0:0]");
+        }
+        for (_, rules) in &changed {
+            for rule in *rules {
+                out.push_str(rule);
+                out.push('\n');
+            }
+        }
+        for name in &gone {
+            let _ = writeln!(out, "-X {name}");
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "render_tests.rs"]
+mod tests;

@@ -1,0 +1,275 @@
+use super::*;
+use crate::model::{ModelBuilder, ModelScope};
+
+fn scope() -> ProxyScope {
+    ProxyScope {
+        cluster_network: "10.128.0.0/14".parse().unwrap(),
+        service_network: "172.30.0.0/16".parse().unwrap(),
+        masquerade_bit: 0,
+        node_name: "n1".into(),
+        node_ip: "192.168.77.11".parse().unwrap(),
+        proxy: true,
+    }
+}
+
+fn services(yaml: &str) -> Services {
+    let mut b = ModelBuilder::default();
+    crate::source::dir::add_documents(&mut b, "test.yaml", yaml);
+    let m = b.finish(&ModelScope {
+        cluster_network: "10.128.0.0/14".parse().unwrap(),
+        local_node: "n1".into(),
+    });
+    assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    m.services
+}
+
+const CLUSTER: &str = include_str!("testdata/cluster.yaml");
+
+fn full(r: &Ruleset) -> String {
+    payload(None, r, &BTreeMap::new())
+}
+
+/// RFC 4648 base32, written here independently of the crate the code uses.
+fn base32(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut out = String::new();
+    let (mut acc, mut bits) = (0u64, 0);
+    for b in bytes {
+        acc = (acc << 8) | u64::from(*b);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    if bits > 0 {
+        out.push(ALPHABET[((acc << (5 - bits)) & 31) as usize] as char);
+    }
+    out
+}
+
+/// kube-proxy's recipe, spelled out: sha256 of the concatenated strings, base32, 16 chars.
+fn kube_hash(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    base32(&Sha256::digest(parts.concat().as_bytes()))[..16].to_string()
+}
+
+/// The golden file names chains by what they are ("KUBE-SEP-{ns1/svc1:p80 tcp 10.128.0.5:8080}");
+/// the names are computed here from those strings.
+fn expand(golden: &str) -> String {
+    let mut out = String::new();
+    let mut rest = golden;
+    while let Some(start) = rest.find('{') {
+        let end = start + rest[start..].find('}').unwrap();
+        out.push_str(&rest[..start]);
+        let parts: Vec<&str> = rest[start + 1..end].split(' ').collect();
+        out.push_str(&kube_hash(&parts));
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn chain_names_match_kube_proxys_own_test_vectors() {
+    use super::super::model::{Endpoint, Protocol, ServicePortName};
+    let spn = |ns: &str, name: &str| ServicePortName {
+        namespace: ns.into(),
+        name: name.into(),
+        port: "p80".into(),
+        protocol: Protocol::Tcp,
+    };
+    let ep = |ip: &str| Endpoint {
+        ip: ip.parse().unwrap(),
+        port: 80,
+        node: None,
+        ready: true,
+        serving: true,
+        terminating: false,
+    };
+    // Names that appear in kube-proxy's proxier_test.go for these services and endpoints.
+    let vectors = [
+        (
+            ServiceChains::of(&spn("ns1", "svc1")).cluster,
+            "KUBE-SVC-XPGD46QRK7WJZT7O",
+        ),
+        (
+            ServiceChains::of(&spn("ns2", "svc2")).external,
+            "KUBE-EXT-GNZBNJ2PO5MGZ6GT",
+        ),
+        (
+            ServiceChains::of(&spn("ns3", "svc3")).cluster,
+            "KUBE-SVC-X27LE4BHSL4DOUIK",
+        ),
+        (
+            ServiceChains::of(&spn("ns5", "svc5")).firewall,
+            "KUBE-FW-NUKIZ6OKUXPJNT4C",
+        ),
+        (
+            endpoint_chain(&spn("ns1", "svc1"), &ep("10.180.0.1")),
+            "KUBE-SEP-SXIVWICOYRO3J4NJ",
+        ),
+        (
+            endpoint_chain(&spn("ns2", "svc2"), &ep("10.180.0.2")),
+            "KUBE-SEP-RS4RBKLTHTF2IUXJ",
+        ),
+        (
+            endpoint_chain(&spn("ns4", "svc4"), &ep("10.180.0.5")),
+            "KUBE-SEP-C6EBXVWJJZMIWKLZ",
+        ),
+    ];
+    for (got, want) in vectors {
+        assert_eq!(got, want);
+    }
+    // And the independent recipe agrees with them.
+    assert_eq!(kube_hash(&["ns1/svc1:p80", "tcp"]), "XPGD46QRK7WJZT7O");
+    assert_eq!(
+        kube_hash(&["ns5/svc5:p80", "tcp", "10.180.0.3:80"]),
+        "I77PXRDZVX7PMWMN"
+    );
+}
+
+/// Seven Service shapes (ClusterIP with a named target port; NodePort; no endpoints with
+/// NodePort and external IP over UDP; LoadBalancer with source ranges and
+/// externalTrafficPolicy Local; SCTP with ClientIP affinity and an external IP;
+/// internalTrafficPolicy Local without a local endpoint; only terminating endpoints). Every
+/// line of the golden file was checked by hand against kube-proxy's proxier.
+#[test]
+fn full_payload_matches_the_golden_file() {
+    let (r, stats) = render(&scope(), &services(CLUSTER));
+    let want = expand(include_str!("testdata/cluster.golden"));
+    let got = full(&r);
+    if got != want {
+        for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "line {}", i + 1);
+        }
+        assert_eq!(got.lines().count(), want.lines().count());
+    }
+    assert_eq!(stats.no_local_endpoints_internal, 1, "svc6");
+    assert_eq!(stats.no_local_endpoints_external, 0);
+}
+
+#[test]
+fn rerendering_an_unchanged_cluster_gives_an_empty_partial_sync() {
+    let (a, _) = render(&scope(), &services(CLUSTER));
+    let (b, _) = render(&scope(), &services(CLUSTER));
+    assert_eq!(payload(Some(&a), &b, &BTreeMap::new()), "");
+}
+
+#[test]
+fn an_endpoint_change_rewrites_only_that_services_chains() {
+    let (before, _) = render(&scope(), &services(CLUSTER));
+    let changed = CLUSTER.replace(
+        "- {addresses: [10.128.2.5], nodeName: n2}",
+        "- {addresses: [10.128.2.99], nodeName: n2}",
+    );
+    let (after, _) = render(&scope(), &services(&changed));
+    let p = payload(Some(&before), &after, &BTreeMap::new());
+    let svc1 = kube_hash(&["ns1/svc1:p80", "tcp"]);
+    let old_sep = kube_hash(&["ns1/svc1:p80", "tcp", "10.128.2.5:8080"]);
+    let new_sep = kube_hash(&["ns1/svc1:p80", "tcp", "10.128.2.99:8080"]);
+    let declared: Vec<&str> = p.lines().filter(|l| l.starts_with(':')).collect();
+    assert_eq!(
+        declared,
+        [
+            format!(":KUBE-SEP-{new_sep} - [0:0]"),
+            format!(":KUBE-SVC-{svc1} - [0:0]"),
+            format!(":KUBE-SEP-{old_sep} - [0:0]"),
+        ],
+        "{p}"
+    );
+    assert!(!p.contains("*filter"), "filter unchanged: {p}");
+    assert!(
+        p.ends_with(&format!("-X KUBE-SEP-{old_sep}\nCOMMIT\n")),
+        "{p}"
+    );
+    assert!(p.contains("-j DNAT --to-destination 10.128.2.99:8080"));
+}
+
+#[test]
+fn a_service_losing_its_endpoints_moves_to_the_filter_table() {
+    let (before, _) = render(&scope(), &services(CLUSTER));
+    let gone = CLUSTER.replace("- {addresses: [10.128.4.2], nodeName: n3}\n", "");
+    let (after, _) = render(&scope(), &services(&gone));
+    let p = payload(Some(&before), &after, &BTreeMap::new());
+    let svc2 = kube_hash(&["ns2/svc2:p80", "tcp"]);
+    let sep = kube_hash(&["ns2/svc2:p80", "tcp", "10.128.4.2:80"]);
+    for line in [
+        "-A KUBE-SERVICES -m comment --comment \"ns2/svc2:p80 has no endpoints\" -m tcp -p tcp -d 172.30.0.42 --dport 80 -j REJECT".to_string(),
+        "-A KUBE-EXTERNAL-SERVICES -m comment --comment \"ns2/svc2:p80 has no endpoints\" -m addrtype --dst-type LOCAL -m tcp -p tcp --dport 3001 -j REJECT".into(),
+        format!("-X KUBE-SVC-{svc2}"),
+        format!("-X KUBE-EXT-{svc2}"),
+        format!("-X KUBE-SEP-{sep}"),
+    ] {
+        assert!(p.lines().any(|l| l == line), "missing {line} in\n{p}");
+    }
+    assert!(!p.contains("172.30.0.42 --dport 80 -j KUBE-SVC"), "{p}");
+}
+
+#[test]
+fn full_sync_deletes_stale_service_chains_found_in_the_kernel_only() {
+    let (r, _) = render(&scope(), &services(CLUSTER));
+    let existing = BTreeMap::from([(
+        "nat",
+        BTreeSet::from([
+            "KUBE-SVC-AAAAAAAAAAAAAAAA".to_string(),
+            "KUBE-SEP-BBBBBBBBBBBBBBBB".to_string(),
+            "DOCKER".to_string(),
+            format!("KUBE-SVC-{}", kube_hash(&["ns1/svc1:p80", "tcp"])),
+        ]),
+    )]);
+    let p = payload(None, &r, &existing);
+    let deleted: Vec<&str> = p.lines().filter(|l| l.starts_with("-X")).collect();
+    assert_eq!(
+        deleted,
+        [
+            "-X KUBE-SEP-BBBBBBBBBBBBBBBB",
+            "-X KUBE-SVC-AAAAAAAAAAAAAAAA"
+        ]
+    );
+}
+
+#[test]
+fn probabilities_follow_kube_proxy() {
+    let three = CLUSTER.replace(
+        "- {addresses: [10.128.0.5], nodeName: n1}\n",
+        "- {addresses: [10.128.0.5], nodeName: n1}\n- {addresses: [10.128.0.6], nodeName: n1}\n",
+    );
+    let (r, _) = render(&scope(), &services(&three));
+    let chain = format!("KUBE-SVC-{}", kube_hash(&["ns1/svc1:p80", "tcp"]));
+    let probs: Vec<&str> = r.nat.chains[&chain]
+        .iter()
+        .map(|l| l.split("--probability ").nth(1).map_or("-", |p| &p[..12]))
+        .collect();
+    assert_eq!(probs, ["-", "0.3333333333", "0.5000000000", "-"]);
+}
+
+#[test]
+fn the_mark_bit_is_configuration() {
+    let mut s = scope();
+    s.masquerade_bit = 14;
+    let (r, _) = render(&s, &services(CLUSTER));
+    assert_eq!(
+        r.nat.chains[KUBE_MARK_MASQ],
+        ["-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"]
+    );
+    assert!(r.nat.chains[KUBE_POSTROUTING][0].contains("! --mark 0x4000/0x4000"));
+}
+
+#[test]
+fn without_the_proxy_only_egress_chains_and_jumps_remain() {
+    let mut s = scope();
+    s.proxy = false;
+    let (r, _) = render(&s, &services(CLUSTER));
+    assert_eq!(r.nat.chains.keys().collect::<Vec<_>>(), [RSDN_MASQUERADE]);
+    assert_eq!(r.filter.chains.keys().collect::<Vec<_>>(), [RSDN_FORWARD]);
+    let j = jumps(&s);
+    assert_eq!(j.len(), 2);
+    assert!(j.iter().all(|j| !j.first && j.rule.contains("-j RSDN-")));
+    let all = jumps(&scope());
+    assert_eq!(all.len(), 14);
+    assert!(all
+        .iter()
+        .filter(|j| j.rule.contains("-j KUBE-"))
+        .all(|j| j.first));
+}
