@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::proxy::iptables::Backend;
+
 pub const DEFAULT_CLUSTER_NETWORK: &str = "10.128.0.0/14";
 pub const DEFAULT_SERVICE_NETWORK: &str = "172.30.0.0/16";
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -14,6 +16,8 @@ pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const DEFAULT_CNI_CONF_FILE: &str = "10-rsdn.conflist";
 pub const DEFAULT_RESYNC_SECONDS: u64 = 5;
+/// kube-proxy's full-sync period: a full sync rewrites every chain, which takes seconds at scale.
+pub const DEFAULT_PROXY_FULL_SYNC_SECONDS: u64 = 3600;
 /// VXLAN over IPv4 costs 50 bytes: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -33,6 +37,10 @@ pub struct FileConfig {
     pub cni_data_dir: Option<PathBuf>,
     pub cluster_dir: Option<PathBuf>,
     pub resync_seconds: Option<u64>,
+    pub proxy: Option<bool>,
+    pub masquerade_bit: Option<u8>,
+    pub iptables_backend: Option<String>,
+    pub proxy_full_sync_seconds: Option<u64>,
 }
 
 impl FileConfig {
@@ -62,6 +70,12 @@ impl FileConfig {
             cni_data_dir: over.cni_data_dir.or(self.cni_data_dir),
             cluster_dir: over.cluster_dir.or(self.cluster_dir),
             resync_seconds: over.resync_seconds.or(self.resync_seconds),
+            proxy: over.proxy.or(self.proxy),
+            masquerade_bit: over.masquerade_bit.or(self.masquerade_bit),
+            iptables_backend: over.iptables_backend.or(self.iptables_backend),
+            proxy_full_sync_seconds: over
+                .proxy_full_sync_seconds
+                .or(self.proxy_full_sync_seconds),
         }
     }
 }
@@ -98,6 +112,12 @@ pub struct NodeConfig {
     pub cni_data_dir: Option<PathBuf>,
     pub cluster_dir: PathBuf,
     pub resync_seconds: u64,
+    /// false: no Service rules (kube-proxy runs); egress masquerade stays.
+    pub proxy: bool,
+    pub masquerade_bit: u8,
+    /// None: detect, as kube-proxy's iptables wrapper does.
+    pub iptables_backend: Option<Backend>,
+    pub proxy_full_sync_seconds: u64,
 }
 
 impl NodeConfig {
@@ -171,6 +191,28 @@ impl NodeConfig {
         if resync_seconds == 0 {
             return Err(bad("resyncSeconds", "must be at least 1"));
         }
+        let masquerade_bit = f.masquerade_bit.unwrap_or(0);
+        if masquerade_bit > 31 {
+            return Err(bad(
+                "masqueradeBit",
+                format!("{masquerade_bit} is not a bit of a 32-bit mark (0-31)"),
+            ));
+        }
+        let iptables_backend = match f.iptables_backend.as_deref() {
+            None | Some("auto") => None,
+            Some(b) => Some(Backend::parse(b).ok_or_else(|| {
+                bad(
+                    "iptablesBackend",
+                    format!("{b:?} is not one of auto, nft, legacy"),
+                )
+            })?),
+        };
+        let proxy_full_sync_seconds = f
+            .proxy_full_sync_seconds
+            .unwrap_or(DEFAULT_PROXY_FULL_SYNC_SECONDS);
+        if proxy_full_sync_seconds == 0 {
+            return Err(bad("proxyFullSyncSeconds", "must be at least 1"));
+        }
         Ok(NodeConfig {
             node_name,
             node_ip: f.node_ip,
@@ -186,6 +228,10 @@ impl NodeConfig {
             cni_data_dir: f.cni_data_dir,
             cluster_dir,
             resync_seconds,
+            proxy: f.proxy.unwrap_or(true),
+            masquerade_bit,
+            iptables_backend,
+            proxy_full_sync_seconds,
         })
     }
 

@@ -18,6 +18,10 @@ use crate::config::{NodeConfig, VXLAN_OVERHEAD};
 use crate::model::{ClusterModel, ClusterNode, ModelScope};
 use crate::overlay::kernel::{assert_sysctls, DeviceSpec, Kernel, KernelError};
 use crate::overlay::{self, Action, BRIDGE};
+use crate::proxy::iptables::{self, Backend, Iptables};
+use crate::proxy::metrics::ProxyMetrics;
+use crate::proxy::render::ProxyScope;
+use crate::proxy::sync::Proxier;
 
 /// How long netlink events are collected before a reconcile runs (a burst is one pass).
 const EVENT_DEBOUNCE: Duration = Duration::from_millis(50);
@@ -189,6 +193,9 @@ pub async fn run(
     ));
     let wake = Arc::new(Notify::new());
     tokio::spawn(overlay::monitor::run(wake.clone()));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let proxy_metrics = ProxyMetrics::register(&mut registry);
+    tokio::spawn(proxy_loop(config.clone(), model_rx.clone(), proxy_metrics));
 
     let kernel = Kernel::connect()?;
     let mut reconciler = Reconciler::new(config, kernel);
@@ -222,6 +229,81 @@ pub async fn run(
                 info!("shutting down; the datapath stays in place");
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The Service proxy and egress masquerade, on their own task: an iptables-restore can take
+/// seconds on a large table and must not hold up the overlay. Syncs when the Services change,
+/// in full when due, and retries with backoff after a failure.
+async fn proxy_loop(
+    config: NodeConfig,
+    mut models: watch::Receiver<ClusterModel>,
+    metrics: ProxyMetrics,
+) {
+    let configured = config.iptables_backend;
+    let (backend, why) = match configured {
+        Some(b) => (b, "configured".to_string()),
+        None => tokio::task::spawn_blocking(iptables::detect)
+            .await
+            .unwrap_or((Backend::Nft, "detection failed".into())),
+    };
+    info!(backend = backend.name(), reason = %why, proxy = config.proxy, "iptables backend");
+    let ipt = Iptables { backend };
+    let resync = Duration::from_secs(config.resync_seconds);
+    let full_every = Duration::from_secs(config.proxy_full_sync_seconds);
+    let mut proxier: Option<Proxier> = None;
+    loop {
+        let model = models.borrow_and_update().clone();
+        let mut next = tokio::time::Instant::now() + resync;
+        if let Some(local) = model.nodes.get(&config.node_name) {
+            let scope = ProxyScope {
+                cluster_network: config.cluster_network,
+                service_network: config.service_network,
+                masquerade_bit: config.masquerade_bit,
+                node_name: config.node_name.clone(),
+                node_ip: config.node_ip.unwrap_or(local.ip),
+                proxy: config.proxy,
+            };
+            let mut p = proxier
+                .take()
+                .unwrap_or_else(|| Proxier::new(ipt, scope.clone(), full_every, metrics.clone()));
+            p.set_scope(scope);
+            let services = model.services;
+            let (p, outcome) = tokio::task::spawn_blocking(move || {
+                if p.retry_at().is_some_and(|t| t > Instant::now()) {
+                    return (p, None);
+                }
+                let full = p.full_due();
+                if !full && !p.changed(&services) {
+                    return (p, None);
+                }
+                let r = p.sync(&services, full);
+                (p, Some(r))
+            })
+            .await
+            .expect("proxy sync does not panic");
+            match outcome {
+                Some(Ok(r)) if r.lines > 0 || !r.jumps_added.is_empty() => info!(
+                    full = r.full,
+                    lines = r.lines,
+                    compute_ms = r.compute.as_millis() as u64,
+                    restore_ms = r.restore.as_millis() as u64,
+                    jumps_added = r.jumps_added.len(),
+                    udp_flows_cleared = r.conntrack_flows_cleared,
+                    "iptables synced"
+                ),
+                Some(Err(e)) => error!(error = %e, "iptables sync failed"),
+                _ => {}
+            }
+            if let Some(t) = p.retry_at() {
+                next = next.min(tokio::time::Instant::from_std(t));
+            }
+            proxier = Some(p);
+        }
+        tokio::select! {
+            r = models.changed() => if r.is_err() { return; },
+            _ = tokio::time::sleep_until(next) => {}
         }
     }
 }

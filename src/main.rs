@@ -39,6 +39,11 @@ enum Command {
     },
     /// Print the CNI conflist for a node subnet, as the node daemon writes it.
     CniConfig(CniConfigArgs),
+    /// The Service proxy's iptables rules.
+    Proxy {
+        #[command(subcommand)]
+        command: ProxyCommand,
+    },
     /// A simulated multi-node cluster on this machine, built from network namespaces.
     Lab {
         #[command(subcommand)]
@@ -55,6 +60,14 @@ enum TunnelCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+}
+
+#[derive(Subcommand)]
+enum ProxyCommand {
+    /// Print the iptables-restore payload a full sync would apply for this configuration,
+    /// cluster directory and node, without touching the kernel. The jumps from the built-in
+    /// chains, which are ensured one by one, follow as comments.
+    Render(NodeArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -106,6 +119,19 @@ struct NodeArgs {
     /// Seconds between full resyncs with the kernel [default: 5].
     #[arg(long)]
     resync_seconds: Option<u64>,
+    /// Program Services (kube-proxy's iptables NAT); --proxy=false for clusters that keep
+    /// kube-proxy. Egress masquerade works either way [default: true].
+    #[arg(long, action = clap::ArgAction::Set)]
+    proxy: Option<bool>,
+    /// Bit of the packet mark KUBE-MARK-MASQ sets, 0-31 [default: 0, OpenShift SDN's; kube-proxy's is 14].
+    #[arg(long)]
+    masquerade_bit: Option<u8>,
+    /// iptables backend: auto (detect, like kube-proxy's iptables wrapper), nft or legacy [default: auto].
+    #[arg(long)]
+    iptables_backend: Option<String>,
+    /// Seconds between full proxy syncs, which rewrite every chain [default: 3600].
+    #[arg(long)]
+    proxy_full_sync_seconds: Option<u64>,
 }
 
 impl NodeArgs {
@@ -127,6 +153,10 @@ impl NodeArgs {
             cni_data_dir: self.cni_data_dir,
             cluster_dir: self.cluster_dir,
             resync_seconds: self.resync_seconds,
+            proxy: self.proxy,
+            masquerade_bit: self.masquerade_bit,
+            iptables_backend: self.iptables_backend,
+            proxy_full_sync_seconds: self.proxy_full_sync_seconds,
         };
         let hostname = nix::unistd::gethostname()
             .ok()
@@ -248,6 +278,16 @@ fn main() -> Result<()> {
                 serde_json::to_string_pretty(&conflist(
                     a.subnet, gateway, a.mtu, &a.bridge, &opts
                 ))?
+            );
+            Ok(())
+        }
+        Command::Proxy {
+            command: ProxyCommand::Render(args),
+        } => {
+            let config = args.into_config()?;
+            print!(
+                "{}",
+                rsdn::proxy::render::render_config(&config).map_err(anyhow::Error::msg)?
             );
             Ok(())
         }

@@ -78,6 +78,10 @@ fn config(dir: &tempfile::TempDir) -> NodeConfig {
         cni_data_dir: None,
         cluster_dir: PathBuf::from("/nonexistent"),
         resync_seconds: 5,
+        proxy: true,
+        masquerade_bit: 0,
+        iptables_backend: None,
+        proxy_full_sync_seconds: 3600,
     }
 }
 

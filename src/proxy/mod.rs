@@ -2,6 +2,9 @@
 //! EndpointSlices, `names` computes kube-proxy's chain names, `render` computes the ruleset as
 //! data and the restore payload between two rulesets, `iptables` applies it.
 
+pub mod iptables;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod render;
+pub mod sync;

@@ -703,6 +703,47 @@ pub fn payload(
     out
 }
 
+/// `rsdn proxy render`: the full payload for a configuration and its cluster directory, and
+/// the jumps as comments. Skipped objects are listed as comments too.
+pub fn render_config(config: &crate::config::NodeConfig) -> Result<String, String> {
+    let scope = crate::model::ModelScope {
+        cluster_network: config.cluster_network,
+        local_node: config.node_name.clone(),
+    };
+    let model = crate::source::dir::read_cluster_dir(&config.cluster_dir, &scope)
+        .map_err(|e| format!("cannot read {}: {e}", config.cluster_dir.display()))?;
+    let node_ip = config
+        .node_ip
+        .or_else(|| model.nodes.get(&config.node_name).map(|n| n.ip))
+        .ok_or_else(|| {
+            format!(
+                "Node/{} is not in {} and --node-ip is not set",
+                config.node_name,
+                config.cluster_dir.display()
+            )
+        })?;
+    let scope = ProxyScope {
+        cluster_network: config.cluster_network,
+        service_network: config.service_network,
+        masquerade_bit: config.masquerade_bit,
+        node_name: config.node_name.clone(),
+        node_ip,
+        proxy: config.proxy,
+    };
+    let (ruleset, _) = render(&scope, &model.services);
+    let mut out = String::new();
+    for s in &model.skipped {
+        let _ = writeln!(out, "# skipped {}: {}", s.object, s.reason);
+    }
+    out.push_str(&payload(None, &ruleset, &BTreeMap::new()));
+    out.push_str("# jumps from the built-in chains (ensured with iptables -C / -I / -A):\n");
+    for j in jumps(&scope) {
+        let op = if j.first { "-I" } else { "-A" };
+        let _ = writeln!(out, "# -t {} {op} {} {}", j.table, j.chain, j.rule);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 #[path = "render_tests.rs"]
 mod tests;

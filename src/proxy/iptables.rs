@@ -1,0 +1,257 @@
+//! The kernel side of the proxy: which iptables backend this node uses, one
+//! `iptables-restore --noflush` transaction per sync, the chains that exist, and the jumps from
+//! the built-in chains (single-rule checks through the `iptables` crate).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use super::render::Jump;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Nft,
+    Legacy,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    fn tool(self, suffix: &str) -> String {
+        format!("iptables-{}{suffix}", self.name())
+    }
+
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s {
+            "nft" | "nf_tables" => Some(Backend::Nft),
+            "legacy" => Some(Backend::Legacy),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IptablesError {
+    #[error("cannot run {tool}: {source}")]
+    Spawn {
+        tool: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{tool} failed{}: {stderr}", line.as_ref().map(|(n, l)| format!(" at line {n} ({l})")).unwrap_or_default())]
+    Restore {
+        tool: String,
+        stderr: String,
+        /// The payload line the tool named, when it named one.
+        line: Option<(usize, String)>,
+    },
+    #[error("{tool} failed: {stderr}")]
+    Save { tool: String, stderr: String },
+    #[error("cannot ensure the jump {table}/{chain} {rule}: {message}")]
+    Jump {
+        table: String,
+        chain: String,
+        rule: String,
+        message: String,
+    },
+}
+
+fn run(
+    tool: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+) -> Result<(bool, String, String), IptablesError> {
+    let spawn = |source| IptablesError::Spawn {
+        tool: tool.to_string(),
+        source,
+    };
+    let mut child = Command::new(tool)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(spawn)?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes()).map_err(spawn)?;
+    }
+    let out = child.wait_with_output().map_err(spawn)?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    ))
+}
+
+/// Number of rules (`-A` lines) a backend's save shows, or None when the tool is missing.
+fn rule_count(backend: Backend) -> Option<usize> {
+    let (ok, out, _) = run(&backend.tool("-save"), &[], None).ok()?;
+    ok.then(|| out.lines().filter(|l| l.starts_with("-A ")).count())
+}
+
+/// Which backend the node's other users (kubelet, the runtime, the distribution) already use,
+/// the way kube-proxy's iptables-wrapper decides: the kubelet's hint chain, else the backend
+/// holding more rules; nft when both are empty (today's distributions default to it).
+pub fn detect() -> (Backend, String) {
+    for backend in [Backend::Nft, Backend::Legacy] {
+        if let Ok((true, out, _)) = run(&backend.tool("-save"), &["-t", "mangle"], None) {
+            if out.lines().any(|l| {
+                l.starts_with(":KUBE-IPTABLES-HINT") || l.starts_with(":KUBE-KUBELET-CANARY")
+            }) {
+                return (
+                    backend,
+                    "the kubelet's hint chain is in this backend".into(),
+                );
+            }
+        }
+    }
+    match (rule_count(Backend::Nft), rule_count(Backend::Legacy)) {
+        (None, None) => (Backend::Nft, "no iptables tools found; assuming nft".into()),
+        (None, Some(_)) => (Backend::Legacy, "only the legacy tools work here".into()),
+        (Some(nft), Some(legacy)) if legacy > nft => (
+            Backend::Legacy,
+            format!("legacy holds {legacy} rules, nft {nft}"),
+        ),
+        (Some(nft), legacy) => (
+            Backend::Nft,
+            format!("nft holds {nft} rules, legacy {}", legacy.unwrap_or(0)),
+        ),
+    }
+}
+
+/// The iptables tools of one backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Iptables {
+    pub backend: Backend,
+}
+
+impl Iptables {
+    /// Applies `payload` as one transaction: all of it or none of it.
+    pub fn restore(&self, payload: &str) -> Result<(), IptablesError> {
+        let tool = self.backend.tool("-restore");
+        let (ok, _, stderr) = run(&tool, &["--noflush", "--wait=5"], Some(payload))?;
+        if ok {
+            return Ok(());
+        }
+        let line = failed_line(&stderr).and_then(|n| {
+            payload
+                .lines()
+                .nth(n.checked_sub(1)?)
+                .map(|l| (n, l.to_string()))
+        });
+        Err(IptablesError::Restore { tool, stderr, line })
+    }
+
+    /// The chains that exist now, per table (for deleting stale ones on a full sync).
+    pub fn chains(
+        &self,
+        tables: &[&'static str],
+    ) -> Result<BTreeMap<&'static str, BTreeSet<String>>, IptablesError> {
+        let tool = self.backend.tool("-save");
+        let mut out = BTreeMap::new();
+        for table in tables {
+            let (ok, text, stderr) = run(&tool, &["-t", table], None)?;
+            if !ok {
+                return Err(IptablesError::Save { tool, stderr });
+            }
+            out.insert(*table, chain_names(&text));
+        }
+        Ok(out)
+    }
+
+    fn crate_handle(&self) -> iptables::IPTables {
+        iptables::IPTables {
+            cmd: match self.backend {
+                Backend::Nft => "iptables-nft",
+                Backend::Legacy => "iptables-legacy",
+            },
+            has_check: true,
+            has_wait: true,
+            is_numeric: false,
+        }
+    }
+
+    /// Makes sure each jump exists (inserted first or appended as it asks); returns the ones it
+    /// had to add.
+    pub fn ensure_jumps(&self, jumps: &[Jump]) -> Result<Vec<String>, IptablesError> {
+        let ipt = self.crate_handle();
+        let mut added = Vec::new();
+        for j in jumps {
+            let err = |e: Box<dyn std::error::Error>| IptablesError::Jump {
+                table: j.table.into(),
+                chain: j.chain.into(),
+                rule: j.rule.clone(),
+                message: e.to_string(),
+            };
+            if ipt.exists(j.table, j.chain, &j.rule).map_err(err)? {
+                continue;
+            }
+            if j.first {
+                ipt.insert(j.table, j.chain, &j.rule, 1).map_err(err)?;
+            } else {
+                ipt.append(j.table, j.chain, &j.rule).map_err(err)?;
+            }
+            added.push(format!("-t {} -A {} {}", j.table, j.chain, j.rule));
+        }
+        Ok(added)
+    }
+
+    /// Whether a jump is in place: a cheap probe for "someone flushed our rules".
+    pub fn jump_exists(&self, j: &Jump) -> bool {
+        self.crate_handle()
+            .exists(j.table, j.chain, &j.rule)
+            .unwrap_or(false)
+    }
+}
+
+/// Chain names declared in an iptables-save table dump.
+pub fn chain_names(save: &str) -> BTreeSet<String> {
+    save.lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// The line number iptables-restore names in its error ("Error occurred at line: 7", or
+/// "line 7 failed" from older versions).
+pub fn failed_line(stderr: &str) -> Option<usize> {
+    stderr.match_indices("line").find_map(|(at, _)| {
+        let rest = stderr[at + 4..].trim_start_matches([':', ' ']);
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse().ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restore_errors_name_their_line() {
+        assert_eq!(failed_line("iptables-restore: line 7 failed"), Some(7));
+        assert_eq!(
+            failed_line("iptables-restore v1.8.9 (nf_tables): Couldn't load match `nope'\n\nError occurred at line: 12\nTry `iptables-restore -h'"),
+            Some(12)
+        );
+        assert_eq!(failed_line("a multiline message\nno number"), None);
+    }
+
+    #[test]
+    fn chains_are_read_from_a_save() {
+        let save = "# Generated\n*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SVC-X - [0:0]\n-A PREROUTING -j KUBE-SVC-X\nCOMMIT\n";
+        assert_eq!(
+            chain_names(save).into_iter().collect::<Vec<_>>(),
+            ["KUBE-SVC-X", "PREROUTING"]
+        );
+    }
+}
