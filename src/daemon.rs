@@ -99,6 +99,7 @@ impl Reconciler {
             .expect("prefix of a subnet");
         let spec = DeviceSpec {
             gateway,
+            vtep: local.subnet.vtep_ip(),
             mtu,
             vni: self.config.vni,
             port: self.config.vxlan_port,

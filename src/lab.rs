@@ -232,6 +232,9 @@ fn up(nodes: u32, pods_per_node: u32) -> Result<()> {
         let ns = node_ns(i);
         if ensure_netns(&ns)? {
             attach_to_underlay(&ns, &format!("n{i}"), &format!("{}/24", node_ip(i)))?;
+            // Like a real node, a default route (the outside host plays the upstream router):
+            // traffic to a Service without endpoints must reach the FORWARD chain's REJECT.
+            ip(&["-n", &ns, "route", "add", "default", "via", EXTERNAL_IP])?;
         }
         write_node_object(i)?;
         start_daemon(i)?;

@@ -172,6 +172,12 @@ fn from_empty_programs_devices_entries_and_conflist_then_changes_nothing() {
         vx.contains("nolearning") && vx.contains("mtu 1450") && vx.contains("0a:58:c0:a8:01:0b"),
         "{vx}"
     );
+    // The VTEP address, flannel-style, so masqueraded traffic comes back through the overlay.
+    let vx_addr = ns.ip(&["-4", "-o", "addr", "show", "vxlan0"]);
+    assert!(
+        vx_addr.contains("inet 10.128.0.0/32") && vx_addr.lines().count() == 1,
+        "{vx_addr}"
+    );
 
     let (fdb, neigh, routes) = overlay_state(&ns);
     assert_eq!(

@@ -53,6 +53,10 @@ fn nl(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
 pub struct DeviceSpec {
     /// Gateway address with the node subnet's prefix, e.g. 10.128.0.1/23.
     pub gateway: Ipv4Net,
+    /// This node's VTEP address (its subnet's network address), held by vxlan0 as a /32 as
+    /// flannel does: traffic masqueraded out of vxlan0 (Services whose endpoint is on another
+    /// node) then leaves with an address the other node routes back through the overlay.
+    pub vtep: Ipv4Addr,
     pub mtu: u32,
     pub vni: u32,
     pub port: u16,
@@ -172,32 +176,8 @@ impl Kernel {
         self.fix_link(&link, BRIDGE, spec.mtu, &mac, changes)
             .await?;
         // tun0 is ours: exactly the gateway address, nothing else.
-        let addrs = self.ipv4_addresses(link.index).await?;
-        if !addrs.contains(&spec.gateway) {
-            self.handle()
-                .address()
-                .add(
-                    link.index,
-                    IpAddr::V4(spec.gateway.addr()),
-                    spec.gateway.prefix_len(),
-                )
-                .replace()
-                .execute()
-                .await
-                .map_err(nl(format!("cannot add {} to {BRIDGE}", spec.gateway)))?;
-            changes.push(format!("address {} on {BRIDGE}", spec.gateway));
-        }
-        for (a, msg) in self.ipv4_address_messages(link.index).await? {
-            if a != spec.gateway {
-                self.handle()
-                    .address()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(nl(format!("cannot remove {a} from {BRIDGE}")))?;
-                changes.push(format!("removed stale address {a} from {BRIDGE}"));
-            }
-        }
+        self.only_address(link.index, BRIDGE, spec.gateway, changes)
+            .await?;
         Ok(link.index)
     }
 
@@ -245,7 +225,42 @@ impl Kernel {
             }
         };
         self.fix_link(&link, VXLAN, spec.mtu, &mac, changes).await?;
+        let vtep = Ipv4Net::new(spec.vtep, 32).expect("/32");
+        self.only_address(link.index, VXLAN, vtep, changes).await?;
         Ok(link.index)
+    }
+
+    /// Makes `want` the only IPv4 address of a device of ours.
+    async fn only_address(
+        &self,
+        index: u32,
+        name: &str,
+        want: Ipv4Net,
+        changes: &mut Vec<String>,
+    ) -> Result<(), KernelError> {
+        let addrs = self.ipv4_address_messages(index).await?;
+        if !addrs.iter().any(|(a, _)| *a == want) {
+            self.handle()
+                .address()
+                .add(index, IpAddr::V4(want.addr()), want.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("cannot add {want} to {name}")))?;
+            changes.push(format!("address {want} on {name}"));
+        }
+        for (a, msg) in addrs {
+            if a != want {
+                self.handle()
+                    .address()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(nl(format!("cannot remove {a} from {name}")))?;
+                changes.push(format!("removed stale address {a} from {name}"));
+            }
+        }
+        Ok(())
     }
 
     /// MTU, MAC and up, changed in place in one request when any differs.
@@ -301,15 +316,6 @@ impl Kernel {
                 })?;
                 Some((Ipv4Net::new(ip, m.header.prefix_len).ok()?, m))
             })
-            .collect())
-    }
-
-    async fn ipv4_addresses(&self, index: u32) -> Result<Vec<Ipv4Net>, KernelError> {
-        Ok(self
-            .ipv4_address_messages(index)
-            .await?
-            .into_iter()
-            .map(|(a, _)| a)
             .collect())
     }
 

@@ -93,7 +93,15 @@ fn run(
 }
 
 /// Number of rules (`-A` lines) a backend's save shows, or None when the tool is missing.
+/// Legacy tables that the kernel has not instantiated in this namespace hold no rules, and are
+/// not probed: running iptables-legacy-save would create them, and iptables-nft would warn
+/// about "legacy tables present" from then on.
 fn rule_count(backend: Backend) -> Option<usize> {
+    if backend == Backend::Legacy
+        && std::fs::read_to_string("/proc/net/ip_tables_names").is_ok_and(|t| t.trim().is_empty())
+    {
+        return Some(0);
+    }
     let (ok, out, _) = run(&backend.tool("-save"), &[], None).ok()?;
     ok.then(|| out.lines().filter(|l| l.starts_with("-A ")).count())
 }
@@ -103,6 +111,9 @@ fn rule_count(backend: Backend) -> Option<usize> {
 /// holding more rules; nft when both are empty (today's distributions default to it).
 pub fn detect() -> (Backend, String) {
     for backend in [Backend::Nft, Backend::Legacy] {
+        if rule_count(backend) == Some(0) {
+            continue;
+        }
         if let Ok((true, out, _)) = run(&backend.tool("-save"), &["-t", "mangle"], None) {
             if out.lines().any(|l| {
                 l.starts_with(":KUBE-IPTABLES-HINT") || l.starts_with(":KUBE-KUBELET-CANARY")

@@ -8,23 +8,15 @@ set -uo pipefail
 
 BIN_DIR=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/debug}
 RSDN=$BIN_DIR/rsdn
-LAB=/run/rsdn-lab
 T=$(mktemp -d /tmp/rsdn-lab-e2e.XXXXXX)
 source "$(dirname "$0")/lib.sh"
 cleanup() { "$RSDN" lab down >/dev/null 2>&1; rm -rf "$T"; }
 trap cleanup EXIT
 
-lab() { "$RSDN" lab "$@"; }
 # complete NODE: how many complete tunnels NODE has.
 complete() { lab exec "$1" -- "$RSDN" tunnel list -o json 2>/dev/null | jq '[.[] | select(.fdb and .neigh and .route)] | length'; }
 # total NODE: how many tunnel rows, complete or not.
 total() { lab exec "$1" -- "$RSDN" tunnel list -o json | jq 'length'; }
-# eventually SECONDS CMD...: polls CMD every 50 ms.
-eventually() {
-  local deadline=$((SECONDS + $1)); shift
-  until "$@"; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.05; done
-}
-pod_ip() { lab status --json | jq -r --arg p "$1" '.pods[] | select(.name == $p) | .ip'; }
 pod_ping() { lab exec "$1" -- ping -c1 -W2 "$(pod_ip "$2")"; }
 daemon_pid() { cat "$LAB/$1/rsdn.pid"; }
 # running PID: exists and is not a zombie (kill -0 succeeds on zombies).

@@ -1,7 +1,15 @@
-# Shared by the end-to-end scripts: a pass/fail counter and its closing line. Source it after
-# setting T (a scratch directory).
+# Shared by the end-to-end scripts: a pass/fail counter and its closing line, and the lab
+# helpers. Source it after setting T (a scratch directory) and, for lab suites, RSDN.
 passed=0
 failed=0
+LAB=/run/rsdn-lab
+
+lab() { "$RSDN" lab "$@"; }
+eventually() { # eventually SECONDS CMD...: polls CMD every 50 ms
+  local deadline=$((SECONDS + $1)); shift
+  until "$@"; do [ $SECONDS -ge $deadline ] && return 1; sleep 0.05; done
+}
+pod_ip() { lab status --json | jq -r --arg p "$1" '.pods[] | select(.name == $p) | .ip'; }
 
 check() { # check NAME CMD... : runs CMD, counts, shows its output's tail on failure
   local name=$1; shift

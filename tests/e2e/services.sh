@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# End-to-end tier for Services: a 3-node `rsdn lab` whose daemons program kube-proxy-style
+# iptables NAT from Service and EndpointSlice objects written into the cluster directory.
+# Every pod runs a socat server that answers "<pod name> <client address>", so each check sees
+# both who answered and which source address reached the endpoint.
+# Usage: tests/e2e/services.sh [dir-with-rsdn-and-rsdn-cni]   (root; prints "N passed, N failed")
+set -uo pipefail
+
+BIN_DIR=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/debug}
+RSDN=$BIN_DIR/rsdn
+T=$(mktemp -d /tmp/rsdn-svc-e2e.XXXXXX)
+source "$(dirname "$0")/lib.sh"
+SERVERS=()
+cleanup() {
+  [ ${#SERVERS[@]} -gt 0 ] && kill "${SERVERS[@]}" 2>/dev/null
+  "$RSDN" lab down >/dev/null 2>&1; rm -rf "$T"
+}
+trap cleanup EXIT
+
+inns() { local n=$1; shift; ip netns exec "rsdn-lab-$n" "$@"; }
+# ask FROM DST PORT [udp]: one request; prints "<answering pod> <address it saw>".
+ask() {
+  if [ "${4:-}" = udp ]; then
+    echo q | inns "$1" socat -T1 - "UDP:$2:$3,sourceport=40053,reuseaddr" 2>/dev/null
+  else
+    inns "$1" socat -T2 - "TCP:$2:$3,connect-timeout=2" </dev/null 2>/dev/null
+  fi
+}
+answers() { # answers FROM DST PORT N: who answered N requests, one name per line, sorted
+  for _ in $(seq "$4"); do ask "$1" "$2" "$3" | cut -d' ' -f1; done | sort
+}
+serve() { # serve NAMESPACE NAME: TCP 8080 and UDP 5353 servers answering "NAME PEER"
+  ip netns exec "rsdn-lab-$1" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $2 \$SOCAT_PEERADDR" &
+  SERVERS+=($!)
+  ip netns exec "rsdn-lab-$1" socat UDP-RECVFROM:5353,fork,reuseaddr SYSTEM:"echo $2 \$SOCAT_PEERADDR" &
+  SERVERS+=($!)
+}
+put() { cat >"$LAB/cluster/.$1.tmp" && mv "$LAB/cluster/.$1.tmp" "$LAB/cluster/$1.yaml"; }
+service() { # service NAME IP [extra spec lines...]: a Service with port 80 -> 8080 (TCP) and 53 -> 5353 (UDP)
+  local name=$1 ip=$2; shift 2
+  { printf 'apiVersion: v1\nkind: Service\nmetadata: {name: %s, namespace: e2e}\nspec:\n  clusterIP: %s\n' "$name" "$ip"
+    for l in "$@"; do printf '  %s\n' "$l"; done
+    printf '  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: dns, port: 53, protocol: UDP}\n'
+  } | put "svc-$name"
+}
+endpoints() { # endpoints SERVICE POD...: its EndpointSlice (ready endpoints on the pods' nodes)
+  local name=$1 list="" p; shift
+  for p in "$@"; do list+="- {addresses: [$(pod_ip "$p")], nodeName: ${p%%-*}}"$'\n'; done
+  { printf 'apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: %s-1, namespace: e2e, labels: {kubernetes.io/service-name: %s}}\naddressType: IPv4\nports:\n- {name: http, port: 8080}\n- {name: dns, port: 5353, protocol: UDP}\n' "$name" "$name"
+    if [ -n "$list" ]; then printf 'endpoints:\n%s' "$list"; else printf 'endpoints: []\n'; fi
+  } | put "eps-$name"
+}
+
+lab down >/dev/null 2>&1
+if ! lab up --nodes 3 --pods-per-node 2 >"$T/up.log" 2>&1; then
+  cat "$T/up.log"; echo "services: 0 passed, 1 failed"; exit 1
+fi
+for n in 1 2 3; do for p in 1 2; do serve "node$n-pod$p" "node$n-pod$p"; done; done
+ip netns exec rsdn-lab-ext socat TCP-LISTEN:9000,fork,reuseaddr SYSTEM:'echo ext $SOCAT_PEERADDR' &
+SERVERS+=($!)
+# An external IP is routed to node1 by the network, as an operator would arrange.
+ip -n rsdn-lab-ext route add 192.168.77.200/32 via 192.168.77.11
+
+service web 172.30.0.10 "type: NodePort" "externalIPs: [192.168.77.200]"
+sed -i 's/port: 80, targetPort: http}/port: 80, targetPort: http, nodePort: 30080}/' "$LAB/cluster/svc-web.yaml"
+endpoints web node1-pod1 node2-pod1
+service empty 172.30.0.11
+endpoints empty
+service self 172.30.0.12
+endpoints self node1-pod1
+service sticky 172.30.0.13 "sessionAffinity: ClientIP"
+endpoints sticky node1-pod2 node2-pod2 node3-pod2
+service local 172.30.0.14 "type: NodePort" "externalTrafficPolicy: Local"
+sed -i 's/port: 80, targetPort: http}/port: 80, targetPort: http, nodePort: 30081}/' "$LAB/cluster/svc-local.yaml"
+endpoints local node2-pod2
+service dns 172.30.0.53
+endpoints dns node1-pod2
+
+ready() { ask node3-pod1 172.30.0.10 80 | grep -q pod1; }
+check "rules programmed within 5 s of writing the objects" eventually 5 ready
+
+both_endpoints() {
+  answers node3-pod1 172.30.0.10 80 30 | uniq -c | tee /dev/stderr | awk '{print $2}' | tr '\n' ' ' | grep -qx 'node1-pod1 node2-pod1 '
+}
+check "ClusterIP from a pod on node3: both endpoints (node1, node2) get traffic" both_endpoints
+from_pod_keeps_source() { ask node3-pod1 172.30.0.10 80 | grep -Eq "^node[12]-pod1 $(pod_ip node3-pod1)$"; }
+check "ClusterIP: the endpoint sees the client pod's own address" from_pod_keeps_source
+nodeport() { ask ext 192.168.77.13 30080 | grep -Eq '^node[12]-pod1 '; }
+check "NodePort reached from the outside host through node3 (no local endpoint)" nodeport
+external_ip() { ask ext 192.168.77.200 80 | grep -Eq '^node[12]-pod1 '; }
+check "externalIP reached from the outside host" external_ip
+hairpin() { ask node1-pod1 172.30.0.12 80 | tee /dev/stderr | grep -q '^node1-pod1 10.128.0.1$'; }
+check "hairpin: a pod reaches itself through its Service (masqueraded to the gateway)" hairpin
+refused() {
+  local start=$SECONDS out
+  out=$(inns node3-pod1 socat -T2 - TCP:172.30.0.11:80,connect-timeout=3 </dev/null 2>&1)
+  echo "$out"; [[ $out == *"Connection refused"* ]] && [ $((SECONDS - start)) -le 1 ]
+}
+check "a Service without endpoints refuses at once" refused
+sticky() { [ "$(answers node3-pod1 172.30.0.13 80 20 | uniq | wc -l)" -eq 1 ]; }
+check "ClientIP affinity: 20 requests, one endpoint" sticky
+local_keeps_client() { ask ext 192.168.77.12 30081 | tee /dev/stderr | grep -qx 'node2-pod2 192.168.77.250'; }
+check "externalTrafficPolicy Local: the endpoint sees the outside client's address" local_keeps_client
+local_no_endpoint() { ! ask ext 192.168.77.13 30081 | grep -q .; }
+check "externalTrafficPolicy Local: a node without a local endpoint does not answer" local_no_endpoint
+egress() { inns node2-pod1 socat -T2 - TCP:192.168.77.250:9000 </dev/null | tee /dev/stderr | grep -qx 'ext 192.168.77.12'; }
+check "a pod reaching the outside host is seen with its node's address" egress
+pod_to_pod() { inns node3-pod1 socat -T2 - "TCP:$(pod_ip node1-pod2):8080" </dev/null | grep -qx "node1-pod2 $(pod_ip node3-pod1)"; }
+check "pod to pod across nodes keeps the source address" pod_to_pod
+
+endpoints web node2-pod1
+only_node2() { [ "$(answers node3-pod1 172.30.0.10 80 10 | uniq)" = node2-pod1 ]; }
+check "endpoint change takes effect (web -> node2-pod1 only)" eventually 5 only_node2
+
+udp_first() { ask node3-pod1 172.30.0.53 53 udp | grep -q '^node1-pod2 '; }
+check "UDP Service answers from its endpoint (node1-pod2)" eventually 5 udp_first
+# Replace the endpoint while the client keeps its source port (one conntrack flow) and the old
+# server keeps running: only clearing the flow sends the client to the new endpoint.
+endpoints dns node2-pod2
+udp_moved() { ask node3-pod1 172.30.0.53 53 udp | grep -q '^node2-pod2 '; }
+check "UDP Service keeps working after its endpoint is replaced (stale flow cleared)" eventually 5 udp_moved
+
+rules_read_well() {
+  local save
+  save=$(inns node1 iptables-save -t nat) || return 1
+  [[ $save != *Warning* ]] && grep -q -- '-A KUBE-SERVICES -d 172.30.0.10/32 -p tcp -m comment --comment "e2e/web:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-' <<<"$save"
+}
+check "iptables-save shows kube-proxy's rules and comments, and no backend warning" rules_read_well
+
+summary services
