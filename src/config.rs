@@ -256,6 +256,12 @@ mod tests {
         assert_eq!(c.cluster_network.to_string(), "10.128.0.0/14");
         assert_eq!(c.service_network.to_string(), "172.30.0.0/16");
         assert_eq!((c.vxlan_port, c.vni, c.mtu), (4789, 1, None));
+        assert!(c.proxy && c.masquerade_bit == 0 && c.iptables_backend.is_none());
+        assert_eq!(c.proxy_full_sync_seconds, 3600);
+        let c =
+            resolve("clusterDir: /c\nproxy: false\niptablesBackend: legacy\nmasqueradeBit: 14\n")
+                .unwrap();
+        assert!(!c.proxy && c.masquerade_bit == 14 && c.iptables_backend == Some(Backend::Legacy));
         assert_eq!(
             c.cni_conf_path(),
             PathBuf::from("/etc/cni/net.d/10-rsdn.conflist")
@@ -294,6 +300,15 @@ mod tests {
             ),
             ("clusterDir: /c\ncniConfFile: rsdn.conf\n", "cniConfFile"),
             ("clusterDir: /c\nresyncSeconds: 0\n", "resyncSeconds"),
+            ("clusterDir: /c\nmasqueradeBit: 32\n", "masqueradeBit"),
+            (
+                "clusterDir: /c\niptablesBackend: ebtables\n",
+                "iptablesBackend",
+            ),
+            (
+                "clusterDir: /c\nproxyFullSyncSeconds: 0\n",
+                "proxyFullSyncSeconds",
+            ),
             ("vni: 1\n", "clusterDir"),
         ];
         for (yaml, field) in cases {

@@ -290,6 +290,7 @@ async fn proxy_loop(
                     lines = r.lines,
                     compute_ms = r.compute.as_millis() as u64,
                     restore_ms = r.restore.as_millis() as u64,
+                    checks_ms = r.checks.as_millis() as u64,
                     jumps_added = r.jumps_added.len(),
                     udp_flows_cleared = r.conntrack_flows_cleared,
                     "iptables synced"

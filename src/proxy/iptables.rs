@@ -2,7 +2,7 @@
 //! `iptables-restore --noflush` transaction per sync, the chains that exist, and the jumps from
 //! the built-in chains (single-rule checks through the `iptables` crate).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Write;
 use std::process::{Command, Stdio};
 
@@ -146,7 +146,8 @@ pub struct Iptables {
 }
 
 impl Iptables {
-    /// Applies `payload` as one transaction: all of it or none of it.
+    /// Applies `payload`: each table in it is one transaction (all of it or none of it), and
+    /// the tool stops at the first table the kernel refuses.
     pub fn restore(&self, payload: &str) -> Result<(), IptablesError> {
         let tool = self.backend.tool("-restore");
         let (ok, _, stderr) = run(&tool, &["--noflush", "--wait=5"], Some(payload))?;
@@ -162,19 +163,22 @@ impl Iptables {
         Err(IptablesError::Restore { tool, stderr, line })
     }
 
-    /// The chains that exist now, per table (for deleting stale ones on a full sync).
-    pub fn chains(
-        &self,
-        tables: &[&'static str],
-    ) -> Result<BTreeMap<&'static str, BTreeSet<String>>, IptablesError> {
+    /// What the tables hold now: their chains (to delete stale ones on a full sync) and the
+    /// rules of the built-in chains (to see the jumps without one iptables -C each).
+    pub fn save(&self, tables: &[&'static str]) -> Result<Saved, IptablesError> {
         let tool = self.backend.tool("-save");
-        let mut out = BTreeMap::new();
+        let mut out = Saved::default();
         for table in tables {
             let (ok, text, stderr) = run(&tool, &["-t", table], None)?;
             if !ok {
                 return Err(IptablesError::Save { tool, stderr });
             }
-            out.insert(*table, chain_names(&text));
+            out.chains.insert(*table, chain_names(&text));
+            out.builtin_rules.extend(
+                text.lines()
+                    .filter(|l| BUILTIN.iter().any(|c| l.starts_with(&format!("-A {c} "))))
+                    .map(|l| format!("{table} {l}")),
+            );
         }
         Ok(out)
     }
@@ -192,28 +196,73 @@ impl Iptables {
     }
 
     /// Makes sure each jump exists (inserted first or appended as it asks); returns the ones it
-    /// had to add.
-    pub fn ensure_jumps(&self, jumps: &[Jump]) -> Result<Vec<String>, IptablesError> {
+    /// had to add and how many it had to probe with iptables -C. A jump `saved` shows verbatim
+    /// is there; one whose built-in chain has no rule jumping to its target is missing; only
+    /// the others (a rule to the target in another spelling) are probed. The missing ones are
+    /// added in one restore transaction, in order (each `-I ... 1` lands first, as kube-proxy's
+    /// successive inserts do).
+    pub fn ensure_jumps(
+        &self,
+        jumps: &[Jump],
+        saved: &Saved,
+    ) -> Result<(Vec<String>, usize), IptablesError> {
         let ipt = self.crate_handle();
-        let mut added = Vec::new();
+        let mut missing: Vec<&Jump> = Vec::new();
+        let mut probed = 0;
         for j in jumps {
-            let err = |e: Box<dyn std::error::Error>| IptablesError::Jump {
-                table: j.table.into(),
-                chain: j.chain.into(),
-                rule: j.rule.clone(),
-                message: e.to_string(),
-            };
-            if ipt.exists(j.table, j.chain, &j.rule).map_err(err)? {
+            if saved
+                .builtin_rules
+                .contains(&format!("{} -A {} {}", j.table, j.chain, j.rule))
+            {
                 continue;
             }
-            if j.first {
-                ipt.insert(j.table, j.chain, &j.rule, 1).map_err(err)?;
-            } else {
-                ipt.append(j.table, j.chain, &j.rule).map_err(err)?;
+            let target = j.rule.rsplit(" -j ").next().unwrap_or_default();
+            let prefix = format!("{} -A {} ", j.table, j.chain);
+            let maybe = saved
+                .builtin_rules
+                .iter()
+                .any(|l| l.starts_with(&prefix) && l.ends_with(&format!("-j {target}")));
+            if maybe {
+                probed += 1;
+                let there =
+                    ipt.exists(j.table, j.chain, &j.rule)
+                        .map_err(|e| IptablesError::Jump {
+                            table: j.table.into(),
+                            chain: j.chain.into(),
+                            rule: j.rule.clone(),
+                            message: e.to_string(),
+                        })?;
+                if there {
+                    continue;
+                }
             }
-            added.push(format!("-t {} -A {} {}", j.table, j.chain, j.rule));
+            missing.push(j);
         }
-        Ok(added)
+        if missing.is_empty() {
+            return Ok((vec![], probed));
+        }
+        let mut text = String::new();
+        let mut added = Vec::new();
+        for table in ["filter", "nat"] {
+            let lines: Vec<String> = missing
+                .iter()
+                .filter(|j| j.table == table)
+                .map(|j| {
+                    let op = if j.first {
+                        format!("-I {} 1", j.chain)
+                    } else {
+                        format!("-A {}", j.chain)
+                    };
+                    added.push(format!("-t {table} {op} {}", j.rule));
+                    format!("{op} {}", j.rule)
+                })
+                .collect();
+            if !lines.is_empty() {
+                text.push_str(&format!("*{table}\n{}\nCOMMIT\n", lines.join("\n")));
+            }
+        }
+        self.restore(&text)?;
+        Ok((added, probed))
     }
 
     /// Whether a jump is in place: a cheap probe for "someone flushed our rules".
@@ -222,6 +271,17 @@ impl Iptables {
             .exists(j.table, j.chain, &j.rule)
             .unwrap_or(false)
     }
+}
+
+/// The built-in chains of the filter and nat tables, where our jumps live.
+const BUILTIN: [&str; 5] = ["PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"];
+
+/// The state of some tables, read with iptables-save.
+#[derive(Debug, Default)]
+pub struct Saved {
+    pub chains: BTreeMap<&'static str, BTreeSet<String>>,
+    /// "<table> -A <built-in chain> <rule>", as iptables-save prints them.
+    pub builtin_rules: HashSet<String>,
 }
 
 /// Chain names declared in an iptables-save table dump.

@@ -102,17 +102,20 @@ impl ProxyMetrics {
     }
 
     pub fn synced(&self, r: &SyncReport, ruleset: &Ruleset, stats: &RenderStats, at: SystemTime) {
-        let took = (r.compute + r.restore).as_secs_f64();
+        let took = (r.compute + r.restore + r.checks).as_secs_f64();
         self.sync.observe(took);
         if r.full {
             self.full.observe(took);
         } else {
             self.partial.observe(took);
         }
-        for (table, t) in [("filter", &ruleset.filter), ("nat", &ruleset.nat)] {
+        for (table, n) in [
+            ("filter", ruleset.filter.rules()),
+            ("nat", ruleset.nat_rules()),
+        ] {
             self.rules
                 .get_or_create(&vec![("table", table)])
-                .set(t.rules() as i64);
+                .set(n as i64);
         }
         self.rules_last_sync
             .get_or_create(&vec![("table", "all")])

@@ -4,9 +4,10 @@
 //! own egress masquerade and forward chains. `payload` turns two rulesets into the
 //! iptables-restore input that moves the kernel from one to the other.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
@@ -40,7 +41,11 @@ pub struct Table {
 
 impl Table {
     fn chain(&mut self, name: &str) -> &mut Vec<String> {
-        self.chains.entry(name.to_string()).or_default()
+        // Most calls find the chain: look it up without allocating its name.
+        if !self.chains.contains_key(name) {
+            self.chains.insert(name.to_string(), Vec::new());
+        }
+        self.chains.get_mut(name).expect("just inserted")
     }
 
     /// Appends `-A chain <args>`.
@@ -54,11 +59,47 @@ impl Table {
     }
 }
 
-/// Everything rsdn owns in iptables, per table.
+/// What one Service port contributes: rules in the shared chains (KUBE-SERVICES, ...) and the
+/// nat chains it owns alone (its KUBE-SVC/SVL/EXT/FW/SEP chains). Kept per port so that a sync
+/// re-renders and rewrites only the ports whose Service or endpoints changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortRules {
+    /// Rules for the shared chains, as a ruleset of its own (merged in order of ports).
+    pub shared: Ruleset,
+    pub own: Table,
+    pub no_local_internal: bool,
+    pub no_local_external: bool,
+}
+
+/// Everything rsdn owns in iptables: the shared chains per table, and each Service port's own
+/// nat chains.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Ruleset {
     pub filter: Table,
     pub nat: Table,
+    pub ports: BTreeMap<ServicePortName, Arc<PortRules>>,
+}
+
+impl Ruleset {
+    /// A nat chain, shared or owned by a port.
+    pub fn nat_chain(&self, name: &str) -> Option<&Vec<String>> {
+        self.nat
+            .chains
+            .get(name)
+            .or_else(|| self.ports.values().find_map(|p| p.own.chains.get(name)))
+    }
+
+    pub fn nat_rules(&self) -> usize {
+        self.nat.rules() + self.ports.values().map(|p| p.own.rules()).sum::<usize>()
+    }
+}
+
+/// Rendered ports by their inputs: an unchanged port is not rendered again, and keeps the same
+/// `Arc`, which is how the payload sees it unchanged without comparing its rules.
+#[derive(Debug, Default)]
+pub struct RenderCache {
+    scope: Option<ProxyScope>,
+    ports: HashMap<ServicePortName, (ServicePort, Vec<Endpoint>, Arc<PortRules>)>,
 }
 
 /// A jump from a built-in chain into ours: not part of the restore payload (that would mean
@@ -244,10 +285,24 @@ pub struct RenderStats {
 
 /// Computes every chain rsdn owns, for this node.
 pub fn render(scope: &ProxyScope, services: &Services) -> (Ruleset, RenderStats) {
+    render_cached(scope, services, &mut RenderCache::default())
+}
+
+/// `render`, re-using the ports of `cache` whose inputs did not change.
+pub fn render_cached(
+    scope: &ProxyScope,
+    services: &Services,
+    cache: &mut RenderCache,
+) -> (Ruleset, RenderStats) {
+    if cache.scope.as_ref() != Some(scope) {
+        cache.ports.clear();
+        cache.scope = Some(scope.clone());
+    }
     let mut r = Ruleset::default();
     let mut stats = RenderStats::default();
     egress(scope, &mut r);
     if !scope.proxy {
+        cache.ports.clear();
         return (r, stats);
     }
     let mark = scope.mark();
@@ -288,8 +343,31 @@ pub fn render(scope: &ProxyScope, services: &Services) -> (Ruleset, RenderStats)
     let empty = vec![];
     for (spn, svc) in &services.ports {
         let eps = services.endpoints.get(spn).unwrap_or(&empty);
-        service_port(scope, spn, svc, eps, &mut r, &mut stats);
+        let port = match cache.ports.get(spn) {
+            Some((s, e, rules)) if s == svc && e == eps => rules.clone(),
+            _ => {
+                let rules = Arc::new(service_port(scope, spn, svc, eps));
+                cache
+                    .ports
+                    .insert(spn.clone(), (svc.clone(), eps.clone(), rules.clone()));
+                rules
+            }
+        };
+        for (shared, mine) in [
+            (&mut r.filter, &port.shared.filter),
+            (&mut r.nat, &port.shared.nat),
+        ] {
+            for (chain, rules) in &mine.chains {
+                shared.chain(chain).extend(rules.iter().cloned());
+            }
+        }
+        stats.no_local_endpoints_internal += usize::from(port.no_local_internal);
+        stats.no_local_endpoints_external += usize::from(port.no_local_external);
+        r.ports.insert(spn.clone(), port);
     }
+    cache
+        .ports
+        .retain(|spn, _| services.ports.contains_key(spn));
 
     r.nat.add(
         KUBE_SERVICES,
@@ -319,6 +397,20 @@ pub fn render(scope: &ProxyScope, services: &Services) -> (Ruleset, RenderStats)
     (r, stats)
 }
 
+/// Chains shared by every Service port; the others a port owns alone.
+fn is_shared(chain: &str) -> bool {
+    [
+        KUBE_SERVICES,
+        KUBE_EXTERNAL_SERVICES,
+        KUBE_NODEPORTS,
+        KUBE_PROXY_FIREWALL,
+        KUBE_FORWARD,
+        KUBE_POSTROUTING,
+        KUBE_MARK_MASQ,
+    ]
+    .contains(&chain)
+}
+
 /// Pod traffic leaving the cluster and service networks leaves with the node's address;
 /// pod-to-pod traffic across nodes keeps its source. Pod traffic is forwarded even where the
 /// FORWARD policy is DROP.
@@ -345,6 +437,29 @@ fn egress(scope: &ProxyScope, r: &mut Ruleset) {
 }
 
 fn service_port(
+    scope: &ProxyScope,
+    spn: &ServicePortName,
+    svc: &ServicePort,
+    eps: &[Endpoint],
+) -> PortRules {
+    let mut r = Ruleset::default();
+    let mut stats = RenderStats::default();
+    service_port_into(scope, spn, svc, eps, &mut r, &mut stats);
+    let (shared, own): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        r.nat.chains.into_iter().partition(|(c, _)| is_shared(c));
+    PortRules {
+        shared: Ruleset {
+            filter: r.filter,
+            nat: Table { chains: shared },
+            ports: BTreeMap::new(),
+        },
+        own: Table { chains: own },
+        no_local_internal: stats.no_local_endpoints_internal > 0,
+        no_local_external: stats.no_local_endpoints_external > 0,
+    }
+}
+
+fn service_port_into(
     scope: &ProxyScope,
     spn: &ServicePortName,
     svc: &ServicePort,
@@ -646,7 +761,7 @@ fn endpoint_jumps(
 }
 
 /// The iptables-restore input that turns `before` (what the kernel holds; `None`: unknown,
-/// write everything) into `after`. Chains whose rules are unchanged are left out; chains that
+/// write everything) into `after`, nat table first. Chains whose rules are unchanged are left out; chains that
 /// are gone are flushed and deleted (`existing` adds stale chains found in the kernel). A table
 /// with nothing to change is left out entirely; an empty string means nothing to do.
 pub fn payload(
@@ -655,11 +770,13 @@ pub fn payload(
     existing: &BTreeMap<&'static str, BTreeSet<String>>,
 ) -> String {
     let mut out = String::new();
+    // iptables-restore commits table by table. nat goes first: it holds nearly every rule, so
+    // a payload the kernel refuses there changes nothing at all.
     for (table, old, new) in [
-        ("filter", before.map(|b| &b.filter), &after.filter),
         ("nat", before.map(|b| &b.nat), &after.nat),
+        ("filter", before.map(|b| &b.filter), &after.filter),
     ] {
-        let changed: Vec<(&String, &Vec<String>)> = new
+        let mut changed: Vec<(&String, &Vec<String>)> = new
             .chains
             .iter()
             .filter(|(name, rules)| old.and_then(|o| o.chains.get(*name)) != Some(*rules))
@@ -672,16 +789,28 @@ pub fn payload(
                     .collect()
             })
             .unwrap_or_default();
+        if table == "nat" {
+            port_changes(before, after, &mut changed, &mut gone);
+        }
         if let Some(stale) = existing.get(table) {
+            let ours = after.chain_names(table);
             gone.extend(
                 stale
                     .iter()
-                    .filter(|c| is_service_chain(c) && !new.chains.contains_key(*c)),
+                    .filter(|c| is_service_chain(c) && !ours.contains(c.as_str())),
             );
         }
         if changed.is_empty() && gone.is_empty() {
             continue;
         }
+        changed.sort_by(|a, b| a.0.cmp(b.0));
+        // One allocation for what follows: a full payload runs to tens of megabytes.
+        let size: usize = changed
+            .iter()
+            .map(|(n, rules)| n.len() + 10 + rules.iter().map(|r| r.len() + 1).sum::<usize>())
+            .sum::<usize>()
+            + gone.iter().map(|n| 2 * n.len() + 14).sum::<usize>();
+        out.reserve(size + 32);
         let _ = writeln!(out, "*{table}");
         for (name, _) in &changed {
             let _ = writeln!(out, ":{name} - [0:0]");
@@ -701,6 +830,60 @@ pub fn payload(
         out.push_str("COMMIT\n");
     }
     out
+}
+
+/// The own chains of ports that are new, changed or gone. A port whose rules are the same
+/// `Arc` as before (the render cache kept it) is skipped without looking at its rules.
+fn port_changes<'a>(
+    before: Option<&'a Ruleset>,
+    after: &'a Ruleset,
+    changed: &mut Vec<(&'a String, &'a Vec<String>)>,
+    gone: &mut BTreeSet<&'a String>,
+) {
+    for (spn, port) in &after.ports {
+        let Some(old) = before.and_then(|b| b.ports.get(spn)) else {
+            changed.extend(port.own.chains.iter());
+            continue;
+        };
+        if Arc::ptr_eq(old, port) || old.own == port.own {
+            continue;
+        }
+        changed.extend(
+            port.own
+                .chains
+                .iter()
+                .filter(|(name, rules)| old.own.chains.get(*name) != Some(*rules)),
+        );
+        gone.extend(
+            old.own
+                .chains
+                .keys()
+                .filter(|c| !port.own.chains.contains_key(*c)),
+        );
+    }
+    if let Some(b) = before {
+        for (spn, port) in &b.ports {
+            if !after.ports.contains_key(spn) {
+                gone.extend(port.own.chains.keys());
+            }
+        }
+    }
+}
+
+impl Ruleset {
+    /// Every chain of `table` in this ruleset (per-port chains are nat chains).
+    fn chain_names(&self, table: &str) -> HashSet<&str> {
+        match table {
+            "filter" => self.filter.chains.keys().map(String::as_str).collect(),
+            _ => self
+                .nat
+                .chains
+                .keys()
+                .chain(self.ports.values().flat_map(|p| p.own.chains.keys()))
+                .map(String::as_str)
+                .collect(),
+        }
+    }
 }
 
 /// `rsdn proxy render`: the full payload for a configuration and its cluster directory, and

@@ -237,7 +237,9 @@ fn probabilities_follow_kube_proxy() {
     );
     let (r, _) = render(&scope(), &services(&three));
     let chain = format!("KUBE-SVC-{}", kube_hash(&["ns1/svc1:p80", "tcp"]));
-    let probs: Vec<&str> = r.nat.chains[&chain]
+    let probs: Vec<&str> = r
+        .nat_chain(&chain)
+        .unwrap()
         .iter()
         .map(|l| l.split("--probability ").nth(1).map_or("-", |p| &p[..12]))
         .collect();
@@ -272,4 +274,37 @@ fn without_the_proxy_only_egress_chains_and_jumps_remain() {
         .iter()
         .filter(|j| j.rule.contains("-j KUBE-"))
         .all(|j| j.first));
+}
+
+#[test]
+fn the_render_cache_reuses_unchanged_ports_and_renders_the_same() {
+    let mut cache = RenderCache::default();
+    let s = services(CLUSTER);
+    let (first, _) = render_cached(&scope(), &s, &mut cache);
+    let changed =
+        services(&CLUSTER.replace("10.128.4.2], nodeName: n3", "10.128.4.3], nodeName: n3"));
+    let (second, stats) = render_cached(&scope(), &changed, &mut cache);
+    let (uncached, uncached_stats) = render(&scope(), &changed);
+    assert_eq!(full(&second), full(&uncached));
+    assert_eq!(stats, uncached_stats);
+    let reused: Vec<String> = second
+        .ports
+        .iter()
+        .filter(|(spn, p)| Arc::ptr_eq(p, &first.ports[*spn]))
+        .map(|(spn, _)| spn.to_string())
+        .collect();
+    assert_eq!(
+        reused.len(),
+        first.ports.len() - 1,
+        "only ns2/svc2 re-rendered: {reused:?}"
+    );
+    assert!(!reused.contains(&"ns2/svc2:p80".to_string()));
+    // A different scope invalidates everything.
+    let mut other = scope();
+    other.masquerade_bit = 3;
+    let (third, _) = render_cached(&other, &changed, &mut cache);
+    assert!(third
+        .ports
+        .iter()
+        .all(|(spn, p)| !Arc::ptr_eq(p, &second.ports[spn])));
 }

@@ -1,19 +1,21 @@
 //! The proxy's sync loop state: what was last written to the kernel, when the next full sync is
 //! due, and what failed. A sync renders the whole ruleset (cheap), writes only what changed
 //! since the last successful sync (or everything, on a full sync), and after a failure keeps the
-//! old rules (iptables-restore is one transaction), backs off, and makes the next sync full.
+//! old rules (iptables-restore commits each table as one transaction and stops at the first
+//! refused one; nat, where nearly every rule is, goes first), backs off, and makes the next
+//! sync full.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{debug, info, warn};
 
-use super::iptables::{Iptables, IptablesError};
+use super::iptables::{Iptables, IptablesError, Saved};
 use super::metrics::ProxyMetrics;
 use super::model::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
-use super::render::{jumps, payload, render, ProxyScope, Ruleset};
+use super::render::{jumps, payload, render_cached, ProxyScope, RenderCache, Ruleset};
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -27,11 +29,16 @@ pub struct SyncReport {
     pub full: bool,
     /// Rendering the ruleset and the payload.
     pub compute: Duration,
-    /// iptables-restore (and, on a full sync, reading the chains and checking the jumps).
+    /// iptables-restore itself.
     pub restore: Duration,
+    /// Full syncs only: listing the existing chains and checking the jumps (iptables-save and
+    /// one iptables -C per jump).
+    pub checks: Duration,
     /// Payload lines written; 0: nothing had changed and nothing was run.
     pub lines: usize,
     pub jumps_added: Vec<String>,
+    /// Jumps that iptables-save did not show verbatim and were probed with iptables -C.
+    pub jumps_probed: usize,
     pub conntrack_flows_cleared: usize,
 }
 
@@ -43,6 +50,7 @@ pub struct Proxier {
     applied: Option<(Ruleset, Services)>,
     last_full: Option<Instant>,
     last_probe: Option<Instant>,
+    cache: RenderCache,
     failures: u32,
     retry_at: Option<Instant>,
     pub metrics: ProxyMetrics,
@@ -62,6 +70,7 @@ impl Proxier {
             applied: None,
             last_full: None,
             last_probe: None,
+            cache: RenderCache::default(),
             failures: 0,
             retry_at: None,
             metrics,
@@ -126,20 +135,20 @@ impl Proxier {
         };
         // A full sync also deletes stale chains, which needs to know what exists (kernel time).
         let listed = Instant::now();
-        let existing = if full {
-            self.ipt.chains(&["filter", "nat"])?
+        let saved = if full {
+            self.ipt.save(&["filter", "nat"])?
         } else {
-            BTreeMap::new()
+            Saved::default()
         };
         let listing = listed.elapsed();
         let started = Instant::now();
-        let (ruleset, stats) = render(&self.scope, services);
+        let (ruleset, stats) = render_cached(&self.scope, services, &mut self.cache);
         let before = if full {
             None
         } else {
             self.applied.as_ref().map(|(r, _)| r)
         };
-        let text = payload(before, &ruleset, &existing);
+        let text = payload(before, &ruleset, &saved.chains);
         report.compute = started.elapsed();
         report.lines = text.lines().count();
         let restore_started = Instant::now();
@@ -152,27 +161,32 @@ impl Proxier {
             self.fail(full);
             return Err(e);
         }
+        report.restore = restore_started.elapsed();
+        let checks_started = Instant::now();
         if full {
-            match self.ipt.ensure_jumps(&jumps(&self.scope)) {
-                Ok(added) => report.jumps_added = added,
+            match self.ipt.ensure_jumps(&jumps(&self.scope), &saved) {
+                Ok((added, probed)) => {
+                    report.jumps_added = added;
+                    report.jumps_probed = probed;
+                }
                 Err(e) => {
                     self.fail(full);
                     return Err(e);
                 }
             }
         }
-        report.restore = restore_started.elapsed() + listing;
+        report.checks = checks_started.elapsed() + listing;
         if let Some((_, old)) = &self.applied {
             report.conntrack_flows_cleared = clear_stale_udp(old, services);
         }
-        self.applied = Some((ruleset.clone(), services.clone()));
+        self.metrics
+            .synced(&report, &ruleset, &stats, SystemTime::now());
+        self.applied = Some((ruleset, services.clone()));
         self.failures = 0;
         self.retry_at = None;
         if full {
             self.last_full = Some(Instant::now());
         }
-        self.metrics
-            .synced(&report, &ruleset, &stats, SystemTime::now());
         Ok(report)
     }
 
