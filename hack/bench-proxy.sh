@@ -7,7 +7,7 @@
 #    namespace. Target: computing <= 10% of the restore.
 #  - at the largest N: one endpoint of one Service changes; the partial sync that follows, against
 #    the full one. Target: partial <= 5% of full. And the daemon's peak RSS (VmHWM).
-# usage: hack/bench-proxy.sh [N...]     (root; a few minutes: nft is slow on large tables)
+# usage: [BACKENDS="nft legacy"] hack/bench-proxy.sh [N...]   (root; 15-20 minutes: nft is slow on large tables)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib.sh
@@ -64,7 +64,7 @@ field() { grep -oE "$1=[0-9a-z]+" <<<"$2" | cut -d= -f2; }
 now_ms() { date +%s%3N; }
 
 printf '%-7s %6s %8s | %10s %10s %9s %9s | %10s %8s\n' backend N lines compute_ms restore_ms checks_ms compute% bare_ms rest/bare
-for backend in nft legacy; do
+for backend in ${BACKENDS:-nft legacy}; do
   for N in "${SIZES[@]}"; do
     dir=$W/cluster-$N
     [ -d "$dir" ] || gen "$dir" "$N"

@@ -9,11 +9,6 @@ use ipnet::Ipv4Net;
 use rsdn::cniconf::{conflist, ConflistOptions};
 use rsdn::config::{FileConfig, NodeConfig};
 
-/// glibc's allocator spent a third of a 10000-Service render in malloc and free
-/// (hack/bench-proxy.sh, perf); mimalloc takes a quarter off the whole render.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// rsdn: a VXLAN + iptables Kubernetes network plugin in the style of OpenShift SDN.
 #[derive(Parser)]
 #[command(version, about)]

@@ -33,29 +33,40 @@ impl ProxyScope {
     }
 }
 
-/// One table: chain -> its rules (complete `-A CHAIN ...` lines), in order.
+/// One table: chain -> its rules as restore input (`-A CHAIN ...\n` lines, in order). One
+/// string per chain, not one per rule: a 10000-Service ruleset has 430000 rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Table {
-    pub chains: BTreeMap<String, Vec<String>>,
+    pub chains: BTreeMap<String, String>,
 }
 
 impl Table {
-    fn chain(&mut self, name: &str) -> &mut Vec<String> {
+    fn chain(&mut self, name: &str) -> &mut String {
         // Most calls find the chain: look it up without allocating its name.
         if !self.chains.contains_key(name) {
-            self.chains.insert(name.to_string(), Vec::new());
+            self.chains.insert(name.to_string(), String::new());
         }
         self.chains.get_mut(name).expect("just inserted")
     }
 
     /// Appends `-A chain <args>`.
     fn add(&mut self, chain: &str, args: impl AsRef<str>) {
-        let line = format!("-A {chain} {}", args.as_ref());
-        self.chain(chain).push(line);
+        let body = self.chain(chain);
+        for part in ["-A ", chain, " ", args.as_ref(), "\n"] {
+            body.push_str(part);
+        }
     }
 
     pub fn rules(&self) -> usize {
-        self.chains.values().map(Vec::len).sum()
+        self.chains.values().map(|c| c.lines().count()).sum()
+    }
+
+    /// The rules of a chain, one line each.
+    pub fn lines(&self, chain: &str) -> Vec<&str> {
+        self.chains
+            .get(chain)
+            .map(|c| c.lines().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -82,7 +93,7 @@ pub struct Ruleset {
 
 impl Ruleset {
     /// A nat chain, shared or owned by a port.
-    pub fn nat_chain(&self, name: &str) -> Option<&Vec<String>> {
+    pub fn nat_chain(&self, name: &str) -> Option<&String> {
         self.nat
             .chains
             .get(name)
@@ -358,7 +369,7 @@ pub fn render_cached(
             (&mut r.nat, &port.shared.nat),
         ] {
             for (chain, rules) in &mine.chains {
-                shared.chain(chain).extend(rules.iter().cloned());
+                shared.chain(chain).push_str(rules);
             }
         }
         stats.no_local_endpoints_internal += usize::from(port.no_local_internal);
@@ -693,70 +704,81 @@ fn service_port_into(
             )),
         );
     }
+    // Each endpoint's text and chain name, computed once (hashing and formatting addresses
+    // were a tenth of a large render).
+    let texts: HashMap<(Ipv4Addr, u16), (String, String)> = c
+        .reachable
+        .iter()
+        .map(|ep| ((ep.ip, ep.port), (ep.to_string(), endpoint_chain(spn, ep))))
+        .collect();
+    let jumps = EndpointJumps {
+        name: &name,
+        affinity: svc.affinity_seconds,
+        texts: &texts,
+    };
     if uses_cluster_chain {
-        endpoint_jumps(spn, &name, svc, &chains.cluster, &c.cluster, &mut r.nat);
+        jumps.write(&chains.cluster, &c.cluster, &mut r.nat);
     }
     if uses_local_chain {
-        endpoint_jumps(spn, &name, svc, &chains.local, &c.local, &mut r.nat);
+        jumps.write(&chains.local, &c.local, &mut r.nat);
     }
+    let plain = comment(&name);
     for ep in &c.reachable {
-        let sep = endpoint_chain(spn, ep);
-        r.nat.add(
-            &sep,
-            format!("{} -s {} -j {KUBE_MARK_MASQ}", comment(&name), ep.ip),
-        );
+        let (text, sep) = &texts[&(ep.ip, ep.port)];
+        r.nat
+            .add(sep, format!("{plain} -s {} -j {KUBE_MARK_MASQ}", ep.ip));
         let recent = match svc.affinity_seconds {
             Some(_) => format!(" -m recent --name {sep} --set"),
             None => String::new(),
         };
         r.nat.add(
-            &sep,
-            format!(
-                "{}{recent} -m {proto} -p {proto} -j DNAT --to-destination {ep}",
-                comment(&name)
-            ),
+            sep,
+            format!("{plain}{recent} -m {proto} -p {proto} -j DNAT --to-destination {text}"),
         );
     }
 }
 
 /// A Service chain's jumps to its endpoints: affinity first, then random load balancing with
 /// kube-proxy's probabilities (1/n, 1/(n-1), ..., the last one unconditional).
-fn endpoint_jumps(
-    spn: &ServicePortName,
-    name: &str,
-    svc: &ServicePort,
-    chain: &str,
-    eps: &[&Endpoint],
-    nat: &mut Table,
-) {
-    nat.chain(chain);
-    if let Some(seconds) = svc.affinity_seconds {
-        for ep in eps {
-            let sep = endpoint_chain(spn, ep);
+struct EndpointJumps<'a> {
+    name: &'a str,
+    affinity: Option<u32>,
+    /// Endpoint -> ("ip:port", KUBE-SEP- chain).
+    texts: &'a HashMap<(Ipv4Addr, u16), (String, String)>,
+}
+
+impl EndpointJumps<'_> {
+    fn write(&self, chain: &str, eps: &[&Endpoint], nat: &mut Table) {
+        nat.chain(chain);
+        let name = self.name;
+        if let Some(seconds) = self.affinity {
+            for ep in eps {
+                let (text, sep) = &self.texts[&(ep.ip, ep.port)];
+                nat.add(
+                    chain,
+                    format!(
+                        "{} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
+                        comment(&format!("{name} -> {text}"))
+                    ),
+                );
+            }
+        }
+        let n = eps.len();
+        for (i, ep) in eps.iter().enumerate() {
+            let (text, sep) = &self.texts[&(ep.ip, ep.port)];
+            let stat = if i + 1 < n {
+                format!(
+                    " -m statistic --mode random --probability {:.10}",
+                    1.0 / (n - i) as f64
+                )
+            } else {
+                String::new()
+            };
             nat.add(
                 chain,
-                format!(
-                    "{} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
-                    comment(&format!("{name} -> {ep}"))
-                ),
+                format!("{}{stat} -j {sep}", comment(&format!("{name} -> {text}"))),
             );
         }
-    }
-    let n = eps.len();
-    for (i, ep) in eps.iter().enumerate() {
-        let sep = endpoint_chain(spn, ep);
-        let stat = if i + 1 < n {
-            format!(
-                " -m statistic --mode random --probability {:.10}",
-                1.0 / (n - i) as f64
-            )
-        } else {
-            String::new()
-        };
-        nat.add(
-            chain,
-            format!("{}{stat} -j {sep}", comment(&format!("{name} -> {ep}"))),
-        );
     }
 }
 
@@ -776,7 +798,7 @@ pub fn payload(
         ("nat", before.map(|b| &b.nat), &after.nat),
         ("filter", before.map(|b| &b.filter), &after.filter),
     ] {
-        let mut changed: Vec<(&String, &Vec<String>)> = new
+        let mut changed: Vec<(&String, &String)> = new
             .chains
             .iter()
             .filter(|(name, rules)| old.and_then(|o| o.chains.get(*name)) != Some(*rules))
@@ -807,7 +829,7 @@ pub fn payload(
         // One allocation for what follows: a full payload runs to tens of megabytes.
         let size: usize = changed
             .iter()
-            .map(|(n, rules)| n.len() + 10 + rules.iter().map(|r| r.len() + 1).sum::<usize>())
+            .map(|(n, rules)| n.len() + 10 + rules.len())
             .sum::<usize>()
             + gone.iter().map(|n| 2 * n.len() + 14).sum::<usize>();
         out.reserve(size + 32);
@@ -819,10 +841,7 @@ pub fn payload(
             let _ = writeln!(out, ":{name} - [0:0]");
         }
         for (_, rules) in &changed {
-            for rule in *rules {
-                out.push_str(rule);
-                out.push('\n');
-            }
+            out.push_str(rules);
         }
         for name in &gone {
             let _ = writeln!(out, "-X {name}");
@@ -837,7 +856,7 @@ pub fn payload(
 fn port_changes<'a>(
     before: Option<&'a Ruleset>,
     after: &'a Ruleset,
-    changed: &mut Vec<(&'a String, &'a Vec<String>)>,
+    changed: &mut Vec<(&'a String, &'a String)>,
     gone: &mut BTreeSet<&'a String>,
 ) {
     for (spn, port) in &after.ports {

@@ -240,7 +240,7 @@ fn probabilities_follow_kube_proxy() {
     let probs: Vec<&str> = r
         .nat_chain(&chain)
         .unwrap()
-        .iter()
+        .lines()
         .map(|l| l.split("--probability ").nth(1).map_or("-", |p| &p[..12]))
         .collect();
     assert_eq!(probs, ["-", "0.3333333333", "0.5000000000", "-"]);
@@ -252,10 +252,10 @@ fn the_mark_bit_is_configuration() {
     s.masquerade_bit = 14;
     let (r, _) = render(&s, &services(CLUSTER));
     assert_eq!(
-        r.nat.chains[KUBE_MARK_MASQ],
+        r.nat.lines(KUBE_MARK_MASQ),
         ["-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"]
     );
-    assert!(r.nat.chains[KUBE_POSTROUTING][0].contains("! --mark 0x4000/0x4000"));
+    assert!(r.nat.lines(KUBE_POSTROUTING)[0].contains("! --mark 0x4000/0x4000"));
 }
 
 #[test]
