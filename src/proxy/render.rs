@@ -783,9 +783,10 @@ impl EndpointJumps<'_> {
 }
 
 /// The iptables-restore input that turns `before` (what the kernel holds; `None`: unknown,
-/// write everything) into `after`, nat table first. Chains whose rules are unchanged are left out; chains that
-/// are gone are flushed and deleted (`existing` adds stale chains found in the kernel). A table
-/// with nothing to change is left out entirely; an empty string means nothing to do.
+/// write everything) into `after`, nat table first. Chains whose rules are unchanged are left
+/// out; chains that are gone are flushed and deleted (`existing` adds stale chains found in the
+/// kernel). A table with nothing to change is left out entirely; an empty string means nothing
+/// to do.
 pub fn payload(
     before: Option<&Ruleset>,
     after: &Ruleset,

@@ -47,7 +47,10 @@ pub struct Proxier {
     scope: ProxyScope,
     full_every: Duration,
     /// What the kernel holds, as far as we know; None: write everything next time.
-    applied: Option<(Ruleset, Services)>,
+    applied: Option<Ruleset>,
+    /// The Services of the last successful sync (kept across failures: the UDP flows of
+    /// endpoints removed since then must still be cleared).
+    synced_services: Option<Services>,
     last_full: Option<Instant>,
     last_probe: Option<Instant>,
     cache: RenderCache,
@@ -68,6 +71,7 @@ impl Proxier {
             scope,
             full_every,
             applied: None,
+            synced_services: None,
             last_full: None,
             last_probe: None,
             cache: RenderCache::default(),
@@ -119,7 +123,7 @@ impl Proxier {
 
     /// Whether `services` differ from what was last written.
     pub fn changed(&self, services: &Services) -> bool {
-        self.applied.as_ref().is_none_or(|(_, s)| s != services)
+        self.applied.is_none() || self.synced_services.as_ref() != Some(services)
     }
 
     /// Brings the kernel to the ruleset of `services`. Blocking (runs iptables tools).
@@ -143,11 +147,7 @@ impl Proxier {
         let listing = listed.elapsed();
         let started = Instant::now();
         let (ruleset, stats) = render_cached(&self.scope, services, &mut self.cache);
-        let before = if full {
-            None
-        } else {
-            self.applied.as_ref().map(|(r, _)| r)
-        };
+        let before = if full { None } else { self.applied.as_ref() };
         let text = payload(before, &ruleset, &saved.chains);
         report.compute = started.elapsed();
         report.lines = text.lines().count();
@@ -176,12 +176,13 @@ impl Proxier {
             }
         }
         report.checks = checks_started.elapsed() + listing;
-        if let Some((_, old)) = &self.applied {
+        if let Some(old) = &self.synced_services {
             report.conntrack_flows_cleared = clear_stale_udp(old, services);
         }
         self.metrics
             .synced(&report, &ruleset, &stats, SystemTime::now());
-        self.applied = Some((ruleset, services.clone()));
+        self.applied = Some(ruleset);
+        self.synced_services = Some(services.clone());
         self.failures = 0;
         self.retry_at = None;
         if full {
