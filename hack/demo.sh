@@ -41,10 +41,12 @@ Explore:
   $RSDN lab exec node1 -- ip -d link show vxlan0    the VXLAN device rsdn node programmed
   $RSDN lab exec node1 -- bridge fdb show dev vxlan0
   $RSDN lab exec node1 -- ip route show proto 212   routes owned by rsdn
+  $RSDN lab exec node1 -- iptables-save -t nat      Service (KUBE-*) and egress (RSDN-*) NAT chains
   $RSDN lab exec node1-pod1 -- ping 10.128.4.2      a pod on node1 to a pod on node3
   $RSDN lab exec node1 -- $PWD/$RSDN tunnel list -o json
   tail -f /run/rsdn-lab/node1/rsdn.log              one line per change the daemon applies
-  ls /run/rsdn-lab/cluster                          the Node objects the daemons read; edit them
+  ls /run/rsdn-lab/cluster                          the objects the daemons read (Node, Service,
+                                                    EndpointSlice); add or edit them (docs/proxy.md)
 Tear down:
   hack/demo.sh down
 EOF
