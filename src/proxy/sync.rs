@@ -140,7 +140,13 @@ impl Proxier {
         // A full sync also deletes stale chains, which needs to know what exists (kernel time).
         let listed = Instant::now();
         let saved = if full {
-            self.ipt.save(&["filter", "nat"])?
+            match self.ipt.save(&["filter", "nat"]) {
+                Ok(saved) => saved,
+                Err(e) => {
+                    self.fail(full);
+                    return Err(e);
+                }
+            }
         } else {
             Saved::default()
         };
