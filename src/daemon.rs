@@ -184,7 +184,8 @@ pub async fn run(
         local_node: config.node_name.clone(),
     };
     let resync = Duration::from_secs(config.resync_seconds);
-    let (model_tx, mut model_rx) = watch::channel(ClusterModel::default());
+    // The model is shared, not copied, by every reader and every pass.
+    let (model_tx, mut model_rx) = watch::channel(Arc::new(ClusterModel::default()));
     tokio::spawn(crate::source::dir::run(
         config.cluster_dir.clone(),
         scope,
@@ -205,7 +206,7 @@ pub async fn run(
     // Wait for the source's first read before the first pass.
     let _ = tokio::time::timeout(Duration::from_secs(2), model_rx.changed()).await;
     loop {
-        let model = model_rx.borrow_and_update().clone();
+        let model = Arc::clone(&model_rx.borrow_and_update());
         let started = Instant::now();
         let next = match reconciler.reconcile(&model).await {
             Ok(pass) => {
@@ -239,7 +240,7 @@ pub async fn run(
 /// in full when due, and retries with backoff after a failure.
 async fn proxy_loop(
     config: NodeConfig,
-    mut models: watch::Receiver<ClusterModel>,
+    mut models: watch::Receiver<Arc<ClusterModel>>,
     metrics: ProxyMetrics,
 ) {
     let configured = config.iptables_backend;
@@ -255,7 +256,7 @@ async fn proxy_loop(
     let full_every = Duration::from_secs(config.proxy_full_sync_seconds);
     let mut proxier: Option<Proxier> = None;
     loop {
-        let model = models.borrow_and_update().clone();
+        let model = Arc::clone(&models.borrow_and_update());
         let mut next = tokio::time::Instant::now() + resync;
         if let Some(local) = model.nodes.get(&config.node_name) {
             let scope = ProxyScope {
@@ -270,16 +271,17 @@ async fn proxy_loop(
                 .take()
                 .unwrap_or_else(|| Proxier::new(ipt, scope.clone(), full_every, metrics.clone()));
             p.set_scope(scope);
-            let services = model.services;
+            let model = Arc::clone(&model);
             let (p, outcome) = tokio::task::spawn_blocking(move || {
+                let services = &model.services;
                 if p.retry_at().is_some_and(|t| t > Instant::now()) {
                     return (p, None);
                 }
                 let full = p.full_due();
-                if !full && !p.changed(&services) {
+                if !full && !p.changed(services) {
                     return (p, None);
                 }
-                let r = p.sync(&services, full);
+                let r = p.sync(services, full);
                 (p, Some(r))
             })
             .await

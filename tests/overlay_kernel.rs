@@ -11,7 +11,6 @@ use rsdn::config::NodeConfig;
 use rsdn::daemon::{Pass, Reconciler};
 use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
 use rsdn::overlay::kernel::Kernel;
-use rsdn_cni::netns::NetnsGuard;
 
 macro_rules! need_root {
     () => {
@@ -91,17 +90,13 @@ where
     T: Send + 'static,
     F: std::future::Future<Output = T>,
 {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let _guard = NetnsGuard::enter_path(&path).unwrap();
+    ns.on_thread(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async { f(Kernel::connect().unwrap()).await })
     })
-    .join()
-    .unwrap()
 }
 
 /// Runs reconcile passes over `models` inside `ns`, one after the other.

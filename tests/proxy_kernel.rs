@@ -13,7 +13,6 @@ use rsdn::proxy::metrics::ProxyMetrics;
 use rsdn::proxy::model::Services;
 use rsdn::proxy::render::ProxyScope;
 use rsdn::proxy::sync::{Proxier, SyncReport};
-use rsdn_cni::netns::NetnsGuard;
 
 macro_rules! need_root {
     () => {
@@ -45,17 +44,6 @@ fn scope() -> ProxyScope {
         node_ip: "192.168.77.11".parse().unwrap(),
         proxy: true,
     }
-}
-
-/// Runs `f` on a thread inside `ns`.
-fn in_ns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let _guard = NetnsGuard::enter_path(&path).unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// The rules as the kernel holds them, without comments or counters.
@@ -97,7 +85,7 @@ fn proxier(backend: Backend) -> Proxier {
 
 /// Syncs each list of services in turn (None: force a full sync of the previous one).
 fn syncs(ns: &Netns, backend: Backend, steps: Vec<(Services, bool)>) -> Vec<SyncReport> {
-    in_ns(ns, move || {
+    ns.on_thread(move || {
         let mut p = proxier(backend);
         steps
             .into_iter()
@@ -176,7 +164,7 @@ fn a_broken_payload_leaves_the_previous_rules_in_place() {
         let before = save(&ns, backend);
         // Valid changes first, then a line the kernel refuses: none of it may land.
         let broken = "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j RETURN\n-A KUBE-SERVICES -m nosuchmatch -j RETURN\nCOMMIT\n";
-        let err = in_ns(&ns, move || {
+        let err = ns.on_thread(move || {
             Iptables { backend }
                 .restore(broken)
                 .unwrap_err()
@@ -222,7 +210,7 @@ fn full_sync_deletes_stale_service_chains_and_leaves_foreign_ones() {
 fn without_the_proxy_only_egress_rules_are_written() {
     need_root!();
     let ns = Netns::new("px");
-    in_ns(&ns, || {
+    ns.on_thread(|| {
         let mut s = scope();
         s.proxy = false;
         let mut p = Proxier::new(
@@ -268,7 +256,7 @@ fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
         let before = save(&ns, backend);
         let s = services(CLUSTER);
         let ns_name = ns.name.clone();
-        let (err, retry_set, full_due, metrics, after_failure, retried) = in_ns(&ns, move || {
+        let (err, retry_set, full_due, metrics, after_failure, retried) = ns.on_thread(move || {
             let mut reg = prometheus_client::registry::Registry::default();
             let m = ProxyMetrics::register(&mut reg);
             let mut p = Proxier::new(Iptables { backend }, scope(), Duration::from_secs(3600), m);

@@ -92,40 +92,44 @@ fn run(
     ))
 }
 
-/// Number of rules (`-A` lines) a backend's save shows, or None when the tool is missing.
-/// Legacy tables that the kernel has not instantiated in this namespace hold no rules, and are
-/// not probed: running iptables-legacy-save would create them, and iptables-nft would warn
-/// about "legacy tables present" from then on.
-fn rule_count(backend: Backend) -> Option<usize> {
+/// Everything a backend's save shows (all tables), or None when the tool is missing. Legacy
+/// tables the kernel has not instantiated in this namespace are not read: reading them would
+/// create them, and iptables-nft would warn about "legacy tables present" from then on.
+fn save_all(backend: Backend) -> Option<String> {
     if backend == Backend::Legacy
         && std::fs::read_to_string("/proc/net/ip_tables_names").is_ok_and(|t| t.trim().is_empty())
     {
-        return Some(0);
+        return Some(String::new());
     }
     let (ok, out, _) = run(&backend.tool("-save"), &[], None).ok()?;
-    ok.then(|| out.lines().filter(|l| l.starts_with("-A ")).count())
+    ok.then_some(out)
 }
 
 /// Which backend the node's other users (kubelet, the runtime, the distribution) already use,
 /// the way kube-proxy's iptables-wrapper decides: the kubelet's hint chain, else the backend
 /// holding more rules; nft when both are empty (today's distributions default to it).
 pub fn detect() -> (Backend, String) {
-    for backend in [Backend::Nft, Backend::Legacy] {
-        if rule_count(backend) == Some(0) {
-            continue;
-        }
-        if let Ok((true, out, _)) = run(&backend.tool("-save"), &["-t", "mangle"], None) {
-            if out.lines().any(|l| {
+    let saves = [Backend::Nft, Backend::Legacy].map(|b| (b, save_all(b)));
+    for (backend, save) in &saves {
+        let hint = save.as_deref().is_some_and(|s| {
+            s.lines().any(|l| {
                 l.starts_with(":KUBE-IPTABLES-HINT") || l.starts_with(":KUBE-KUBELET-CANARY")
-            }) {
-                return (
-                    backend,
-                    "the kubelet's hint chain is in this backend".into(),
-                );
-            }
+            })
+        });
+        if hint {
+            return (
+                *backend,
+                "the kubelet's hint chain is in this backend".into(),
+            );
         }
     }
-    match (rule_count(Backend::Nft), rule_count(Backend::Legacy)) {
+    let rules = |i: usize| {
+        saves[i]
+            .1
+            .as_deref()
+            .map(|s| s.lines().filter(|l| l.starts_with("-A ")).count())
+    };
+    match (rules(0), rules(1)) {
         (None, None) => (Backend::Nft, "no iptables tools found; assuming nft".into()),
         (None, Some(_)) => (Backend::Legacy, "only the legacy tools work here".into()),
         (Some(nft), Some(legacy)) if legacy > nft => (

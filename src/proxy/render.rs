@@ -317,21 +317,10 @@ pub fn render_cached(
         return (r, stats);
     }
     let mark = scope.mark();
-    for chain in [
-        KUBE_SERVICES,
-        KUBE_EXTERNAL_SERVICES,
-        KUBE_FORWARD,
-        KUBE_NODEPORTS,
-        KUBE_PROXY_FIREWALL,
-    ] {
+    for chain in SHARED_FILTER {
         r.filter.chain(chain);
     }
-    for chain in [
-        KUBE_SERVICES,
-        KUBE_NODEPORTS,
-        KUBE_POSTROUTING,
-        KUBE_MARK_MASQ,
-    ] {
+    for chain in SHARED_NAT {
         r.nat.chain(chain);
     }
     r.nat.add(
@@ -408,18 +397,24 @@ pub fn render_cached(
     (r, stats)
 }
 
-/// Chains shared by every Service port; the others a port owns alone.
+/// The top-level chains, declared on every sync; every Service port adds rules to them.
+const SHARED_FILTER: [&str; 5] = [
+    KUBE_SERVICES,
+    KUBE_EXTERNAL_SERVICES,
+    KUBE_FORWARD,
+    KUBE_NODEPORTS,
+    KUBE_PROXY_FIREWALL,
+];
+const SHARED_NAT: [&str; 4] = [
+    KUBE_SERVICES,
+    KUBE_NODEPORTS,
+    KUBE_POSTROUTING,
+    KUBE_MARK_MASQ,
+];
+
+/// Whether a nat chain is shared by every Service port (the others a port owns alone).
 fn is_shared(chain: &str) -> bool {
-    [
-        KUBE_SERVICES,
-        KUBE_EXTERNAL_SERVICES,
-        KUBE_NODEPORTS,
-        KUBE_PROXY_FIREWALL,
-        KUBE_FORWARD,
-        KUBE_POSTROUTING,
-        KUBE_MARK_MASQ,
-    ]
-    .contains(&chain)
+    SHARED_NAT.contains(&chain)
 }
 
 /// Pod traffic leaving the cluster and service networks leaves with the node's address;

@@ -232,8 +232,12 @@ fn clear_stale_udp(old: &Services, new: &Services) -> usize {
         .iter()
         .filter(|(s, _)| s.protocol == Protocol::Udp)
     {
+        let still = new.ports.contains_key(spn);
+        if still && old.endpoints.get(spn) == new.endpoints.get(spn) {
+            continue;
+        }
         let before = usable(old.endpoints.get(spn));
-        let after: BTreeSet<Ipv4Addr> = if new.ports.contains_key(spn) {
+        let after: BTreeSet<Ipv4Addr> = if still {
             usable(new.endpoints.get(spn))
         } else {
             BTreeSet::new()

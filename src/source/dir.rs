@@ -3,6 +3,7 @@
 //! daemon run and be tested without an API server.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -210,7 +211,7 @@ fn add_object(builder: &mut ModelBuilder, origin: &str, doc: Value) {
 pub async fn run(
     dir: PathBuf,
     scope: ModelScope,
-    tx: watch::Sender<ClusterModel>,
+    tx: watch::Sender<Arc<ClusterModel>>,
     quiet: Duration,
     resync: Duration,
 ) {
@@ -257,7 +258,7 @@ pub async fn run(
         };
         match result {
             Ok(model) => {
-                let changed = *tx.borrow() != model;
+                let changed = **tx.borrow() != model;
                 if changed {
                     for s in &model.skipped {
                         warn!(object = %s.object, reason = %s.reason, "skipping invalid object");
@@ -269,7 +270,7 @@ pub async fn run(
                         dir = %dir.display(),
                         "cluster directory read"
                     );
-                    if tx.send(model).is_err() {
+                    if tx.send(Arc::new(model)).is_err() {
                         return;
                     }
                 }
@@ -416,7 +417,7 @@ mod tests {
     #[tokio::test]
     async fn watcher_publishes_changes() {
         let d = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = watch::channel(ClusterModel::default());
+        let (tx, mut rx) = watch::channel(Arc::new(ClusterModel::default()));
         let task = tokio::spawn(run(
             d.path().to_path_buf(),
             scope(),

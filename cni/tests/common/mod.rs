@@ -73,6 +73,20 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs `f` on a thread of its own inside this namespace (setns changes only the calling
+    /// thread, and processes it starts inherit it).
+    pub fn on_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let _guard = rsdn_cni::netns::NetnsGuard::enter_path(&path).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip")
