@@ -1,7 +1,7 @@
 //! Configuration of `rsdn node`: a YAML file (the ConfigMap in a cluster) with command-line
 //! overrides. Validation happens once, at start, and names the field at fault.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
@@ -15,6 +15,8 @@ pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const DEFAULT_CNI_CONF_FILE: &str = "10-rsdn.conflist";
+/// kube-proxy's healthz port; /metrics is served there too.
+pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
 pub const DEFAULT_RESYNC_SECONDS: u64 = 5;
 /// kube-proxy's full-sync period: a full sync rewrites every chain, which takes seconds at scale.
 pub const DEFAULT_PROXY_FULL_SYNC_SECONDS: u64 = 3600;
@@ -36,6 +38,8 @@ pub struct FileConfig {
     pub cni_conf_file: Option<String>,
     pub cni_data_dir: Option<PathBuf>,
     pub cluster_dir: Option<PathBuf>,
+    pub kubeconfig: Option<PathBuf>,
+    pub healthz_bind_address: Option<SocketAddr>,
     pub resync_seconds: Option<u64>,
     pub proxy: Option<bool>,
     pub masquerade_bit: Option<u8>,
@@ -69,6 +73,8 @@ impl FileConfig {
             cni_conf_file: over.cni_conf_file.or(self.cni_conf_file),
             cni_data_dir: over.cni_data_dir.or(self.cni_data_dir),
             cluster_dir: over.cluster_dir.or(self.cluster_dir),
+            kubeconfig: over.kubeconfig.or(self.kubeconfig),
+            healthz_bind_address: over.healthz_bind_address.or(self.healthz_bind_address),
             resync_seconds: over.resync_seconds.or(self.resync_seconds),
             proxy: over.proxy.or(self.proxy),
             masquerade_bit: over.masquerade_bit.or(self.masquerade_bit),
@@ -95,6 +101,26 @@ fn bad(field: &str, problem: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Where the cluster model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceConfig {
+    /// A directory of Kubernetes YAML objects (no API server).
+    Dir(PathBuf),
+    /// The API server: this kubeconfig, or (None) the in-cluster service account, then
+    /// $KUBECONFIG and ~/.kube/config.
+    Kube(Option<PathBuf>),
+}
+
+impl std::fmt::Display for SourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceConfig::Dir(d) => write!(f, "dir {}", d.display()),
+            SourceConfig::Kube(Some(k)) => write!(f, "kube (kubeconfig {})", k.display()),
+            SourceConfig::Kube(None) => write!(f, "kube (in-cluster or default kubeconfig)"),
+        }
+    }
+}
+
 /// The validated configuration the daemon runs with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -110,7 +136,9 @@ pub struct NodeConfig {
     pub cni_conf_dir: PathBuf,
     pub cni_conf_file: String,
     pub cni_data_dir: Option<PathBuf>,
-    pub cluster_dir: PathBuf,
+    pub source: SourceConfig,
+    /// None: no HTTP endpoint (tests); the default is 0.0.0.0:10256.
+    pub healthz_bind_address: Option<SocketAddr>,
     pub resync_seconds: u64,
     /// false: no Service rules (kube-proxy runs); egress masquerade stays.
     pub proxy: bool,
@@ -181,12 +209,16 @@ impl NodeConfig {
                 format!("{cni_conf_file:?} must be a file name ending in .conflist"),
             ));
         }
-        let cluster_dir = f.cluster_dir.ok_or_else(|| {
-            bad(
-                "clusterDir",
-                "required: the directory of Kubernetes YAML objects to read",
-            )
-        })?;
+        let source = match (f.cluster_dir, f.kubeconfig) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "clusterDir",
+                    "set either clusterDir (no API server) or kubeconfig, not both",
+                ))
+            }
+            (Some(dir), None) => SourceConfig::Dir(dir),
+            (None, k) => SourceConfig::Kube(k),
+        };
         let resync_seconds = f.resync_seconds.unwrap_or(DEFAULT_RESYNC_SECONDS);
         if resync_seconds == 0 {
             return Err(bad("resyncSeconds", "must be at least 1"));
@@ -226,7 +258,12 @@ impl NodeConfig {
                 .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
             cni_conf_file,
             cni_data_dir: f.cni_data_dir,
-            cluster_dir,
+            source,
+            healthz_bind_address: Some(f.healthz_bind_address.unwrap_or_else(|| {
+                DEFAULT_HEALTHZ_BIND_ADDRESS
+                    .parse()
+                    .expect("default parses")
+            })),
             resync_seconds,
             proxy: f.proxy.unwrap_or(true),
             masquerade_bit,
@@ -258,6 +295,15 @@ mod tests {
         assert_eq!((c.vxlan_port, c.vni, c.mtu), (4789, 1, None));
         assert!(c.proxy && c.masquerade_bit == 0 && c.iptables_backend.is_none());
         assert_eq!(c.proxy_full_sync_seconds, 3600);
+        assert_eq!(c.source, SourceConfig::Dir("/tmp/c".into()));
+        assert_eq!(
+            c.healthz_bind_address,
+            Some("0.0.0.0:10256".parse().unwrap())
+        );
+        let c = resolve("kubeconfig: /k\nhealthzBindAddress: 127.0.0.1:9\n").unwrap();
+        assert_eq!(c.source, SourceConfig::Kube(Some("/k".into())));
+        assert_eq!(c.healthz_bind_address, Some("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(resolve("{}").unwrap().source, SourceConfig::Kube(None));
         let c =
             resolve("clusterDir: /c\nproxy: false\niptablesBackend: legacy\nmasqueradeBit: 14\n")
                 .unwrap();
@@ -309,7 +355,7 @@ mod tests {
                 "clusterDir: /c\nproxyFullSyncSeconds: 0\n",
                 "proxyFullSyncSeconds",
             ),
-            ("vni: 1\n", "clusterDir"),
+            ("clusterDir: /c\nkubeconfig: /k\n", "clusterDir"),
         ];
         for (yaml, field) in cases {
             let e = resolve(yaml).unwrap_err();

@@ -9,14 +9,17 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use ipnet::Ipv4Net;
 use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::cniconf::{conflist, ConflistOptions};
-use crate::config::{NodeConfig, VXLAN_OVERHEAD};
+use crate::config::{NodeConfig, SourceConfig, VXLAN_OVERHEAD};
+use crate::health::Health;
 use crate::model::{ClusterModel, ClusterNode, ModelScope};
 use crate::overlay::kernel::{assert_sysctls, DeviceSpec, Kernel, KernelError};
+use crate::overlay::metrics::{OverlayMetrics, PassFigures};
 use crate::overlay::{self, Action, BRIDGE};
 use crate::proxy::iptables::{self, Backend, Iptables};
 use crate::proxy::metrics::ProxyMetrics;
@@ -28,6 +31,8 @@ const EVENT_DEBOUNCE: Duration = Duration::from_millis(50);
 /// A burst of writes to the cluster directory is read once it has been quiet this long; short,
 /// because a new node's entries wait for it.
 const SOURCE_QUIET: Duration = Duration::from_millis(20);
+/// Period of the kube source's rebuild of the model from scratch out of its stores.
+const KUBE_RECONCILE: Duration = Duration::from_secs(300);
 /// Retry delay after a failed pass.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -84,10 +89,13 @@ impl Reconciler {
     pub async fn reconcile(&mut self, model: &ClusterModel) -> Result<Pass, KernelError> {
         let mut pass = Pass::default();
         let Some(found) = model.nodes.get(&self.config.node_name) else {
-            pass.waiting = Some(format!(
-                "waiting for Node/{} with a podCIDR and an InternalIP in the cluster source",
-                self.config.node_name
-            ));
+            let object = format!("Node/{}", self.config.node_name);
+            pass.waiting = Some(match model.skipped.iter().find(|s| s.object == object) {
+                Some(s) => format!("waiting: {object} is not usable yet: {}", s.reason),
+                None => format!(
+                    "waiting for {object} with a podCIDR and an InternalIP in the cluster source"
+                ),
+            });
             return Ok(pass);
         };
         let local = ClusterNode {
@@ -178,48 +186,101 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    info!(node = %config.node_name, cluster_dir = %config.cluster_dir.display(), "rsdn node starting");
+    info!(node = %config.node_name, source = %config.source, "rsdn node starting");
+    let resync = Duration::from_secs(config.resync_seconds);
+    let health = Arc::new(Health::new(resync));
+    let mut registry = prometheus_client::registry::Registry::default();
+    let proxy_metrics = ProxyMetrics::register(&mut registry);
+    let overlay_metrics = OverlayMetrics::register(&mut registry);
+    if let Some(addr) = config.healthz_bind_address {
+        crate::http::serve(addr, health.clone(), Arc::new(registry))
+            .await
+            .with_context(|| format!("cannot serve /healthz on {addr}"))?;
+    }
     let scope = ModelScope {
         cluster_network: config.cluster_network,
         local_node: config.node_name.clone(),
     };
-    let resync = Duration::from_secs(config.resync_seconds);
     // The model is shared, not copied, by every reader and every pass.
     let (model_tx, mut model_rx) = watch::channel(Arc::new(ClusterModel::default()));
-    tokio::spawn(crate::source::dir::run(
-        config.cluster_dir.clone(),
-        scope,
-        model_tx,
-        SOURCE_QUIET,
-        resync,
-    ));
+    match &config.source {
+        SourceConfig::Dir(dir) => {
+            tokio::spawn(crate::source::dir::run(
+                dir.clone(),
+                scope,
+                model_tx,
+                SOURCE_QUIET,
+                resync,
+            ));
+        }
+        SourceConfig::Kube(kubeconfig) => {
+            let client = crate::source::kube::client(kubeconfig.as_deref())
+                .await
+                .context("cannot configure the Kubernetes client")?;
+            tokio::spawn(crate::source::kube::run(
+                client,
+                scope,
+                model_tx,
+                KUBE_RECONCILE,
+            ));
+        }
+    }
+    tokio::pin!(shutdown);
+    // Nothing is programmed from a partial view: an empty model would delete every remote
+    // node's entries and every Service rule of a restarted daemon.
+    tokio::select! {
+        r = model_rx.changed() => if r.is_err() { anyhow::bail!("the cluster source stopped before its first read") },
+        _ = &mut shutdown => {
+            info!("shutting down before the first read of the cluster; nothing was changed");
+            return Ok(());
+        }
+    }
+    health.source_ready();
     let wake = Arc::new(Notify::new());
     tokio::spawn(overlay::monitor::run(wake.clone()));
-    let mut registry = prometheus_client::registry::Registry::default();
-    let proxy_metrics = ProxyMetrics::register(&mut registry);
-    tokio::spawn(proxy_loop(config.clone(), model_rx.clone(), proxy_metrics));
+    tokio::spawn(proxy_loop(
+        config.clone(),
+        model_rx.clone(),
+        proxy_metrics,
+        health.clone(),
+    ));
 
     let kernel = Kernel::connect()?;
     let mut reconciler = Reconciler::new(config, kernel);
     let mut last_waiting: Option<String> = None;
-    tokio::pin!(shutdown);
-    // Wait for the source's first read before the first pass.
-    let _ = tokio::time::timeout(Duration::from_secs(2), model_rx.changed()).await;
+    // The model of the last clean pass: changes made on the same model repair drift.
+    let mut programmed: Option<Arc<ClusterModel>> = None;
     loop {
         let model = Arc::clone(&model_rx.borrow_and_update());
+        if !programmed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model)) {
+            overlay_metrics.model(&model);
+        }
         let started = Instant::now();
         let next = match reconciler.reconcile(&model).await {
             Ok(pass) => {
-                report(&pass, &model, started.elapsed(), &mut last_waiting);
-                tokio::time::Instant::now()
-                    + if pass.failures.is_empty() {
-                        resync
-                    } else {
-                        RETRY
-                    }
+                let took = started.elapsed();
+                report(&pass, &model, took, &mut last_waiting);
+                let drift = programmed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model));
+                overlay_metrics.passed(PassFigures {
+                    seconds: took.as_secs_f64(),
+                    remote_nodes: pass.remote_nodes,
+                    changes: pass.applied.len() + pass.device_changes.len(),
+                    drift,
+                    kernel_errors: pass.failures.len(),
+                });
+                let clean = pass.failures.is_empty();
+                health.overlay_passed(
+                    pass.waiting.clone(),
+                    clean && pass.waiting.is_none() && reconciler.conflist.is_some(),
+                );
+                programmed = (clean && pass.waiting.is_none()).then(|| Arc::clone(&model));
+                tokio::time::Instant::now() + if clean { resync } else { RETRY }
             }
             Err(e) => {
                 error!(error = %e, "reconcile failed; retrying");
+                overlay_metrics.pass_failed();
+                health.overlay_failed(e.to_string());
+                programmed = None;
                 tokio::time::Instant::now() + RETRY
             }
         };
@@ -242,6 +303,7 @@ async fn proxy_loop(
     config: NodeConfig,
     mut models: watch::Receiver<Arc<ClusterModel>>,
     metrics: ProxyMetrics,
+    health: Arc<Health>,
 ) {
     let configured = config.iptables_backend;
     let (backend, why) = match configured {
@@ -272,6 +334,7 @@ async fn proxy_loop(
                 .unwrap_or_else(|| Proxier::new(ipt, scope.clone(), full_every, metrics.clone()));
             p.set_scope(scope);
             let model = Arc::clone(&model);
+            let health = health.clone();
             let (p, outcome) = tokio::task::spawn_blocking(move || {
                 let services = &model.services;
                 if p.retry_at().is_some_and(|t| t > Instant::now()) {
@@ -281,7 +344,12 @@ async fn proxy_loop(
                 if !full && !p.changed(services) {
                     return (p, None);
                 }
+                health.proxy_pending();
                 let r = p.sync(services, full);
+                match &r {
+                    Ok(_) => health.proxy_synced(),
+                    Err(e) => health.proxy_failed(e.to_string()),
+                }
                 (p, Some(r))
             })
             .await

@@ -29,6 +29,8 @@ pub const PREFIX: &str = "rsdn-lab-";
 const UNDERLAY: &str = "rsdn-lab-underlay";
 const EXTERNAL: &str = "rsdn-lab-ext";
 const EXTERNAL_IP: &str = "192.168.77.250";
+/// Port of the stand-in API server on the outside host (`lab up --api`).
+const API_PORT: u16 = 6443;
 /// Port the matrix's TCP listeners use inside pods.
 const MATRIX_PORT: u16 = 5001;
 
@@ -40,6 +42,24 @@ pub enum LabCommand {
         nodes: u32,
         #[arg(long, default_value_t = 2)]
         pods_per_node: u32,
+        /// Feed the daemons through an API server (`rsdn lab apiserver` on the outside host,
+        /// serving the cluster directory) instead of reading the directory. Kept for the
+        /// lab's lifetime.
+        #[arg(long)]
+        api: bool,
+    },
+    /// The lab's stand-in Kubernetes API server: serves the Nodes, Services and
+    /// EndpointSlices of a directory over HTTP (list, watch, bookmarks, 410 Gone), following
+    /// its changes. SIGUSR1 cuts every watch connection; SIGUSR2 expires the history so every
+    /// watcher must relist.
+    Apiserver {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+        /// Seconds between bookmarks on watches that ask for them.
+        #[arg(long, default_value_t = 5.0)]
+        bookmark_seconds: f64,
     },
     /// Nodes and pods with their namespaces, addresses, daemon health and log files.
     Status {
@@ -102,6 +122,21 @@ struct NodeStatus {
 }
 
 pub fn run(cmd: LabCommand) -> Result<()> {
+    if let LabCommand::Apiserver {
+        dir,
+        listen,
+        bookmark_seconds,
+    } = cmd
+    {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(crate::apiserver::run_dir(
+                &dir,
+                listen,
+                Duration::from_secs_f64(bookmark_seconds.max(0.01)),
+            ));
+    }
     if !nix::unistd::geteuid().is_root() {
         bail!("rsdn lab needs root: it creates network namespaces (the root namespace is never touched)");
     }
@@ -109,7 +144,9 @@ pub fn run(cmd: LabCommand) -> Result<()> {
         LabCommand::Up {
             nodes,
             pods_per_node,
-        } => up(nodes, pods_per_node),
+            api,
+        } => up(nodes, pods_per_node, api),
+        LabCommand::Apiserver { .. } => unreachable!("handled above"),
         LabCommand::Status { json } => status(json),
         LabCommand::Exec { name, command } => exec(&name, &command),
         LabCommand::Matrix => matrix(),
@@ -216,17 +253,26 @@ fn node_count() -> u32 {
     (1..).take_while(|i| netns_exists(&node_ns(*i))).count() as u32
 }
 
-fn up(nodes: u32, pods_per_node: u32) -> Result<()> {
+fn up(nodes: u32, pods_per_node: u32, api: bool) -> Result<()> {
     if nodes == 0 || nodes > 100 {
         bail!("--nodes must be 1..=100");
     }
     std::fs::create_dir_all(cluster_dir())?;
+    if api {
+        std::fs::write(
+            kubeconfig_path(),
+            crate::apiserver::kubeconfig(&format!("http://{EXTERNAL_IP}:{API_PORT}")),
+        )?;
+    }
     if ensure_netns(UNDERLAY)? {
         ip(&["-n", UNDERLAY, "link", "add", "br0", "type", "bridge"])?;
         ip(&["-n", UNDERLAY, "link", "set", "br0", "up"])?;
     }
     if ensure_netns(EXTERNAL)? {
         attach_to_underlay(EXTERNAL, "ext", &format!("{EXTERNAL_IP}/24"))?;
+    }
+    if kubeconfig_path().exists() {
+        start_apiserver()?;
     }
     for i in 1..=nodes {
         let ns = node_ns(i);
@@ -278,9 +324,13 @@ fn start_daemon(i: u32) -> Result<()> {
     }
     let dir = node_dir(i);
     std::fs::create_dir_all(&dir)?;
+    let source = if kubeconfig_path().exists() {
+        format!("kubeconfig: {}", kubeconfig_path().display())
+    } else {
+        format!("clusterDir: {}", cluster_dir().display())
+    };
     let config = format!(
-        "nodeName: node{i}\nclusterDir: {cluster}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\nresyncSeconds: 5\n",
-        cluster = cluster_dir().display(),
+        "nodeName: node{i}\n{source}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\nresyncSeconds: 5\n",
         dir = dir.display()
     );
     std::fs::write(dir.join("config.yaml"), config)?;
@@ -298,6 +348,39 @@ fn start_daemon(i: u32) -> Result<()> {
         .process_group(0);
     let child = cmd.spawn().context("cannot start rsdn node")?;
     std::fs::write(dir.join("rsdn.pid"), child.id().to_string())?;
+    Ok(())
+}
+
+/// Present while the lab runs with an API server (`lab up --api`).
+fn kubeconfig_path() -> PathBuf {
+    Path::new(STATE_DIR).join("kubeconfig")
+}
+
+/// The stand-in API server runs on the outside host, serving the cluster directory.
+fn start_apiserver() -> Result<()> {
+    let pid_file = Path::new(STATE_DIR).join("apiserver.pid");
+    let running = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .is_some_and(alive);
+    if running {
+        return Ok(());
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(Path::new(STATE_DIR).join("apiserver.log"))?;
+    let mut cmd = in_ns(EXTERNAL, rsdn_exe()?)?;
+    cmd.args(["lab", "apiserver", "--bookmark-seconds", "1", "--listen"])
+        .arg(format!("{EXTERNAL_IP}:{API_PORT}"))
+        .arg("--dir")
+        .arg(cluster_dir())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0);
+    let child = cmd.spawn().context("cannot start rsdn lab apiserver")?;
+    std::fs::write(pid_file, child.id().to_string())?;
     Ok(())
 }
 
@@ -597,7 +680,8 @@ fn down() -> Result<()> {
             };
             let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            if cmdline.contains("node\0--config\0") && cmdline.contains(STATE_DIR) {
+            let ours = cmdline.contains("node\0--config\0") || cmdline.contains("lab\0apiserver\0");
+            if ours && cmdline.contains(STATE_DIR) {
                 pids.push(pid);
             }
         }

@@ -39,6 +39,9 @@ enum Command {
     },
     /// Print the CNI conflist for a node subnet, as the node daemon writes it.
     CniConfig(CniConfigArgs),
+    /// Copy the rsdn-cni plugin into the CNI binary directory (the DaemonSet's init
+    /// container): atomically, by temp file and rename, and only when it differs.
+    InstallCni(InstallCniArgs),
     /// The Service proxy's iptables rules.
     Proxy {
         #[command(subcommand)]
@@ -68,6 +71,16 @@ enum ProxyCommand {
     /// cluster directory and node, without touching the kernel. The jumps from the built-in
     /// chains, which are ensured one by one, follow as comments.
     Render(NodeArgs),
+}
+
+#[derive(Args)]
+struct InstallCniArgs {
+    /// The plugin binary to install [default: rsdn-cni next to this rsdn binary].
+    #[arg(long)]
+    source: Option<PathBuf>,
+    /// The CNI binary directory, as mounted from the host.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    bin_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -113,9 +126,17 @@ struct NodeArgs {
     /// IPAM data directory written into the conflist [default: the plugin's, /var/lib/cni/networks].
     #[arg(long)]
     cni_data_dir: Option<PathBuf>,
-    /// Cluster source: a directory of Kubernetes YAML objects (Node, ...), re-read on change.
+    /// Cluster source without an API server: a directory of Kubernetes YAML objects (Node,
+    /// Service, EndpointSlice), re-read on change. Without it the API server is the source.
     #[arg(long)]
     cluster_dir: Option<PathBuf>,
+    /// Kubeconfig for the API server [default: the in-cluster service account, then
+    /// $KUBECONFIG, then ~/.kube/config].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Address of the HTTP server for /healthz and /metrics [default: 0.0.0.0:10256].
+    #[arg(long)]
+    healthz_bind_address: Option<std::net::SocketAddr>,
     /// Seconds between full resyncs with the kernel [default: 5].
     #[arg(long)]
     resync_seconds: Option<u64>,
@@ -152,6 +173,8 @@ impl NodeArgs {
             cni_conf_file: self.cni_conf_file,
             cni_data_dir: self.cni_data_dir,
             cluster_dir: self.cluster_dir,
+            kubeconfig: self.kubeconfig,
+            healthz_bind_address: self.healthz_bind_address,
             resync_seconds: self.resync_seconds,
             proxy: self.proxy,
             masquerade_bit: self.masquerade_bit,
@@ -281,6 +304,21 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::InstallCni(a) => {
+            let source = match a.source {
+                Some(s) => s,
+                None => rsdn::install::default_source()?,
+            };
+            match rsdn::install::install(&source, &a.bin_dir)? {
+                rsdn::install::Outcome::Installed(p) => {
+                    println!("installed {} from {}", p.display(), source.display())
+                }
+                rsdn::install::Outcome::Unchanged(p) => {
+                    println!("{} is already this version; left alone", p.display())
+                }
+            }
+            Ok(())
+        }
         Command::Proxy {
             command: ProxyCommand::Render(args),
         } => {
@@ -291,6 +329,12 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Lab { command } => rsdn::lab::run(command),
+        Command::Lab { command } => {
+            // The lab's stand-in API server is a long-running service: it logs like the daemon.
+            if matches!(command, rsdn::lab::LabCommand::Apiserver { .. }) {
+                init_logging(cli.log_format);
+            }
+            rsdn::lab::run(command)
+        }
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 
 use common::{root_or_skip, Netns};
-use rsdn::config::NodeConfig;
+use rsdn::config::{NodeConfig, SourceConfig};
 use rsdn::daemon::{Pass, Reconciler};
 use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
 use rsdn::overlay::kernel::Kernel;
@@ -75,7 +75,8 @@ fn config(dir: &tempfile::TempDir) -> NodeConfig {
         cni_conf_dir: dir.path().join("net.d"),
         cni_conf_file: "10-rsdn.conflist".into(),
         cni_data_dir: None,
-        cluster_dir: PathBuf::from("/nonexistent"),
+        source: SourceConfig::Dir(PathBuf::from("/nonexistent")),
+        healthz_bind_address: None,
         resync_seconds: 5,
         proxy: true,
         masquerade_bit: 0,

@@ -6,6 +6,7 @@
 
 pub mod batch;
 pub mod kernel;
+pub mod metrics;
 pub mod monitor;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -908,8 +908,11 @@ pub fn render_config(config: &crate::config::NodeConfig) -> Result<String, Strin
         cluster_network: config.cluster_network,
         local_node: config.node_name.clone(),
     };
-    let model = crate::source::dir::read_cluster_dir(&config.cluster_dir, &scope)
-        .map_err(|e| format!("cannot read {}: {e}", config.cluster_dir.display()))?;
+    let crate::config::SourceConfig::Dir(dir) = &config.source else {
+        return Err("rsdn proxy render reads a cluster directory: set --cluster-dir".into());
+    };
+    let model = crate::source::dir::read_cluster_dir(dir, &scope)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
     let node_ip = config
         .node_ip
         .or_else(|| model.nodes.get(&config.node_name).map(|n| n.ip))
@@ -917,7 +920,7 @@ pub fn render_config(config: &crate::config::NodeConfig) -> Result<String, Strin
             format!(
                 "Node/{} is not in {} and --node-ip is not set",
                 config.node_name,
-                config.cluster_dir.display()
+                dir.display()
             )
         })?;
     let scope = ProxyScope {

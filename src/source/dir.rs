@@ -11,7 +11,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::model::{ClusterModel, ModelBuilder, ModelScope};
 
@@ -149,7 +149,8 @@ fn document_starts(text: &str) -> Vec<usize> {
     starts
 }
 
-fn parse_documents(builder: &mut ModelBuilder, file: &str, text: &str, first_index: usize) {
+/// Every document of a YAML (or JSON) text.
+pub fn read_documents(text: &str) -> Result<Vec<Value>, String> {
     // The parser's default budget (1024 documents, 250k nodes) guards against hostile input;
     // a cluster directory is written by the operator and may hold a large cluster's objects,
     // so the limits are sized for 100k objects instead of removed.
@@ -160,7 +161,11 @@ fn parse_documents(builder: &mut ModelBuilder, file: &str, text: &str, first_ind
             max_events: 50_000_000,
         },
     };
-    match serde_saphyr::from_multiple_with_options::<Value>(text, options) {
+    serde_saphyr::from_multiple_with_options::<Value>(text, options).map_err(|e| e.to_string())
+}
+
+fn parse_documents(builder: &mut ModelBuilder, file: &str, text: &str, first_index: usize) {
+    match read_documents(text) {
         Ok(docs) => {
             for (i, doc) in docs.into_iter().enumerate() {
                 add_object(builder, &format!("{file}#{}", first_index + i), doc);
@@ -231,6 +236,7 @@ pub async fn run(
     };
     let mut watching = false;
     let mut cache = Some(DirCache::default());
+    let mut first = true;
     loop {
         if !watching {
             if let Some(w) = watcher.as_mut() {
@@ -258,21 +264,9 @@ pub async fn run(
         };
         match result {
             Ok(model) => {
-                let changed = **tx.borrow() != model;
-                if changed {
-                    for s in &model.skipped {
-                        warn!(object = %s.object, reason = %s.reason, "skipping invalid object");
-                    }
-                    info!(
-                        nodes = model.nodes.len(),
-                        skipped = model.skipped.len(),
-                        took_ms = started.elapsed().as_millis() as u64,
-                        dir = %dir.display(),
-                        "cluster directory read"
-                    );
-                    if tx.send(Arc::new(model)).is_err() {
-                        return;
-                    }
+                let what = format!("cluster directory {} read", dir.display());
+                if !super::publish(&tx, model, &mut first, &what, started.elapsed()) {
+                    return;
                 }
             }
             Err(e) => {

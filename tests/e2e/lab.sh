@@ -10,8 +10,7 @@ BIN_DIR=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/debug}
 RSDN=$BIN_DIR/rsdn
 T=$(mktemp -d /tmp/rsdn-lab-e2e.XXXXXX)
 source "$(dirname "$0")/lib.sh"
-cleanup() { "$RSDN" lab down >/dev/null 2>&1; rm -rf "$T"; }
-trap cleanup EXIT
+trap lab_cleanup EXIT
 
 # complete NODE: how many complete tunnels NODE has.
 complete() { lab exec "$1" -- "$RSDN" tunnel list -o json 2>/dev/null | jq '[.[] | select(.fdb and .neigh and .route)] | length'; }

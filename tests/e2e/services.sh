@@ -10,14 +10,7 @@ BIN_DIR=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/debug}
 RSDN=$BIN_DIR/rsdn
 T=$(mktemp -d /tmp/rsdn-svc-e2e.XXXXXX)
 source "$(dirname "$0")/lib.sh"
-SERVERS=()
-cleanup() {
-  [ ${#SERVERS[@]} -gt 0 ] && kill "${SERVERS[@]}" 2>/dev/null
-  "$RSDN" lab down >/dev/null 2>&1; rm -rf "$T"
-}
-trap cleanup EXIT
-
-inns() { local n=$1; shift; ip netns exec "rsdn-lab-$n" "$@"; }
+trap lab_cleanup EXIT
 # ask FROM DST PORT [udp]: one request; prints "<answering pod> <address it saw>".
 ask() {
   if [ "${4:-}" = udp ]; then

@@ -1,0 +1,581 @@
+//! A stand-in Kubernetes API server for the lab and the tests: serves Nodes, Services and
+//! EndpointSlices over plain HTTP with the real protocol as kube-rs uses it (lists with a
+//! resourceVersion, `limit`/`continue` paging, watch streams from a resourceVersion, bookmarks,
+//! `410 Gone` for a version that is too old) and can be told to expire its history or to cut
+//! every open watch, so relists and reconnects are tested without a cluster. Its objects come
+//! from a directory of YAML (the lab's cluster directory) or from calls in tests.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+/// The kinds served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Node,
+    Service,
+    EndpointSlice,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Node, Kind::Service, Kind::EndpointSlice];
+
+    fn of(kind: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == kind)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Node => "Node",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+        }
+    }
+
+    /// The cluster-wide collection path.
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Node => "/api/v1/nodes",
+            Kind::Service => "/api/v1/services",
+            Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    /// A real API server validates objects: only what parses as the typed object is stored.
+    fn check(self, v: &Value) -> Result<(), String> {
+        let r = match self {
+            Kind::Node => serde_json::from_value::<Node>(v.clone()).map(drop),
+            Kind::Service => serde_json::from_value::<Service>(v.clone()).map(drop),
+            Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(v.clone()).map(drop),
+        };
+        r.map_err(|e| e.to_string())
+    }
+}
+
+/// (kind, namespace, name).
+pub type Key = (Kind, String, String);
+
+struct Event {
+    rv: u64,
+    kind: Kind,
+    kind_of_event: &'static str,
+    object: Value,
+}
+
+/// What the server was asked, for tests to check how the client behaved.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Requests {
+    pub lists: HashMap<Kind, usize>,
+    pub watches: HashMap<Kind, usize>,
+    /// The resourceVersion of the last watch request of each kind.
+    pub last_watch_from: HashMap<Kind, u64>,
+    pub bookmarks_sent: usize,
+    pub gone_sent: usize,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    objects: BTreeMap<Key, Value>,
+    history: VecDeque<Event>,
+    /// A watch from a resourceVersion below this is answered 410 Gone.
+    oldest: u64,
+    requests: Requests,
+}
+
+/// What open watches look at when woken.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Tick {
+    rv: u64,
+    expired: u64,
+    dropped: u64,
+}
+
+/// Events kept for watches to resume from; older ones are compacted away (410 Gone).
+const HISTORY: usize = 10_000;
+
+pub struct ApiServer {
+    state: Mutex<State>,
+    tick: watch::Sender<Tick>,
+    bookmark_every: Duration,
+}
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+fn full(v: &Value) -> Body {
+    Full::new(Bytes::from(v.to_string()))
+        .map_err(|never: Infallible| match never {})
+        .boxed()
+}
+
+fn status(code: u16, reason: &str, message: String) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn key_of(v: &Value) -> Result<Key, String> {
+    let kind = v.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let kind = Kind::of(kind).ok_or_else(|| format!("kind {kind:?} is not served"))?;
+    let meta = &v["metadata"];
+    let name = meta["name"].as_str().filter(|n| !n.is_empty());
+    let name = name.ok_or("metadata.name is missing")?.to_string();
+    let ns = meta["namespace"].as_str().unwrap_or_default().to_string();
+    match (kind, ns.is_empty()) {
+        (Kind::Node, false) => return Err("a Node has no namespace".into()),
+        (Kind::Service | Kind::EndpointSlice, true) => {
+            return Err("metadata.namespace is missing".into())
+        }
+        _ => {}
+    }
+    kind.check(v)?;
+    Ok((kind, ns, name))
+}
+
+/// The object without the fields the server sets, for comparing content.
+fn content(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+        m.remove("uid");
+    }
+    v
+}
+
+impl ApiServer {
+    pub fn new(bookmark_every: Duration) -> Arc<ApiServer> {
+        Arc::new(ApiServer {
+            state: Mutex::new(State {
+                rv: 1,
+                ..State::default()
+            }),
+            tick: watch::Sender::new(Tick::default()),
+            bookmark_every,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, st: &mut State, kind: Kind, kind_of_event: &'static str, object: Value) {
+        st.history.push_back(Event {
+            rv: st.rv,
+            kind,
+            kind_of_event,
+            object,
+        });
+        while st.history.len() > HISTORY {
+            if let Some(e) = st.history.pop_front() {
+                st.oldest = e.rv + 1;
+            }
+        }
+        let rv = st.rv;
+        self.tick.send_modify(|t| t.rv = rv);
+    }
+
+    /// Creates or updates an object (an error if it is not a valid Node, Service or
+    /// EndpointSlice). Returns false when nothing changed.
+    pub fn apply(&self, mut object: Value) -> Result<bool, String> {
+        let key = key_of(&object)?;
+        let mut st = self.lock();
+        let old = st.objects.get(&key);
+        if old.is_some_and(|o| content(o) == content(&object)) {
+            return Ok(false);
+        }
+        let uid = old
+            .and_then(|o| o["metadata"]["uid"].as_str().map(String::from))
+            .unwrap_or_else(|| format!("uid-{}-{}", st.rv + 1, key.2));
+        let event = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        st.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        object["metadata"]["uid"] = json!(uid);
+        st.objects.insert(key.clone(), object.clone());
+        self.record(&mut st, key.0, event, object);
+        Ok(true)
+    }
+
+    pub fn delete(&self, key: &Key) -> bool {
+        let mut st = self.lock();
+        let Some(mut object) = st.objects.remove(key) else {
+            return false;
+        };
+        st.rv += 1;
+        object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+        self.record(&mut st, key.0, "DELETED", object);
+        true
+    }
+
+    /// Makes the served objects exactly `objects` (Lists are flattened): applies what is new
+    /// or changed, deletes what is gone. Invalid objects are skipped and returned with why.
+    pub fn sync_objects(&self, objects: Vec<Value>) -> Vec<String> {
+        let mut skipped = Vec::new();
+        let mut wanted = std::collections::HashSet::new();
+        let mut flat = Vec::new();
+        for o in objects {
+            match o.get("items").and_then(Value::as_array) {
+                Some(items) if o["kind"].as_str().is_some_and(|k| k.ends_with("List")) => {
+                    flat.extend(items.iter().cloned())
+                }
+                _ if o.is_null() => {}
+                _ => flat.push(o),
+            }
+        }
+        for o in flat {
+            match key_of(&o) {
+                Ok(key) => {
+                    wanted.insert(key);
+                    if let Err(e) = self.apply(o) {
+                        skipped.push(e);
+                    }
+                }
+                Err(e) => skipped.push(format!(
+                    "{} {}: {e}",
+                    o["kind"].as_str().unwrap_or("?"),
+                    o["metadata"]["name"].as_str().unwrap_or("?")
+                )),
+            }
+        }
+        let gone: Vec<Key> = self
+            .lock()
+            .objects
+            .keys()
+            .filter(|k| !wanted.contains(*k))
+            .cloned()
+            .collect();
+        for k in gone {
+            self.delete(&k);
+        }
+        skipped
+    }
+
+    /// Serves the YAML documents of every file in `dir`.
+    pub fn sync_dir(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        let mut objects = Vec::new();
+        let mut skipped = Vec::new();
+        let mut files: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                matches!(
+                    p.extension().and_then(|e| e.to_str()),
+                    Some("yaml" | "yml" | "json")
+                )
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            match std::fs::read_to_string(&f)
+                .map_err(|e| e.to_string())
+                .and_then(|t| crate::source::dir::read_documents(&t))
+            {
+                Ok(docs) => objects.extend(docs),
+                Err(e) => skipped.push(format!("{}: {e}", f.display())),
+            }
+        }
+        skipped.extend(self.sync_objects(objects));
+        Ok(skipped)
+    }
+
+    /// Compacts the history: every open watch gets `410 Gone` and must relist.
+    pub fn expire(&self) {
+        let mut st = self.lock();
+        st.history.clear();
+        st.oldest = st.rv + 1;
+        self.tick.send_modify(|t| t.expired += 1);
+    }
+
+    /// Cuts every open watch connection mid-stream (no clean end of the response).
+    pub fn drop_watches(&self) {
+        self.tick.send_modify(|t| t.dropped += 1);
+    }
+
+    pub fn requests(&self) -> Requests {
+        self.lock().requests.clone()
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    fn list(&self, kind: Kind, query: &HashMap<&str, &str>) -> (StatusCode, Value) {
+        let mut st = self.lock();
+        *st.requests.lists.entry(kind).or_default() += 1;
+        let limit: usize = query
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .filter(|&l| l > 0)
+            .unwrap_or(usize::MAX);
+        let offset = match query.get("continue").filter(|c| !c.is_empty()) {
+            None => 0,
+            // A continue token is good for the version it was cut from only.
+            Some(token) => match token.split_once('-') {
+                Some((rv, off)) if rv.parse() == Ok(st.rv) => off.parse().unwrap_or(0),
+                _ => {
+                    return (
+                        StatusCode::GONE,
+                        status(410, "Expired", "The provided continue parameter is too old to display a consistent list result".into()),
+                    )
+                }
+            },
+        };
+        let items: Vec<&Value> = st
+            .objects
+            .iter()
+            .filter(|(k, _)| k.0 == kind)
+            .map(|(_, v)| v)
+            .skip(offset)
+            .collect();
+        let more = items.len() > limit;
+        let items: Vec<&Value> = items.into_iter().take(limit).collect();
+        let mut meta = json!({"resourceVersion": st.rv.to_string()});
+        if more {
+            meta["continue"] = json!(format!("{}-{}", st.rv, offset + items.len()));
+        }
+        let body = json!({"kind": format!("{}List", kind.name()), "apiVersion": kind.api_version(),
+                          "metadata": meta, "items": items});
+        (StatusCode::OK, body)
+    }
+
+    /// A watch: the events after `from`, then new ones as they come, bookmarks if asked,
+    /// until the timeout, an expiry (410 in the stream) or a drop (connection cut).
+    fn watch(self: &Arc<Self>, kind: Kind, query: &HashMap<&str, &str>) -> Body {
+        let from: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = query.get("allowWatchBookmarks") == Some(&"true");
+        let timeout = query
+            .get("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_secs(1800), Duration::from_secs);
+        let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(64);
+        let me = Arc::clone(self);
+        let mut ticks = self.tick.subscribe();
+        let start = *ticks.borrow_and_update();
+        {
+            let mut st = self.lock();
+            *st.requests.watches.entry(kind).or_default() += 1;
+            st.requests.last_watch_from.insert(kind, from);
+        }
+        tokio::spawn(async move {
+            let line = |v: Value| Ok(Frame::data(Bytes::from(v.to_string() + "\n")));
+            let gone = |me: &ApiServer, why: String| {
+                me.lock().requests.gone_sent += 1;
+                line(json!({"type": "ERROR", "object": status(410, "Expired", why)}))
+            };
+            let deadline = tokio::time::Instant::now() + timeout;
+            let mut sent = from;
+            // resourceVersion 0 (or none): the current objects as ADDED events first.
+            if from == 0 {
+                let (rv, current): (u64, Vec<Value>) = {
+                    let st = me.lock();
+                    let objects = st.objects.iter().filter(|(k, _)| k.0 == kind);
+                    (st.rv, objects.map(|(_, v)| v.clone()).collect())
+                };
+                for o in current {
+                    if tx
+                        .send(line(json!({"type": "ADDED", "object": o})))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                sent = rv;
+            }
+            loop {
+                let batch: Result<Vec<Value>, String> = {
+                    let st = me.lock();
+                    if sent + 1 < st.oldest {
+                        Err(format!("too old resource version: {sent} ({})", st.oldest))
+                    } else {
+                        let events = st.history.iter().filter(|e| e.rv > sent);
+                        let out = events
+                            .filter(|e| e.kind == kind)
+                            .map(|e| json!({"type": e.kind_of_event, "object": e.object}))
+                            .collect();
+                        sent = st.rv;
+                        Ok(out)
+                    }
+                };
+                match batch {
+                    Ok(events) => {
+                        for e in events {
+                            if tx.send(line(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(why) => {
+                        let _ = tx.send(gone(&me, why)).await;
+                        return;
+                    }
+                }
+                let bookmark = tokio::time::sleep(me.bookmark_every);
+                tokio::select! {
+                    r = ticks.changed() => {
+                        if r.is_err() { return; }
+                        let t = *ticks.borrow_and_update();
+                        if t.dropped != start.dropped {
+                            let _ = tx.send(Err(std::io::Error::other("watch dropped"))).await;
+                            return;
+                        }
+                        if t.expired != start.expired {
+                            let _ = tx.send(gone(&me, "the history was compacted".into())).await;
+                            return;
+                        }
+                    }
+                    _ = bookmark, if bookmarks => {
+                        me.lock().requests.bookmarks_sent += 1;
+                        let b = json!({"type": "BOOKMARK", "object": {"kind": kind.name(),
+                            "apiVersion": kind.api_version(),
+                            "metadata": {"resourceVersion": sent.to_string()}}});
+                        if tx.send(line(b)).await.is_err() { return; }
+                    }
+                    _ = tokio::time::sleep_until(deadline) => return,
+                }
+            }
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        });
+        BodyExt::boxed(StreamBody::new(stream))
+    }
+
+    fn handle(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Body> {
+        let path = req.uri().path();
+        let query: HashMap<&str, &str> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        let reply = |code: StatusCode, body: Body| {
+            Response::builder()
+                .status(code)
+                .header("content-type", "application/json")
+                .body(body)
+                .expect("valid response")
+        };
+        let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == path) else {
+            let s = status(404, "NotFound", format!("the server could not find {path}"));
+            return reply(StatusCode::NOT_FOUND, full(&s));
+        };
+        if req.method() != hyper::Method::GET {
+            let s = status(405, "MethodNotAllowed", "read-only".into());
+            return reply(StatusCode::METHOD_NOT_ALLOWED, full(&s));
+        }
+        if matches!(query.get("watch"), Some(&("true" | "1"))) {
+            debug!(kind = kind.name(), query = ?query, "watch");
+            reply(StatusCode::OK, self.watch(kind, &query))
+        } else {
+            let (code, body) = self.list(kind, &query);
+            info!(kind = kind.name(), status = code.as_u16(), resource_version = %body["metadata"]["resourceVersion"], "list");
+            reply(code, full(&body))
+        }
+    }
+
+    /// Serves HTTP on `listener` until the runtime stops.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = Arc::clone(&self);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let r = me.handle(&req);
+                    async move { Ok::<_, Infallible>(r) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+/// A kubeconfig that points kube-rs at `server` (plain HTTP, no credentials).
+pub fn kubeconfig(server: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: lab\n  cluster:\n    server: {server}\n\
+         users:\n- name: lab\n  user: {{}}\ncontexts:\n- name: lab\n  context:\n    cluster: lab\n    user: lab\n\
+         current-context: lab\n"
+    )
+}
+
+/// `rsdn lab apiserver`: serves `dir` on `listen`, re-reading it on change. SIGUSR1 cuts every
+/// watch, SIGUSR2 expires the history (410 Gone), SIGTERM/SIGINT stop it.
+pub async fn run_dir(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    bookmark_every: Duration,
+) -> anyhow::Result<()> {
+    use notify::Watcher;
+    use tokio::signal::unix::{signal, SignalKind};
+    let server = ApiServer::new(bookmark_every);
+    let listener = TcpListener::bind(listen).await?;
+    info!(address = %listener.local_addr()?, dir = %dir.display(), "lab API server listening");
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let _ = ev_tx.send(());
+    })?;
+    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+    let sync = |server: &ApiServer| match server.sync_dir(dir) {
+        Ok(skipped) => {
+            for s in skipped {
+                warn!("not served: {s}");
+            }
+            info!(
+                resource_version = server.resource_version(),
+                "objects synced from the directory"
+            );
+        }
+        Err(e) => warn!(error = %e, "cannot read the directory"),
+    };
+    sync(&server);
+    tokio::spawn(Arc::clone(&server).serve(listener));
+    let (mut usr1, mut usr2) = (
+        signal(SignalKind::user_defined1())?,
+        signal(SignalKind::user_defined2())?,
+    );
+    let (mut term, mut int) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
+    loop {
+        tokio::select! {
+            Some(()) = ev_rx.recv() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while ev_rx.try_recv().is_ok() {}
+                sync(&server);
+            }
+            _ = usr1.recv() => { info!("cutting every watch connection"); server.drop_watches(); }
+            _ = usr2.recv() => { info!("expiring the history: watches get 410 Gone"); server.expire(); }
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,278 @@
+//! The `kube` cluster source against the stand-in API server (`rsdn::apiserver`), over real
+//! HTTP on the loopback of a fresh network namespace: the same objects give the same model as
+//! the `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged lists are
+//! handled the way kube-rs's watcher handles them against a real API server.
+
+#[path = "../cni/tests/common/mod.rs"]
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{root_or_skip, Netns};
+use rsdn::apiserver::{ApiServer, Kind};
+use rsdn::model::{ClusterModel, ModelScope};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+macro_rules! need_root {
+    () => {
+        if !root_or_skip(module_path!()) {
+            return;
+        }
+    };
+}
+
+fn scope() -> ModelScope {
+    ModelScope {
+        cluster_network: "10.128.0.0/14".parse().unwrap(),
+        local_node: "n1".into(),
+    }
+}
+
+fn node(name: &str, ip: &str, cidr: Option<&str>, created: &str) -> Value {
+    let mut n = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "creationTimestamp": created},
+        "status": {"addresses": [{"type": "InternalIP", "address": ip}]}});
+    if let Some(c) = cidr {
+        n["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
+    }
+    n
+}
+
+/// Runs `f` with a server and a kube source feeding a model channel, inside a fresh netns
+/// (the HTTP traffic stays on that namespace's loopback).
+fn with_source<F, Fut>(page_note: &str, f: F)
+where
+    F: FnOnce(Arc<ApiServer>, watch::Receiver<Arc<ClusterModel>>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let ns = Netns::new(page_note);
+    ns.ip(&["link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    ns.on_thread(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let server = ApiServer::new(Duration::from_millis(100));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            tokio::spawn(Arc::clone(&server).serve(listener));
+            std::fs::write(&kubeconfig, rsdn::apiserver::kubeconfig(&url)).unwrap();
+            let client = rsdn::source::kube::client(Some(&kubeconfig)).await.unwrap();
+            let (tx, rx) = watch::channel(Arc::new(ClusterModel::default()));
+            tokio::spawn(rsdn::source::kube::run(
+                client,
+                scope(),
+                tx,
+                Duration::from_secs(300),
+            ));
+            f(server, rx).await;
+        });
+    });
+}
+
+/// Waits (up to 10 s) for a model that satisfies `want`.
+async fn model_where(
+    rx: &mut watch::Receiver<Arc<ClusterModel>>,
+    what: &str,
+    want: impl Fn(&ClusterModel) -> bool,
+) -> Arc<ClusterModel> {
+    let found = match tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|m| want(m))).await
+    {
+        Ok(Ok(m)) => Some(Arc::clone(&m)),
+        _ => None,
+    };
+    found.unwrap_or_else(|| {
+        let m = rx.borrow();
+        let names: Vec<&String> = m.nodes.keys().take(10).collect();
+        panic!(
+            "no model with {what} within 10 s; last has {} nodes ({names:?}...), {} Service ports",
+            m.nodes.len(),
+            m.services.ports.len()
+        )
+    })
+}
+
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..200 {
+        if cond() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not within 10 s: {what}");
+}
+
+#[test]
+fn the_same_objects_give_the_same_model_as_the_dir_source() {
+    need_root!();
+    // Service shapes of the golden test, and nodes the model accepts and refuses.
+    let mut yaml = std::fs::read_to_string("src/proxy/testdata/cluster.yaml").unwrap();
+    for n in [
+        node(
+            "n1",
+            "192.168.1.11",
+            Some("10.128.0.0/23"),
+            "2025-01-01T00:00:00Z",
+        ),
+        node(
+            "n2",
+            "192.168.1.12",
+            Some("10.128.2.0/23"),
+            "2025-01-02T00:00:00Z",
+        ),
+        node(
+            "n3",
+            "192.168.1.13",
+            Some("10.128.2.0/24"),
+            "2025-01-03T00:00:00Z",
+        ),
+        node("n4", "192.168.1.14", None, "2025-01-04T00:00:00Z"),
+        node(
+            "n5",
+            "192.168.1.15",
+            Some("10.200.0.0/23"),
+            "2025-01-05T00:00:00Z",
+        ),
+    ] {
+        yaml.push_str("---\n");
+        yaml.push_str(&serde_json::to_string(&n).unwrap());
+        yaml.push('\n');
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("cluster.yaml"), &yaml).unwrap();
+    let from_dir = rsdn::source::dir::read_cluster_dir(dir.path(), &scope()).unwrap();
+    assert_eq!(from_dir.nodes.len(), 2, "{:?}", from_dir.skipped);
+    assert!(from_dir.services.ports.len() >= 7);
+    assert_eq!(from_dir.skipped.len(), 3, "{:?}", from_dir.skipped);
+
+    let docs = rsdn::source::dir::read_documents(&yaml).unwrap();
+    with_source("kubeeq", move |server, mut rx| async move {
+        assert!(server.sync_objects(docs).is_empty());
+        let from_api = model_where(&mut rx, "the nodes", |m| !m.nodes.is_empty()).await;
+        assert_eq!(from_api.nodes, from_dir.nodes);
+        assert_eq!(from_api.services, from_dir.services);
+        let mut a = from_api.skipped.clone();
+        let mut d = from_dir.skipped.clone();
+        a.sort_by(|x, y| x.object.cmp(&y.object));
+        d.sort_by(|x, y| x.object.cmp(&y.object));
+        assert_eq!(a, d);
+    });
+}
+
+#[test]
+fn changes_bookmarks_a_dropped_connection_and_410_gone() {
+    need_root!();
+    with_source("kubewatch", |server, mut rx| async move {
+        let a = node(
+            "n1",
+            "192.168.1.11",
+            Some("10.128.0.0/23"),
+            "2025-01-01T00:00:00Z",
+        );
+        let b = node(
+            "n2",
+            "192.168.1.12",
+            Some("10.128.2.0/23"),
+            "2025-01-02T00:00:00Z",
+        );
+        server.apply(a).unwrap();
+        server.apply(b.clone()).unwrap();
+        model_where(&mut rx, "2 nodes", |m| m.nodes.len() == 2).await;
+        assert_eq!(server.requests().lists[&Kind::Node], 1);
+
+        // Added and modified.
+        let c = node(
+            "n3",
+            "192.168.1.13",
+            Some("10.128.4.0/23"),
+            "2025-01-03T00:00:00Z",
+        );
+        server.apply(c.clone()).unwrap();
+        model_where(&mut rx, "n3", |m| m.nodes.contains_key("n3")).await;
+        let mut c2 = c.clone();
+        c2["status"]["addresses"][0]["address"] = json!("192.168.1.99");
+        server.apply(c2).unwrap();
+        model_where(&mut rx, "n3 moved", |m| {
+            m.nodes
+                .get("n3")
+                .is_some_and(|n| n.ip.to_string() == "192.168.1.99")
+        })
+        .await;
+
+        // Bookmarks: only Services change; the Node watch learns the new version from a
+        // bookmark, and after a dropped connection resumes from it, without a relist.
+        let svc = json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"clusterIP": "172.30.0.10", "ports": [{"port": 80}]}});
+        server.apply(svc).unwrap();
+        let rv = server.resource_version();
+        model_where(&mut rx, "the Service", |m| !m.services.ports.is_empty()).await;
+        let before = server.requests();
+        until("a bookmark after the change", || {
+            server.requests().bookmarks_sent >= before.bookmarks_sent + 6
+        })
+        .await;
+        server.drop_watches();
+        until("the Node watch resumed", || {
+            server.requests().watches[&Kind::Node] > before.watches[&Kind::Node]
+        })
+        .await;
+        let after = server.requests();
+        assert_eq!(after.lists, before.lists, "a dropped watch must not relist");
+        assert!(
+            after.last_watch_from[&Kind::Node] >= rv,
+            "the Node watch resumed from {} although a bookmark said {rv}",
+            after.last_watch_from[&Kind::Node]
+        );
+        // Changes made after the drop arrive over the resumed watch.
+        server.delete(&(Kind::Node, String::new(), "n3".into()));
+        model_where(&mut rx, "n3 gone", |m| !m.nodes.contains_key("n3")).await;
+
+        // 410 Gone: every watcher relists, and the model follows what changed meanwhile.
+        server.expire();
+        server.delete(&(Kind::Node, String::new(), "n2".into()));
+        model_where(&mut rx, "n2 gone", |m| !m.nodes.contains_key("n2")).await;
+        until("a relist of every kind", || {
+            let r = server.requests();
+            Kind::ALL.iter().all(|k| r.lists[k] > after.lists[k])
+        })
+        .await;
+        assert!(server.requests().gone_sent >= 3);
+        server.apply(b).unwrap();
+        model_where(&mut rx, "n2 back", |m| m.nodes.contains_key("n2")).await;
+    });
+}
+
+#[test]
+fn large_lists_are_paged() {
+    need_root!();
+    with_source("kubepage", |server, mut rx| async move {
+        let nodes: Vec<Value> = (0..1200u32)
+            .map(|i| {
+                let ip = format!("192.168.{}.{}", 10 + i / 200, 1 + i % 200);
+                // /25s: 1200 of them fit in the /14 cluster network.
+                let cidr = format!(
+                    "10.{}.{}.{}/25",
+                    128 + i / 512,
+                    (i % 512) / 2,
+                    128 * (i % 2)
+                );
+                node(&format!("n{i}"), &ip, Some(&cidr), "2025-01-01T00:00:00Z")
+            })
+            .collect();
+        assert!(server.sync_objects(nodes).is_empty());
+        let m = model_where(&mut rx, "1200 nodes", |m| m.nodes.len() == 1200).await;
+        assert!(
+            m.skipped.is_empty(),
+            "{:?}",
+            &m.skipped[..3.min(m.skipped.len())]
+        );
+        // kube-rs asks for pages of 500: three requests for one list.
+        assert_eq!(server.requests().lists[&Kind::Node], 3);
+    });
+}
