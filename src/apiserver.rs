@@ -56,6 +56,15 @@ impl Kind {
         }
     }
 
+    /// (API group, resource), as RBAC rules name them.
+    pub fn resource(self) -> (&'static str, &'static str) {
+        match self {
+            Kind::Node => ("", "nodes"),
+            Kind::Service => ("", "services"),
+            Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+        }
+    }
+
     fn api_version(self) -> &'static str {
         match self {
             Kind::EndpointSlice => "discovery.k8s.io/v1",
@@ -93,6 +102,9 @@ pub struct Requests {
     pub last_watch_from: HashMap<Kind, u64>,
     pub bookmarks_sent: usize,
     pub gone_sent: usize,
+    /// Requests for anything but a list or watch of the three kinds (a get, a write, another
+    /// resource): answered 404 or 405, as an API server would to a client without RBAC for them.
+    pub refused: Vec<String>,
 }
 
 #[derive(Default)]
@@ -314,6 +326,11 @@ impl ApiServer {
         self.lock().requests.clone()
     }
 
+    fn refused(&self, what: String) {
+        warn!(request = %what, "refused: not a list or watch of a served kind");
+        self.lock().requests.refused.push(what);
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
     }
@@ -480,10 +497,12 @@ impl ApiServer {
                 .expect("valid response")
         };
         let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == path) else {
+            self.refused(format!("{} {path}", req.method()));
             let s = status(404, "NotFound", format!("the server could not find {path}"));
             return reply(StatusCode::NOT_FOUND, full(&s));
         };
         if req.method() != hyper::Method::GET {
+            self.refused(format!("{} {path}", req.method()));
             let s = status(405, "MethodNotAllowed", "read-only".into());
             return reply(StatusCode::METHOD_NOT_ALLOWED, full(&s));
         }

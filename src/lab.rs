@@ -324,6 +324,7 @@ fn start_daemon(i: u32) -> Result<()> {
     }
     let dir = node_dir(i);
     std::fs::create_dir_all(&dir)?;
+    install_cni(i)?;
     let source = if kubeconfig_path().exists() {
         format!("kubeconfig: {}", kubeconfig_path().display())
     } else {
@@ -349,6 +350,40 @@ fn start_daemon(i: u32) -> Result<()> {
     let child = cmd.spawn().context("cannot start rsdn node")?;
     std::fs::write(dir.join("rsdn.pid"), child.id().to_string())?;
     Ok(())
+}
+
+/// The DaemonSet's init step, run the same way: `rsdn install-cni --prepare-host` in the node's
+/// namespace copies the plugin into the node's CNI binary directory, which pods are then
+/// attached with, and sets the node's sysctls. Its output goes to install-cni.log.
+fn install_cni(i: u32) -> Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node_dir(i).join("install-cni.log"))?;
+    let status = in_ns(&node_ns(i), rsdn_exe()?)?
+        .arg("install-cni")
+        .arg("--source")
+        .arg(cni_exe()?)
+        .arg("--bin-dir")
+        .arg(node_cni_bin(i))
+        .arg("--prepare-host")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .context("cannot run rsdn install-cni")?;
+    if !status.success() {
+        bail!(
+            "rsdn install-cni failed for node{i}: see {}",
+            node_dir(i).join("install-cni.log").display()
+        );
+    }
+    Ok(())
+}
+
+/// The node's CNI binary directory (its /opt/cni/bin).
+fn node_cni_bin(i: u32) -> PathBuf {
+    node_dir(i).join("bin")
 }
 
 /// Present while the lab runs with an API server (`lab up --api`).
@@ -431,7 +466,7 @@ fn attach_pod(i: u32, j: u32) -> Result<()> {
     }
     ensure_netns(&ns)?;
     let conf = plugin_conf(i)?;
-    let mut cmd = in_ns(&node_ns(i), cni_exe()?)?;
+    let mut cmd = in_ns(&node_ns(i), node_cni_bin(i).join(crate::install::PLUGIN))?;
     cmd.env_clear()
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", format!("lab-node{i}-pod{j}"))

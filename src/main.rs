@@ -81,6 +81,11 @@ struct InstallCniArgs {
     /// The CNI binary directory, as mounted from the host.
     #[arg(long, default_value = "/opt/cni/bin")]
     bin_dir: PathBuf,
+    /// Also prepare the host for the daemon: load br_netfilter and set net.ipv4.ip_forward and
+    /// net.bridge.bridge-nf-call-iptables to 1 (what needs privileges, done once, so the
+    /// long-running daemon container needs only NET_ADMIN and NET_RAW).
+    #[arg(long)]
+    prepare_host: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -315,6 +320,11 @@ fn main() -> Result<()> {
                 }
                 rsdn::install::Outcome::Unchanged(p) => {
                     println!("{} is already this version; left alone", p.display())
+                }
+            }
+            if a.prepare_host {
+                for path in rsdn::overlay::kernel::assert_sysctls()? {
+                    println!("set {path} to 1");
                 }
             }
             Ok(())

@@ -42,6 +42,34 @@ fn node(name: &str, ip: &str, cidr: Option<&str>, created: &str) -> Value {
 
 /// Runs `f` with a server and a kube source feeding a model channel, inside a fresh netns
 /// (the HTTP traffic stays on that namespace's loopback).
+/// The daemon asked the server for nothing but lists and watches of the resources in
+/// `WATCHED`, which tests/manifests.rs checks the ClusterRole against: so the ClusterRole
+/// covers everything the daemon uses.
+fn asked_exactly_what_rbac_grants(server: &ApiServer) {
+    let r = server.requests();
+    assert!(r.refused.is_empty(), "asked for more: {:?}", r.refused);
+    let mut asked = std::collections::BTreeSet::new();
+    for (verb, kinds) in [("list", &r.lists), ("watch", &r.watches)] {
+        for kind in kinds.keys() {
+            let (group, resource) = kind.resource();
+            asked.insert((group.to_string(), resource.to_string(), verb.to_string()));
+        }
+    }
+    let watched: std::collections::BTreeSet<_> = rsdn::source::kube::WATCHED
+        .iter()
+        .flat_map(|(g, res, verbs)| {
+            verbs
+                .iter()
+                .map(|v| (g.to_string(), res.to_string(), v.to_string()))
+        })
+        .collect();
+    // (A short test may end before every watch has started.)
+    assert!(
+        asked.is_subset(&watched),
+        "asked {asked:?}, WATCHED {watched:?}"
+    );
+}
+
 fn with_source<F, Fut>(page_note: &str, f: F)
 where
     F: FnOnce(Arc<ApiServer>, watch::Receiver<Arc<ClusterModel>>) -> Fut + Send + 'static,
@@ -70,7 +98,8 @@ where
                 tx,
                 Duration::from_secs(300),
             ));
-            f(server, rx).await;
+            f(Arc::clone(&server), rx).await;
+            asked_exactly_what_rbac_grants(&server);
         });
     });
 }

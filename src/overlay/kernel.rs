@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::sync::Arc;
 
 use futures::TryStreamExt;
@@ -21,7 +22,7 @@ use rsdn_cni::netlink::{Link, Netlink};
 use rtnetlink::{
     Handle, LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVxlan, RouteMessageBuilder,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{batch, Action, Entries, RouteTarget, VtepMac, BRIDGE, ROUTE_PROTOCOL, VXLAN};
 
@@ -599,7 +600,25 @@ fn lladdr(m: &NeighbourMessage) -> Option<Vec<u8>> {
 
 /// Sysctls the datapath needs in this namespace: forwarding, and bridged traffic through
 /// iptables (same-node Service replies must pass conntrack). Returns the ones it had to change.
+/// The bridge sysctls only exist once br_netfilter is loaded, which no netlink request does for
+/// us (unlike vxlan, which the kernel loads on demand): load it with modprobe when they are
+/// missing (needs CAP_SYS_MODULE and the host's /lib/modules; in the DaemonSet the privileged
+/// init container has both).
 pub fn assert_sysctls() -> Result<Vec<String>, KernelError> {
+    if !Path::new("/proc/sys/net/bridge").exists() {
+        match std::process::Command::new("modprobe")
+            .arg("br_netfilter")
+            .output()
+        {
+            Ok(o) if o.status.success() => info!(module = "br_netfilter", "loaded"),
+            Ok(o) => warn!(
+                module = "br_netfilter",
+                error = %String::from_utf8_lossy(&o.stderr).trim(),
+                "modprobe failed"
+            ),
+            Err(e) => warn!(module = "br_netfilter", error = %e, "cannot run modprobe"),
+        }
+    }
     let mut changed = Vec::new();
     for (path, why) in [
         (

@@ -92,4 +92,16 @@ check "node3 without a podCIDR: its daemon says why" eventually 5 \
 check "node3's /healthz says it waits" eventually 5 \
   eval "status_is 192.168.77.13 /healthz 200 && grep -q 'note: .*podCIDR' $T/body"
 
+# SIGTERM: the daemon stops watching and exits 0 (run in the foreground here to see its status).
+kill -TERM "$(cat $LAB/node3/rsdn.pid)"
+sleep 0.5
+ip netns exec rsdn-lab-node3 "$RSDN" node --config "$LAB/node3/config.yaml" >"$T/fg.log" 2>&1 &   # (ip execs rsdn: $! is its pid)
+fg=$!
+sleep 1.5
+kill -TERM $fg
+wait $fg
+status=$?
+check "SIGTERM with the API source: exit status 0 (got $status), datapath left in place" eval \
+  "[ $status = 0 ] && grep -q 'datapath stays in place' $T/fg.log && inns node3 ip link show vxlan0"
+
 summary kube

@@ -28,6 +28,14 @@ fi
 cat "$T/up.log"
 
 check "all-pairs matrix across 3 nodes (ping and TCP)" lab matrix
+# The DaemonSet's init step, as the lab runs it in each node's namespace: a fresh namespace has
+# forwarding off, so install-cni (not the daemon) turned it on, and pods were attached with the
+# copy it installed.
+check "install-cni put rsdn-cni into node1's CNI binary directory and prepared the node" bash -c "
+  cmp -s $BIN_DIR/rsdn-cni $LAB/node1/bin/rsdn-cni && test -x $LAB/node1/bin/rsdn-cni &&
+  grep -q 'installed $LAB/node1/bin/rsdn-cni' $LAB/node1/install-cni.log &&
+  grep -q 'set /proc/sys/net/ipv4/ip_forward to 1' $LAB/node1/install-cni.log &&
+  ! grep -q 'sysctl=/proc/sys/net/ipv4/ip_forward' $LAB/node1/rsdn.log"
 
 # A node that leaves the cluster directory loses its entries on every peer.
 mv "$LAB/cluster/node3.yaml" "$T/node3.yaml"
@@ -70,6 +78,8 @@ restarted() {
   [ "$(grep -c 'rsdn node starting' "$LAB/node2/rsdn.log")" -eq 3 ]
 }
 check "daemons really restarted (new pids; node2 started 3 times)" restarted
+check "install-cni on restart: the same plugin is left alone" \
+  grep -q "rsdn-cni is already this version; left alone" "$LAB/node2/install-cni.log"
 no_loss() { grep -q " 0% packet loss" "$T/ping.log" && grep -q "300 packets transmitted" "$T/ping.log"; }
 check "daemons killed and restarted while pinging: $(grep -o '[0-9]* received' "$T/ping.log"), 0% loss" no_loss
 same_vxlan() { [ "$(ip -n rsdn-lab-node1 -o link show vxlan0 | cut -d: -f1)" = "$idx_before" ]; }

@@ -1,0 +1,16 @@
+# The rsdn image: the node daemon (rsdn), the CNI plugin it installs on the host (rsdn-cni,
+# static, so it runs whatever the host's libc), and the tools the daemon runs: iptables
+# (both backends; the daemon detects which one the host uses, as kube-proxy does), conntrack
+# (stale UDP entries) and modprobe (br_netfilter, in the init step).
+#   docker build -t rsdn:dev .        (hack/kind-up.sh does this and loads it into kind)
+FROM docker.io/library/rust:1.89-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN hack/build.sh
+
+FROM docker.io/library/debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables conntrack kmod \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=build /src/target/dist/rsdn /src/target/dist/rsdn-cni /usr/local/bin/
+CMD ["rsdn", "node"]
