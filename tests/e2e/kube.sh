@@ -39,7 +39,8 @@ check "/metrics has overlay and proxy metrics" eval "status_is 192.168.77.11 /me
   grep -q '^rsdn_cluster_source_ready 1' $T/body"
 
 # A Service and its EndpointSlice, created at the server: DNAT on every node, reachable.
-inns node2-pod1 socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo node2-pod1' &
+# (ip netns exec, not the inns function: $! must be socat itself, or it outlives the test)
+ip netns exec rsdn-lab-node2-pod1 socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo node2-pod1' &
 SERVERS+=($!)
 pod2=$(pod_ip node2-pod1)
 put svc-web <<EOF
