@@ -3,12 +3,17 @@
 # (both backends; the daemon detects which one the host uses, as kube-proxy does), conntrack
 # (stale UDP entries) and modprobe (br_netfilter, in the init step).
 #   docker build -t rsdn:dev .        (hack/kind-up.sh does this and loads it into kind)
-FROM docker.io/library/rust:1.89-bookworm AS build
+# The base images are arguments only so that a machine without a registry can substitute local
+# ones (docs/operations.md says how this file was checked).
+ARG RUST_IMAGE=docker.io/library/rust:1.89-bookworm
+ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 RUN hack/build.sh
 
-FROM docker.io/library/debian:bookworm-slim
+FROM ${BASE_IMAGE}
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables conntrack kmod \
  && rm -rf /var/lib/apt/lists/*
