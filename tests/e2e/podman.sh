@@ -19,6 +19,7 @@ pm() { CONTAINERS_CONF=$T/containers.conf nsenter --net="/run/netns/$NODE" podma
 
 cleanup() {
   pm rm -f -t 0 rsdn-e2e-a rsdn-e2e-b >/dev/null 2>&1 || true
+  podman rmi -f "$IMAGE" >/dev/null 2>&1 || true   # re-imported each run; no dangling copies
   ip netns del "$NODE" 2>/dev/null || true
   ip netns del "$CLIENT" 2>/dev/null || true
   rm -rf "$T"

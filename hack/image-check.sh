@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Checks the container image the way the DaemonSet runs it, on the lab instead of a cluster:
+# a 2-node `rsdn lab up --api` (the stand-in API server plays the cluster), then node2's daemon
+# is stopped, its vxlan0, conflist and NAT rules removed, and the image takes over node2 with
+# the DaemonSet's two containers, run by podman inside node2's namespace with --network=host
+# (hostNetwork): the init step privileged (`install-cni --prepare-host`), the daemon with only
+# NET_ADMIN and NET_RAW added, the ConfigMap's config.yaml, a kubeconfig for the API server.
+# The image must rebuild node2's datapath, answer /healthz, follow a new Service, and exit 0 on
+# SIGTERM leaving the datapath in place.
+# Usage: hack/image-check.sh [IMAGE]   (root; default localhost/rsdn:dev; prints "N passed, N failed")
+# Build the image first: `podman build -t localhost/rsdn:dev .` (docs/operations.md says how
+# it was built on a machine without a registry).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source hack/lib.sh
+require_root
+IMAGE=${1:-localhost/rsdn:dev}
+if ! podman image exists "$IMAGE"; then
+  echo "no image $IMAGE: build it first (podman build -t $IMAGE .)" >&2
+  exit 1
+fi
+hack/build.sh >/dev/null || exit 1
+RSDN=$PWD/target/dist/rsdn
+T=$(mktemp -d /tmp/rsdn-image-check.XXXXXX)
+source tests/e2e/lib.sh
+NS=/run/netns/rsdn-lab-node2
+NAME=rsdn-image-check
+# runc with cgroupfs and no default ulimits: what works inside a namespace here (docs/testing.md)
+printf '[containers]\ndefault_ulimits = []\n' >"$T/containers.conf"
+pm() {
+  CONTAINERS_CONF=$T/containers.conf nsenter --net="$NS" \
+    podman --runtime runc --cgroup-manager cgroupfs "$@"
+}
+cleanup() { podman rm -f "$NAME" >/dev/null 2>&1; lab_cleanup; }
+trap cleanup EXIT
+
+lab down >/dev/null 2>&1
+lab up --api --nodes 2 --pods-per-node 1 >"$T/up.log" 2>&1 || { cat "$T/up.log"; exit 1; }
+
+# node2 loses its daemon and what it programmed (pods keep their veths on tun0).
+kill "$(cat "$LAB/node2/rsdn.pid")"
+eventually 10 bash -c "! kill -0 $(cat "$LAB/node2/rsdn.pid") 2>/dev/null"
+inns node2 ip link del vxlan0
+inns node2 iptables -t nat -F KUBE-SERVICES
+rm -f "$LAB"/node2/net.d/*.conflist
+check "node2 without its daemon: pods cannot reach node1" bash -c "! $RSDN lab matrix"
+
+# The init container.
+mkdir -p "$T/opt-cni-bin"
+modules=(); [ -d /lib/modules ] && modules=(-v /lib/modules:/lib/modules:ro)
+check "init container: install-cni --prepare-host copies the plugin" eval "
+  pm run --rm --network=host --privileged -v $T/opt-cni-bin:/host/opt/cni/bin \
+    ${modules[*]} $IMAGE \
+    rsdn install-cni --bin-dir /host/opt/cni/bin --prepare-host &&
+  [ -x $T/opt-cni-bin/rsdn-cni ] && CNI_COMMAND=VERSION $T/opt-cni-bin/rsdn-cni"
+
+# The daemon container, configured by the ConfigMap's config.yaml.
+mkdir -p "$T/etc-rsdn"
+awk '/config.yaml: \|/ {on = 1; next} on {sub(/^    /, ""); print}' manifests/02-config.yaml \
+  >"$T/etc-rsdn/config.yaml"
+touch /run/xtables.lock
+pm run -d --name "$NAME" --network=host --cap-add NET_ADMIN,NET_RAW \
+  -v "$T/etc-rsdn:/etc/rsdn:ro" -v "$LAB/node2/net.d:/etc/cni/net.d" \
+  -v "$LAB/kubeconfig:/etc/rsdn-kubeconfig:ro" -v /run/xtables.lock:/run/xtables.lock \
+  "$IMAGE" rsdn node --config /etc/rsdn/config.yaml --node-name node2 \
+  --kubeconfig /etc/rsdn-kubeconfig >/dev/null
+conflist() { [ -s "$LAB/node2/net.d/10-rsdn.conflist" ]; }
+check "image daemon: writes the conflist once node2 is programmed" eventually 30 conflist
+check "image daemon: vxlan0 and node1's FDB entry are back" eval \
+  "inns node2 bridge fdb show dev vxlan0 | grep -q 'dst 192.168.77.11'"
+check "image daemon: pods reach each other across nodes again (matrix)" eventually 10 lab matrix
+check "image daemon: /healthz answers 200 from outside" eventually 10 \
+  bash -c "[ \"\$(ip netns exec rsdn-lab-ext curl -s -o /dev/null -w '%{http_code}' http://192.168.77.12:10256/healthz)\" = 200 ]"
+
+cat >"$LAB/cluster/.svc.tmp" <<'EOF'
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: image}
+spec:
+  clusterIP: 172.30.8.8
+  ports: [{name: http, port: 80}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: image, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{name: http, port: 80}]
+endpoints: [{addresses: [10.128.0.2], nodeName: node1}]
+EOF
+mv "$LAB/cluster/.svc.tmp" "$LAB/cluster/svc-web.yaml"
+check "image daemon: a new Service reaches node2's nat table" eventually 10 \
+  bash -c "ip netns exec rsdn-lab-node2 iptables-save -t nat | grep -q 'image/web:http cluster IP'"
+
+state() { podman inspect -f '{{.State.Status}}' "$NAME"; }
+check "image daemon: SIGTERM exits 0" eval "[ \"\$(state)\" = running ] &&
+  podman stop -t 20 $NAME >/dev/null && [ \"\$(podman inspect -f '{{.State.ExitCode}}' $NAME)\" = 0 ]"
+check "image daemon: the datapath stays after it stops" lab matrix
+podman logs "$NAME" >"$T/daemon.log" 2>&1
+check "image daemon: logged its iptables backend and a clean stop" eval \
+  "grep -q 'iptables backend' $T/daemon.log && grep -q 'datapath stays in place' $T/daemon.log"
+[ "$failed" -gt 0 ] && sed 's/^/  daemon: /' "$T/daemon.log" | tail -30
+summary image-check
