@@ -121,6 +121,18 @@ fn ipv4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("{what} {s:?} is not an IPv4 address"))
 }
 
+/// A namespace, Service or port name as the API server admits them (DNS labels and
+/// subdomains, IANA service names): lower-case letters, digits, '-' and '.'. They end up in rule
+/// comments unquoted, so anything else (a space, a quote) would break the restore payload.
+fn api_name(s: &str, what: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    if s.len() <= 253 && s.chars().all(ok) {
+        Ok(())
+    } else {
+        Err(format!("{what} {s:?} is not a valid Kubernetes name"))
+    }
+}
+
 fn port_number(n: i32, what: &str) -> Result<u16, String> {
     u16::try_from(n)
         .ok()
@@ -143,6 +155,8 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
         .clone()
         .filter(|n| !n.is_empty())
         .ok_or("no metadata.name")?;
+    api_name(&namespace, "metadata.namespace")?;
+    api_name(&name, "metadata.name")?;
     let Some(spec) = &svc.spec else {
         return Err("no spec".into());
     };
@@ -210,6 +224,7 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
         reachable_from_outside && spec.external_traffic_policy.as_deref() == Some("Local");
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
+        api_name(p.name.as_deref().unwrap_or_default(), "port name")?;
         let spn = ServicePortName {
             namespace: namespace.clone(),
             name: name.clone(),
@@ -438,6 +453,21 @@ status:
             let e = service_ports(&s).unwrap_err();
             assert!(e.contains(word), "{e} should mention {word}");
         }
+        // Names go into rule comments unquoted: only what the API server admits.
+        for (meta, port, word) in [
+            ("{name: \"a b\"}", "http", "metadata.name"),
+            ("{name: a, namespace: 'x\"y'}", "http", "metadata.namespace"),
+            ("{name: Web}", "http", "metadata.name"),
+            ("{name: a}", "\"h p\"", "port name"),
+        ] {
+            let s = svc(&format!(
+                "metadata: {meta}\nspec:\n  clusterIP: 172.30.0.1\n  ports: [{{name: {port}, port: 80}}]\n"
+            ));
+            let e = service_ports(&s).unwrap_err();
+            assert!(e.contains(word), "{e} should mention {word}");
+        }
+        let ok = svc("metadata: {name: web-1.v2, namespace: kube-system}\nspec:\n  clusterIP: 172.30.0.1\n  ports: [{name: dns-tcp, port: 53}]\n");
+        assert_eq!(service_ports(&ok).unwrap().len(), 1);
     }
 
     #[test]

@@ -32,13 +32,18 @@ pub fn is_service_chain(name: &str) -> bool {
     SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-fn hash16(text: &str) -> String {
-    let digest = Sha256::digest(text.as_bytes());
-    BASE32.encode(&digest)[..16].to_string()
+/// The first 16 base32 characters of the SHA-256 of the parts, concatenated: those are the
+/// encoding of the first 10 bytes (base32 turns each 5 bytes into 8 characters).
+fn hash16(parts: &[&str]) -> String {
+    let mut sha = Sha256::new();
+    for part in parts {
+        sha.update(part.as_bytes());
+    }
+    BASE32.encode(&sha.finalize()[..10])
 }
 
 fn port_proto_hash(spn: &ServicePortName) -> String {
-    hash16(&format!("{spn}{}", spn.protocol.as_str()))
+    hash16(&[&spn.to_string(), spn.protocol.as_str()])
 }
 
 /// The chains of one Service port.
@@ -68,8 +73,11 @@ impl ServiceChains {
 
 /// KUBE-SEP-: one endpoint of one Service port.
 pub fn endpoint_chain(spn: &ServicePortName, ep: &Endpoint) -> String {
-    format!(
-        "KUBE-SEP-{}",
-        hash16(&format!("{spn}{}{ep}", spn.protocol.as_str()))
-    )
+    endpoint_chain_of(&format!("{spn}{}", spn.protocol.as_str()), &ep.to_string())
+}
+
+/// `endpoint_chain` from the port's name and protocol (`namespace/name:porttcp`) and the
+/// endpoint's `ip:port`, for a caller that has both at hand.
+pub fn endpoint_chain_of(port_proto: &str, endpoint: &str) -> String {
+    format!("KUBE-SEP-{}", hash16(&[port_proto, endpoint]))
 }

@@ -5,9 +5,9 @@
 //! iptables-restore input that moves the kernel from one to the other.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ipnet::Ipv4Net;
 
@@ -49,12 +49,11 @@ impl Table {
         self.chains.get_mut(name).expect("just inserted")
     }
 
-    /// Appends `-A chain <args>`.
-    fn add(&mut self, chain: &str, args: impl AsRef<str>) {
+    /// Appends `-A chain <args>`, formatted straight into the chain's text: a large ruleset
+    /// has hundreds of thousands of rules, and a temporary string per rule showed in profiles.
+    fn add(&mut self, chain: &str, args: fmt::Arguments) {
         let body = self.chain(chain);
-        for part in ["-A ", chain, " ", args.as_ref(), "\n"] {
-            body.push_str(part);
-        }
+        let _ = writeln!(body, "-A {chain} {args}");
     }
 
     pub fn rules(&self) -> usize {
@@ -125,12 +124,23 @@ pub struct Jump {
     pub first: bool,
 }
 
-/// `-m comment --comment ...`, quoted when it has spaces.
-fn comment(text: &str) -> String {
-    if text.contains(' ') {
-        format!("-m comment --comment \"{text}\"")
-    } else {
-        format!("-m comment --comment {text}")
+/// `-m comment --comment "<text>"`, for a phrase: quoted, as iptables-save prints a comment
+/// with spaces.
+struct Quoted<T>(T);
+
+impl<T: fmt::Display> fmt::Display for Quoted<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "-m comment --comment \"{}\"", self.0)
+    }
+}
+
+/// `-m comment --comment <text>`, for a Service port name (`namespace/name:port`), which the
+/// model admits only without spaces or quotes.
+struct Plain<T>(T);
+
+impl<T: fmt::Display> fmt::Display for Plain<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "-m comment --comment {}", self.0)
     }
 }
 
@@ -138,7 +148,7 @@ pub fn jumps(scope: &ProxyScope) -> Vec<Jump> {
     let j = |table, chain, extra: &str, text: &str, target: &str, first| Jump {
         table,
         chain,
-        rule: format!("{extra}{} -j {target}", comment(text)),
+        rule: format!("{extra}{} -j {target}", Quoted(text)),
         first,
     };
     let new = "-m conntrack --ctstate NEW ";
@@ -233,17 +243,22 @@ pub fn jumps(scope: &ProxyScope) -> Vec<Jump> {
 
 /// kube-proxy's endpoint selection (topology hints aside): ready endpoints; when none is ready
 /// anywhere, the serving-and-terminating ones, so connections drain instead of failing.
-struct Categorized<'a> {
-    cluster: Vec<&'a Endpoint>,
-    local: Vec<&'a Endpoint>,
+/// Endpoints are named by their index in the port's endpoints, which are unique and sorted by
+/// `ip:port` text (the model's order): ascending indices are kube-proxy's order.
+struct Categorized {
+    cluster: Vec<usize>,
+    local: Vec<usize>,
     /// Endpoints some chain may jump to: each gets a KUBE-SEP- chain.
-    reachable: Vec<&'a Endpoint>,
+    reachable: Vec<usize>,
     any: bool,
 }
 
-fn categorize<'a>(eps: &'a [Endpoint], svc: &ServicePort, node: &str) -> Categorized<'a> {
+fn categorize(eps: &[Endpoint], svc: &ServicePort, node: &str) -> Categorized {
     let local = |e: &Endpoint| e.node.as_deref() == Some(node);
     let draining = |e: &Endpoint| e.serving && e.terminating;
+    let select = |keep: &dyn Fn(&Endpoint) -> bool| -> Vec<usize> {
+        (0..eps.len()).filter(|&i| keep(&eps[i])).collect()
+    };
     let mut c = Categorized {
         cluster: vec![],
         local: vec![],
@@ -251,9 +266,9 @@ fn categorize<'a>(eps: &'a [Endpoint], svc: &ServicePort, node: &str) -> Categor
         any: false,
     };
     if svc.uses_cluster_endpoints() {
-        c.cluster = eps.iter().filter(|e| e.ready).collect();
+        c.cluster = select(&|e| e.ready);
         if c.cluster.is_empty() {
-            c.cluster = eps.iter().filter(|e| draining(e)).collect();
+            c.cluster = select(&draining);
         }
         c.any = !c.cluster.is_empty();
     }
@@ -262,10 +277,10 @@ fn categorize<'a>(eps: &'a [Endpoint], svc: &ServicePort, node: &str) -> Categor
         return c;
     }
     c.any |= eps.iter().any(|e| e.ready || draining(e));
-    let local_ready: Vec<_> = eps.iter().filter(|e| local(e) && e.ready).collect();
+    let local_ready = select(&|e| local(e) && e.ready);
     let local_fallback = local_ready.is_empty();
     c.local = if local_fallback {
-        eps.iter().filter(|e| local(e) && draining(e)).collect()
+        select(&|e| local(e) && draining(e))
     } else {
         local_ready
     };
@@ -274,15 +289,8 @@ fn categorize<'a>(eps: &'a [Endpoint], svc: &ServicePort, node: &str) -> Categor
     } else if !local_fallback {
         c.reachable = c.cluster.clone();
     } else {
-        let mut seen = BTreeSet::new();
-        c.reachable = c
-            .cluster
-            .iter()
-            .chain(c.local.iter())
-            .filter(|e| seen.insert(e.to_string()))
-            .copied()
-            .collect();
-        c.reachable.sort_by_key(|e| e.to_string());
+        let both: BTreeSet<usize> = c.cluster.iter().chain(&c.local).copied().collect();
+        c.reachable = both.into_iter().collect();
     }
     c
 }
@@ -325,20 +333,20 @@ pub fn render_cached(
     }
     r.nat.add(
         KUBE_POSTROUTING,
-        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+        format_args!("-m mark ! --mark {mark}/{mark} -j RETURN"),
     );
     // Clear the bit so a packet that traverses the stack again is not masqueraded twice.
     r.nat
-        .add(KUBE_POSTROUTING, format!("-j MARK --xor-mark {mark}"));
+        .add(KUBE_POSTROUTING, format_args!("-j MARK --xor-mark {mark}"));
     r.nat.add(
         KUBE_POSTROUTING,
-        format!(
+        format_args!(
             "{} -j MASQUERADE --random-fully",
-            comment("kubernetes service traffic requiring SNAT")
+            Quoted("kubernetes service traffic requiring SNAT")
         ),
     );
     r.nat
-        .add(KUBE_MARK_MASQ, format!("-j MARK --or-mark {mark}"));
+        .add(KUBE_MARK_MASQ, format_args!("-j MARK --or-mark {mark}"));
 
     let empty = vec![];
     for (spn, svc) in &services.ports {
@@ -371,27 +379,29 @@ pub fn render_cached(
 
     r.nat.add(
         KUBE_SERVICES,
-        format!(
+        format_args!(
             "{} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j {KUBE_NODEPORTS}",
-            comment("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+            Quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
         ),
     );
     // Without nf_conntrack_tcp_be_liberal, out-of-window packets would otherwise reach pods
     // un-NATed and get reset (kubernetes#74839).
-    r.filter
-        .add(KUBE_FORWARD, "-m conntrack --ctstate INVALID -j DROP");
     r.filter.add(
         KUBE_FORWARD,
-        format!(
+        format_args!("-m conntrack --ctstate INVALID -j DROP"),
+    );
+    r.filter.add(
+        KUBE_FORWARD,
+        format_args!(
             "{} -m mark --mark {mark}/{mark} -j ACCEPT",
-            comment("kubernetes forwarding rules")
+            Quoted("kubernetes forwarding rules")
         ),
     );
     r.filter.add(
         KUBE_FORWARD,
-        format!(
+        format_args!(
             "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            comment("kubernetes forwarding conntrack rule")
+            Quoted("kubernetes forwarding conntrack rule")
         ),
     );
     (r, stats)
@@ -422,24 +432,28 @@ fn is_shared(chain: &str) -> bool {
 /// FORWARD policy is DROP.
 fn egress(scope: &ProxyScope, r: &mut Ruleset) {
     let (cn, sn) = (scope.cluster_network, scope.service_network);
-    r.nat.add(RSDN_MASQUERADE, format!("! -s {cn} -j RETURN"));
+    r.nat
+        .add(RSDN_MASQUERADE, format_args!("! -s {cn} -j RETURN"));
     r.nat.add(
         RSDN_MASQUERADE,
-        format!(
+        format_args!(
             "-d {cn} {} -j RETURN",
-            comment("pod to pod keeps its address")
+            Quoted("pod to pod keeps its address")
         ),
     );
-    r.nat.add(RSDN_MASQUERADE, format!("-d {sn} -j RETURN"));
+    r.nat
+        .add(RSDN_MASQUERADE, format_args!("-d {sn} -j RETURN"));
     r.nat.add(
         RSDN_MASQUERADE,
-        format!(
+        format_args!(
             "{} -j MASQUERADE --random-fully",
-            comment("pod traffic leaving the cluster network")
+            Quoted("pod traffic leaving the cluster network")
         ),
     );
-    r.filter.add(RSDN_FORWARD, format!("-s {cn} -j ACCEPT"));
-    r.filter.add(RSDN_FORWARD, format!("-d {cn} -j ACCEPT"));
+    r.filter
+        .add(RSDN_FORWARD, format_args!("-s {cn} -j ACCEPT"));
+    r.filter
+        .add(RSDN_FORWARD, format_args!("-d {cn} -j ACCEPT"));
 }
 
 fn service_port(
@@ -499,13 +513,13 @@ fn service_port_into(
         &chains.external
     };
 
-    let no_endpoints = format!("{name} has no endpoints");
-    let no_local = format!("{name} has no local endpoints");
-    let (internal_filter, external_filter) = if !c.any {
-        (("REJECT", &no_endpoints), ("REJECT", &no_endpoints))
+    // Where a Service has no usable endpoint here, the filter table answers for it.
+    let (filter_target, filter_reason) = if !c.any {
+        ("REJECT", "has no endpoints")
     } else {
-        (("DROP", &no_local), ("DROP", &no_local))
+        ("DROP", "has no local endpoints")
     };
+    let filtered = Quoted(format_args!("{name} {filter_reason}"));
     if c.any && !has_internal {
         stats.no_local_endpoints_internal += 1;
     }
@@ -513,23 +527,26 @@ fn service_port_into(
         stats.no_local_endpoints_external += 1;
     }
 
-    let dst = |ip: Ipv4Addr, port: u16| format!("-m {proto} -p {proto} -d {ip} --dport {port}");
-    let cluster_ip = dst(svc.cluster_ip, svc.port);
+    let dst = |ip| Dst {
+        proto,
+        ip,
+        port: svc.port,
+    };
+    let cluster_ip = dst(svc.cluster_ip);
 
     // Capture the cluster IP.
     if has_internal {
         r.nat.add(
             KUBE_SERVICES,
-            format!(
+            format_args!(
                 "{} {cluster_ip} -j {internal_chain}",
-                comment(&format!("{name} cluster IP"))
+                Quoted(format_args!("{name} cluster IP"))
             ),
         );
     } else {
-        let (target, text) = internal_filter;
         r.filter.add(
             KUBE_SERVICES,
-            format!("{} {cluster_ip} -j {target}", comment(text)),
+            format_args!("{filtered} {cluster_ip} -j {filter_target}"),
         );
     }
     // External IPs.
@@ -537,19 +554,18 @@ fn service_port_into(
         if c.any {
             r.nat.add(
                 KUBE_SERVICES,
-                format!(
+                format_args!(
                     "{} {} -j {}",
-                    comment(&format!("{name} external IP")),
-                    dst(*ip, svc.port),
+                    Quoted(format_args!("{name} external IP")),
+                    dst(*ip),
                     chains.external
                 ),
             );
         }
         if !has_external {
-            let (target, text) = external_filter;
             r.filter.add(
                 KUBE_EXTERNAL_SERVICES,
-                format!("{} {} -j {target}", comment(text), dst(*ip, svc.port)),
+                format_args!("{filtered} {} -j {filter_target}", dst(*ip)),
             );
         }
     }
@@ -558,33 +574,32 @@ fn service_port_into(
         if c.any {
             r.nat.add(
                 KUBE_SERVICES,
-                format!(
+                format_args!(
                     "{} {} -j {lb_chain}",
-                    comment(&format!("{name} loadbalancer IP")),
-                    dst(*ip, svc.port)
+                    Quoted(format_args!("{name} loadbalancer IP")),
+                    dst(*ip)
                 ),
             );
         }
         if uses_fw_chain {
             r.filter.add(
                 KUBE_PROXY_FIREWALL,
-                format!(
+                format_args!(
                     "{} {} -j DROP",
-                    comment(&format!(
+                    Quoted(format_args!(
                         "{name} traffic not accepted by {}",
                         chains.firewall
                     )),
-                    dst(*ip, svc.port)
+                    dst(*ip)
                 ),
             );
         }
     }
     if !has_external {
-        let (target, text) = external_filter;
         for ip in &svc.load_balancer_ips {
             r.filter.add(
                 KUBE_EXTERNAL_SERVICES,
-                format!("{} {} -j {target}", comment(text), dst(*ip, svc.port)),
+                format_args!("{filtered} {} -j {filter_target}", dst(*ip)),
             );
         }
     }
@@ -593,20 +608,18 @@ fn service_port_into(
         if c.any {
             r.nat.add(
                 KUBE_NODEPORTS,
-                format!(
+                format_args!(
                     "{} -m {proto} -p {proto} --dport {np} -j {}",
-                    comment(&name),
+                    Plain(&name),
                     chains.external
                 ),
             );
         }
         if !has_external {
-            let (target, text) = external_filter;
             r.filter.add(
                 KUBE_EXTERNAL_SERVICES,
-                format!(
-                    "{} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {target}",
-                    comment(text)
+                format_args!(
+                    "{filtered} -m addrtype --dst-type LOCAL -m {proto} -p {proto} --dport {np} -j {filter_target}"
                 ),
             );
         }
@@ -617,9 +630,9 @@ fn service_port_into(
     if has_internal {
         r.nat.add(
             internal_chain,
-            format!(
+            format_args!(
                 "{} {cluster_ip} ! -s {} -j {KUBE_MARK_MASQ}",
-                comment(&format!("{name} cluster IP")),
+                Quoted(format_args!("{name} cluster IP")),
                 scope.cluster_network
             ),
         );
@@ -631,9 +644,9 @@ fn service_port_into(
         if !svc.external_local {
             r.nat.add(
                 ext,
-                format!(
+                format_args!(
                     "{} -j {KUBE_MARK_MASQ}",
-                    comment(&format!(
+                    Quoted(format_args!(
                         "masquerade traffic for {name} external destinations"
                     ))
                 ),
@@ -643,27 +656,27 @@ fn service_port_into(
             // from outside and back in: Cluster policy, masqueraded for the node.
             r.nat.add(
                 ext,
-                format!(
+                format_args!(
                     "{} -s {} -j {}",
-                    comment(&format!("pod traffic for {name} external destinations")),
+                    Quoted(format_args!("pod traffic for {name} external destinations")),
                     scope.cluster_network,
                     chains.cluster
                 ),
             );
             r.nat.add(
                 ext,
-                format!(
+                format_args!(
                     "{} -m addrtype --src-type LOCAL -j {KUBE_MARK_MASQ}",
-                    comment(&format!(
+                    Quoted(format_args!(
                         "masquerade LOCAL traffic for {name} external destinations"
                     ))
                 ),
             );
             r.nat.add(
                 ext,
-                format!(
+                format_args!(
                     "{} -m addrtype --src-type LOCAL -j {}",
-                    comment(&format!(
+                    Quoted(format_args!(
                         "route LOCAL traffic for {name} external destinations"
                     )),
                     chains.cluster
@@ -671,41 +684,45 @@ fn service_port_into(
             );
         }
         if has_external {
-            r.nat.add(ext, format!("-j {external_policy_chain}"));
+            r.nat.add(ext, format_args!("-j {external_policy_chain}"));
         }
     }
     // Source ranges of load-balancer IPs.
     if uses_fw_chain {
         let fw = &chains.firewall;
         r.nat.chain(fw);
-        let lb = comment(&format!("{name} loadbalancer IP"));
+        let lb = Quoted(format_args!("{name} loadbalancer IP"));
         let mut from_node = false;
         for range in &svc.load_balancer_source_ranges {
             r.nat
-                .add(fw, format!("{lb} -s {range} -j {}", chains.external));
+                .add(fw, format_args!("{lb} -s {range} -j {}", chains.external));
             from_node |= range.contains(&scope.node_ip);
         }
         // A VIP often sits on the node itself; the node's own requests then come from it.
         if from_node {
             for ip in &svc.load_balancer_ips {
                 r.nat
-                    .add(fw, format!("{lb} -s {ip} -j {}", chains.external));
+                    .add(fw, format_args!("{lb} -s {ip} -j {}", chains.external));
             }
         }
         r.nat.add(
             fw,
-            comment(&format!(
-                "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
-            )),
+            format_args!(
+                "{}",
+                Quoted(format_args!(
+                    "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
+                ))
+            ),
         );
     }
-    // Each endpoint's text and chain name, computed once (hashing and formatting addresses
-    // were a tenth of a large render).
-    let texts: HashMap<(Ipv4Addr, u16), (String, String)> = c
-        .reachable
-        .iter()
-        .map(|ep| ((ep.ip, ep.port), (ep.to_string(), endpoint_chain(spn, ep))))
-        .collect();
+    // Each reachable endpoint's `ip:port` and chain name, computed once, by its index in `eps`.
+    let mut texts = vec![None; eps.len()];
+    let hash_prefix = format!("{name}{proto}");
+    for &i in &c.reachable {
+        let addr = eps[i].to_string();
+        let chain = endpoint_chain_of(&hash_prefix, &addr);
+        texts[i] = Some(EndpointText { addr, chain });
+    }
     let jumps = EndpointJumps {
         name: &name,
         affinity: svc.affinity_seconds,
@@ -717,19 +734,55 @@ fn service_port_into(
     if uses_local_chain {
         jumps.write(&chains.local, &c.local, &mut r.nat);
     }
-    let plain = comment(&name);
-    for ep in &c.reachable {
-        let (text, sep) = &texts[&(ep.ip, ep.port)];
-        r.nat
-            .add(sep, format!("{plain} -s {} -j {KUBE_MARK_MASQ}", ep.ip));
-        let recent = match svc.affinity_seconds {
-            Some(_) => format!(" -m recent --name {sep} --set"),
-            None => String::new(),
-        };
+    let plain = Plain(&name);
+    for &i in &c.reachable {
+        let ep = jumps.text(i);
+        let sep = &ep.chain;
         r.nat.add(
             sep,
-            format!("{plain}{recent} -m {proto} -p {proto} -j DNAT --to-destination {text}"),
+            format_args!("{plain} -s {} -j {KUBE_MARK_MASQ}", ep.ip()),
         );
+        let addr = &ep.addr;
+        if svc.affinity_seconds.is_some() {
+            r.nat.add(
+                sep,
+                format_args!(
+                    "{plain} -m recent --name {sep} --set -m {proto} -p {proto} -j DNAT --to-destination {addr}"
+                ),
+            );
+        } else {
+            r.nat.add(
+                sep,
+                format_args!("{plain} -m {proto} -p {proto} -j DNAT --to-destination {addr}"),
+            );
+        }
+    }
+}
+
+/// `-m <proto> -p <proto> -d <ip> --dport <port>`.
+struct Dst<'a> {
+    proto: &'a str,
+    ip: Ipv4Addr,
+    port: u16,
+}
+
+impl fmt::Display for Dst<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Dst { proto, ip, port } = self;
+        write!(f, "-m {proto} -p {proto} -d {ip} --dport {port}")
+    }
+}
+
+/// A reachable endpoint's `ip:port` and KUBE-SEP- chain.
+#[derive(Clone)]
+struct EndpointText {
+    addr: String,
+    chain: String,
+}
+
+impl EndpointText {
+    fn ip(&self) -> &str {
+        self.addr.rsplit_once(':').map_or(&self.addr, |(ip, _)| ip)
     }
 }
 
@@ -738,41 +791,66 @@ fn service_port_into(
 struct EndpointJumps<'a> {
     name: &'a str,
     affinity: Option<u32>,
-    /// Endpoint -> ("ip:port", KUBE-SEP- chain).
-    texts: &'a HashMap<(Ipv4Addr, u16), (String, String)>,
+    /// By index in the port's endpoints; set for every reachable one.
+    texts: &'a [Option<EndpointText>],
 }
 
 impl EndpointJumps<'_> {
-    fn write(&self, chain: &str, eps: &[&Endpoint], nat: &mut Table) {
+    fn text(&self, i: usize) -> &EndpointText {
+        self.texts[i]
+            .as_ref()
+            .expect("every reachable endpoint has its text")
+    }
+
+    fn write(&self, chain: &str, eps: &[usize], nat: &mut Table) {
         nat.chain(chain);
         let name = self.name;
         if let Some(seconds) = self.affinity {
-            for ep in eps {
-                let (text, sep) = &self.texts[&(ep.ip, ep.port)];
+            for &i in eps {
+                let EndpointText { addr, chain: sep } = self.text(i);
                 nat.add(
                     chain,
-                    format!(
+                    format_args!(
                         "{} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
-                        comment(&format!("{name} -> {text}"))
+                        Quoted(format_args!("{name} -> {addr}"))
                     ),
                 );
             }
         }
         let n = eps.len();
-        for (i, ep) in eps.iter().enumerate() {
-            let (text, sep) = &self.texts[&(ep.ip, ep.port)];
-            let stat = if i + 1 < n {
-                format!(
-                    " -m statistic --mode random --probability {:.10}",
-                    1.0 / (n - i) as f64
-                )
+        for (k, &i) in eps.iter().enumerate() {
+            let EndpointText { addr, chain: sep } = self.text(i);
+            let comment = Quoted(format_args!("{name} -> {addr}"));
+            if k + 1 < n {
+                nat.add(
+                    chain,
+                    format_args!(
+                        "{comment} -m statistic --mode random --probability {} -j {sep}",
+                        Probability(n - k)
+                    ),
+                );
             } else {
-                String::new()
-            };
-            nat.add(
-                chain,
-                format!("{}{stat} -j {sep}", comment(&format!("{name} -> {text}"))),
-            );
+                nat.add(chain, format_args!("{comment} -j {sep}"));
+            }
+        }
+    }
+}
+
+/// 1/n with ten decimals, as kube-proxy writes the statistic match's probability. The common
+/// ones are formatted once per process: float formatting was a visible part of large renders.
+struct Probability(usize);
+
+impl fmt::Display for Probability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        static COMMON: OnceLock<Vec<String>> = OnceLock::new();
+        let common = COMMON.get_or_init(|| {
+            (0..=256)
+                .map(|n| format!("{:.10}", 1.0 / n as f64))
+                .collect()
+        });
+        match common.get(self.0) {
+            Some(text) => f.write_str(text),
+            None => write!(f, "{:.10}", 1.0 / self.0 as f64),
         }
     }
 }
@@ -810,18 +888,19 @@ pub fn payload(
         if table == "nat" {
             port_changes(before, after, &mut changed, &mut gone);
         }
-        if let Some(stale) = existing.get(table) {
-            let ours = after.chain_names(table);
-            gone.extend(
-                stale
-                    .iter()
-                    .filter(|c| is_service_chain(c) && !ours.contains(c.as_str())),
-            );
+        // Service chains in the kernel that the ruleset lacks. The set of the ruleset's chain
+        // names is built only when the kernel has service chains at all (not on a fresh node).
+        if let Some(existing) = existing.get(table) {
+            let mut found = existing.iter().filter(|c| is_service_chain(c)).peekable();
+            if found.peek().is_some() {
+                let ours = after.chain_names(table);
+                gone.extend(found.filter(|c| !ours.contains(c.as_str())));
+            }
         }
         if changed.is_empty() && gone.is_empty() {
             continue;
         }
-        changed.sort_by(|a, b| a.0.cmp(b.0));
+        changed.sort_unstable_by(|a, b| a.0.cmp(b.0));
         // One allocation for what follows: a full payload runs to tens of megabytes.
         let size: usize = changed
             .iter()
