@@ -31,6 +31,7 @@ fn services(n: usize) -> Services {
                 affinity_seconds: None,
                 internal_local: false,
                 external_local: false,
+                health_check_node_port: None,
             },
         );
         let eps = (0..10)

@@ -99,8 +99,15 @@ for backend in ${BACKENDS:-nft legacy}; do
       echo "  $backend partial sync after one endpoint change at N=$N: $p-> ${pfull} ms vs full ${total} ms = $(printf '%.2f' "$(echo "100 * $pfull / $total" | bc -l)")% (target <= 5%)"
       echo "  $backend daemon peak RSS at N=$N: $((rss / 1024)) MiB (VmHWM after the full sync)"
       sed -i 's/- {addresses: \[10.199.0.1\]/- {addresses: [10.129.0.1]/' "$f"
+      # The floor of any change to this table: a bare restore adding one chain of one rule.
+      kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+      start=$(now_ms)
+      printf '*nat\n:RSDN-BENCH-PROBE - [0:0]\n-A RSDN-BENCH-PROBE -j RETURN\nCOMMIT\n' |
+        ip netns exec "$ns" "iptables-$backend-restore" --noflush --wait=5
+      floor=$(( $(now_ms) - start ))
+      echo "  $backend bare one-rule restore on the same table (the floor of any change): ${floor} ms"
     fi
-    kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
+    [ -n "$PID" ] && { kill "$PID"; wait "$PID" 2>/dev/null || true; PID=; }
     ip netns del "$ns"
   done
 done

@@ -21,6 +21,7 @@ use crate::model::{ClusterModel, ClusterNode, ModelScope};
 use crate::overlay::kernel::{assert_sysctls, DeviceSpec, Kernel, KernelError};
 use crate::overlay::metrics::{OverlayMetrics, PassFigures};
 use crate::overlay::{self, Action, BRIDGE};
+use crate::proxy::healthcheck::{self, HealthCheckServers};
 use crate::proxy::iptables::{self, Backend, Iptables};
 use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::render::ProxyScope;
@@ -317,6 +318,7 @@ async fn proxy_loop(
     let resync = Duration::from_secs(config.resync_seconds);
     let full_every = Duration::from_secs(config.proxy_full_sync_seconds);
     let mut proxier: Option<Proxier> = None;
+    let mut health_checks = HealthCheckServers::new(health.clone());
     loop {
         let model = Arc::clone(&models.borrow_and_update());
         let mut next = tokio::time::Instant::now() + resync;
@@ -333,10 +335,10 @@ async fn proxy_loop(
                 .take()
                 .unwrap_or_else(|| Proxier::new(ipt, scope.clone(), full_every, metrics.clone()));
             p.set_scope(scope);
-            let model = Arc::clone(&model);
+            let for_sync = Arc::clone(&model);
             let health = health.clone();
             let (p, outcome) = tokio::task::spawn_blocking(move || {
-                let services = &model.services;
+                let services = &for_sync.services;
                 if p.retry_at().is_some_and(|t| t > Instant::now()) {
                     return (p, None);
                 }
@@ -372,6 +374,12 @@ async fn proxy_loop(
                 next = next.min(tokio::time::Instant::from_std(t));
             }
             proxier = Some(p);
+            // Where kube-proxy keeps running, it serves the health check node ports.
+            if config.proxy {
+                health_checks
+                    .sync(&healthcheck::wanted(&model.services, &config.node_name))
+                    .await;
+            }
         }
         tokio::select! {
             r = models.changed() => if r.is_err() { return; },

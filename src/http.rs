@@ -17,7 +17,7 @@ use tracing::{debug, info};
 
 use crate::health::{Answer, Health};
 
-fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+pub fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -70,15 +70,32 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    spawn_server(listener, move |path| route(path, &health, &registry));
+    Ok(())
+}
+
+/// Serves HTTP/1 on `listener` with `answer(path)` for every request, on a task of its own
+/// (abort it to close the listener). Accept errors (out of file descriptors) pause a little
+/// instead of spinning.
+pub fn spawn_server<F>(listener: TcpListener, answer: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
             };
-            let (health, registry) = (health.clone(), registry.clone());
+            let answer = answer.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let r = route(req.uri().path(), &health, &registry);
+                    let r = answer(req.uri().path());
                     async move { Ok::<_, Infallible>(r) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
@@ -89,6 +106,5 @@ pub async fn serve(
                 }
             });
         }
-    });
-    Ok(())
+    })
 }

@@ -79,6 +79,9 @@ pub struct ServicePort {
     pub internal_local: bool,
     /// `externalTrafficPolicy: Local` on a Service reachable from outside.
     pub external_local: bool,
+    /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy: Local`
+    /// (the only ones that have one): where load balancers ask whether this node has endpoints.
+    pub health_check_node_port: Option<u16>,
 }
 
 impl ServicePort {
@@ -222,6 +225,13 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
         matches!(kind, "NodePort" | "LoadBalancer") || !external_ips.is_empty();
     let external_local =
         reachable_from_outside && spec.external_traffic_policy.as_deref() == Some("Local");
+    // kube-proxy serves it only where the API server allocates it: LoadBalancer + Local.
+    let health_check_node_port = match spec.health_check_node_port {
+        Some(n) if kind == "LoadBalancer" && external_local => {
+            Some(port_number(n, "healthCheckNodePort")?)
+        }
+        _ => None,
+    };
     let mut out = Vec::new();
     for p in spec.ports.iter().flatten() {
         api_name(p.name.as_deref().unwrap_or_default(), "port name")?;
@@ -247,6 +257,7 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
                 affinity_seconds,
                 internal_local,
                 external_local,
+                health_check_node_port,
             },
         ));
     }
@@ -387,6 +398,7 @@ spec:
   clusterIP: 172.30.0.10
   externalIPs: [192.168.77.200, "2001:db8::1"]
   externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
   loadBalancerSourceRanges: [" 203.0.113.0/25 "]
   sessionAffinity: ClientIP
   ports:
@@ -418,6 +430,25 @@ status:
         assert!(p.external_local && !p.internal_local);
         assert!(p.uses_cluster_endpoints() && p.uses_local_endpoints());
         assert_eq!(ports[1].0.protocol, Protocol::Udp);
+        assert_eq!(p.health_check_node_port, Some(32000));
+        assert_eq!(ports[1].1.health_check_node_port, Some(32000));
+    }
+
+    #[test]
+    fn a_health_check_node_port_needs_a_local_load_balancer() {
+        let with = |kind: &str, policy: &str| {
+            let s = svc(&format!(
+                "metadata: {{name: a}}\nspec:\n  type: {kind}\n  clusterIP: 172.30.0.1\n  externalTrafficPolicy: {policy}\n  healthCheckNodePort: 32000\n  ports: [{{port: 80, nodePort: 30080}}]\n"
+            ));
+            service_ports(&s).map(|p| p[0].1.health_check_node_port)
+        };
+        assert_eq!(with("LoadBalancer", "Local"), Ok(Some(32000)));
+        assert_eq!(with("LoadBalancer", "Cluster"), Ok(None));
+        assert_eq!(with("NodePort", "Local"), Ok(None));
+        let bad = svc("metadata: {name: a}\nspec:\n  type: LoadBalancer\n  clusterIP: 172.30.0.1\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 70000\n  ports: [{port: 80}]\n");
+        assert!(service_ports(&bad)
+            .unwrap_err()
+            .contains("healthCheckNodePort"));
     }
 
     #[test]

@@ -625,6 +625,18 @@ fn service_port_into(
         }
     }
 
+    // The health check node port is let in whether or not there are local endpoints: the
+    // answer (503) is what tells a load balancer to skip this node.
+    if let Some(hc) = svc.health_check_node_port {
+        r.filter.add(
+            KUBE_NODEPORTS,
+            format_args!(
+                "{} -m tcp -p tcp --dport {hc} -j ACCEPT",
+                Quoted(format_args!("{name} health check node port"))
+            ),
+        );
+    }
+
     // Internal traffic: masquerade what does not come from a pod (a node, or a host routing
     // the service network to us), since the endpoint may be on another node.
     if has_internal {

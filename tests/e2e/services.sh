@@ -68,6 +68,8 @@ sed -i 's/port: 80, targetPort: http}/port: 80, targetPort: http, nodePort: 3008
 endpoints local node2-pod2
 service dns 172.30.0.53
 endpoints dns node1-pod2
+service lb 172.30.0.15 "type: LoadBalancer" "externalTrafficPolicy: Local" "healthCheckNodePort: 32100"
+endpoints lb node2-pod2
 
 ready() { ask node3-pod1 172.30.0.10 80 | grep -q pod1; }
 check "rules programmed within 5 s of writing the objects" eventually 5 ready
@@ -96,6 +98,23 @@ local_keeps_client() { ask ext 192.168.77.12 30081 | tee /dev/stderr | grep -qx 
 check "externalTrafficPolicy Local: the endpoint sees the outside client's address" local_keeps_client
 local_no_endpoint() { ! ask ext 192.168.77.13 30081 | grep -q .; }
 check "externalTrafficPolicy Local: a node without a local endpoint does not answer" local_no_endpoint
+# health NODE-IP: the health check node port's status code and localEndpoints, from outside.
+health() {
+  local code
+  code=$(inns ext curl -s -o "$T/hc" -w '%{http_code}' "http://$1:32100/") || return 1
+  echo "$code $(jq -c '[.service.namespace, .service.name, .localEndpoints]' "$T/hc")"
+}
+hc_is() { [ "$(health "$1")" = "$2" ]; }   # hc_is NODE-IP "CODE [ns,name,count]"
+check "health check node port: 200 with localEndpoints 1 on the node with the endpoint" \
+  eventually 5 hc_is 192.168.77.12 '200 ["e2e","lb",1]'
+check "health check node port: 503 with localEndpoints 0 on a node without one" \
+  hc_is 192.168.77.13 '503 ["e2e","lb",0]'
+endpoints lb node3-pod1 node3-pod2
+check "health check node port follows the endpoints (node3: 2, node2: 503)" eventually 5 \
+  eval "hc_is 192.168.77.13 '200 [\"e2e\",\"lb\",2]' && hc_is 192.168.77.12 '503 [\"e2e\",\"lb\",0]'"
+rm "$LAB/cluster/svc-lb.yaml"
+hc_closed() { ! inns ext curl -s -o /dev/null "http://192.168.77.13:32100/"; }
+check "health check node port closes with its Service" eventually 5 hc_closed
 egress() { inns node2-pod1 socat -T2 - TCP:192.168.77.250:9000 </dev/null | tee /dev/stderr | grep -qx 'ext 192.168.77.12'; }
 check "a pod reaching the outside host is seen with its node's address" egress
 pod_to_pod() { inns node3-pod1 socat -T2 - "TCP:$(pod_ip node1-pod2):8080" </dev/null | grep -qx "node1-pod2 $(pod_ip node3-pod1)"; }
