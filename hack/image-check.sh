@@ -4,7 +4,10 @@
 # is stopped, its vxlan0, conflist and NAT rules removed, and the image takes over node2 with
 # the DaemonSet's two containers, run by podman inside node2's namespace with --network=host
 # (hostNetwork): the init step privileged (`install-cni --prepare-host`), the daemon with only
-# NET_ADMIN and NET_RAW added, the ConfigMap's config.yaml, a kubeconfig for the API server.
+# NET_ADMIN and NET_RAW added, the ConfigMap's config.yaml, and the in-cluster configuration a
+# pod gets: KUBERNETES_SERVICE_HOST/PORT and a service-account directory (CA certificate, token)
+# for a second stand-in API server that serves the same objects over HTTPS and refuses requests
+# without the token.
 # The image must rebuild node2's datapath, answer /healthz, follow a new Service, and exit 0 on
 # SIGTERM leaving the datapath in place.
 # Usage: hack/image-check.sh [IMAGE]   (root; default localhost/rsdn:dev; prints "N passed, N failed")
@@ -54,6 +57,12 @@ check "init container: install-cni --prepare-host copies the plugin" eval "
     rsdn install-cni --bin-dir /host/opt/cni/bin --prepare-host &&
   [ -x $T/opt-cni-bin/rsdn-cni ] && CNI_COMMAND=VERSION $T/opt-cni-bin/rsdn-cni"
 
+# The API server as a pod sees it: HTTPS on the outside host, its CA and a token mounted.
+ip netns exec rsdn-lab-ext "$RSDN" lab apiserver --listen 192.168.77.250:6444 --dir "$LAB/cluster" \
+  --bookmark-seconds 1 --service-account-dir "$T/sa" >"$T/apiserver-tls.log" 2>&1 &
+SERVERS+=($!)
+eventually 10 test -s "$T/sa/token" || { cat "$T/apiserver-tls.log"; exit 1; }
+
 # The daemon container, configured by the ConfigMap's config.yaml.
 mkdir -p "$T/etc-rsdn"
 awk '/config.yaml: \|/ {on = 1; next} on {sub(/^    /, ""); print}' manifests/02-config.yaml \
@@ -61,9 +70,10 @@ awk '/config.yaml: \|/ {on = 1; next} on {sub(/^    /, ""); print}' manifests/02
 touch /run/xtables.lock
 pm run -d --name "$NAME" --network=host --cap-add NET_ADMIN,NET_RAW \
   -v "$T/etc-rsdn:/etc/rsdn:ro" -v "$LAB/node2/net.d:/etc/cni/net.d" \
-  -v "$LAB/kubeconfig:/etc/rsdn-kubeconfig:ro" -v /run/xtables.lock:/run/xtables.lock \
-  "$IMAGE" rsdn node --config /etc/rsdn/config.yaml --node-name node2 \
-  --kubeconfig /etc/rsdn-kubeconfig >/dev/null
+  -v "$T/sa:/var/run/secrets/kubernetes.io/serviceaccount:ro" \
+  -e KUBERNETES_SERVICE_HOST=192.168.77.250 -e KUBERNETES_SERVICE_PORT=6444 \
+  -v /run/xtables.lock:/run/xtables.lock \
+  "$IMAGE" rsdn node --config /etc/rsdn/config.yaml --node-name node2 >/dev/null
 conflist() { [ -s "$LAB/node2/net.d/10-rsdn.conflist" ]; }
 check "image daemon: writes the conflist once node2 is programmed" eventually 30 conflist
 check "image daemon: vxlan0 and node1's FDB entry are back" eval \
@@ -96,6 +106,9 @@ check "image daemon: SIGTERM exits 0" eval "[ \"\$(state)\" = running ] &&
   podman stop -t 20 $NAME >/dev/null && [ \"\$(podman inspect -f '{{.State.ExitCode}}' $NAME)\" = 0 ]"
 check "image daemon: the datapath stays after it stops" lab matrix
 podman logs "$NAME" >"$T/daemon.log" 2>&1
+check "image daemon: in-cluster config, HTTPS with the token, nothing refused" eval \
+  "grep -q 'initial lists received from the API server' $T/daemon.log &&
+   grep -q ' list ' $T/apiserver-tls.log && ! grep -q refused $T/apiserver-tls.log"
 check "image daemon: logged its iptables backend and a clean stop" eval \
   "grep -q 'iptables backend' $T/daemon.log && grep -q 'datapath stays in place' $T/daemon.log"
 [ "$failed" -gt 0 ] && sed 's/^/  daemon: /' "$T/daemon.log" | tail -30

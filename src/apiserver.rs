@@ -3,12 +3,15 @@
 //! resourceVersion, `limit`/`continue` paging, watch streams from a resourceVersion, bookmarks,
 //! `410 Gone` for a version that is too old) and can be told to expire its history or to cut
 //! every open watch, so relists and reconnects are tested without a cluster. Its objects come
-//! from a directory of YAML (the lab's cluster directory) or from calls in tests.
+//! from a directory of YAML (the lab's cluster directory) or from calls in tests. It can also
+//! serve HTTPS and require a bearer token, writing the CA certificate and the token where a
+//! pod's service account would have them, to test the daemon's in-cluster configuration.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,8 +23,10 @@ use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 /// The kinds served.
@@ -132,6 +137,8 @@ pub struct ApiServer {
     state: Mutex<State>,
     tick: watch::Sender<Tick>,
     bookmark_every: Duration,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    token: OnceLock<String>,
 }
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -184,7 +191,13 @@ impl ApiServer {
             }),
             tick: watch::Sender::new(Tick::default()),
             bookmark_every,
+            token: OnceLock::new(),
         })
+    }
+
+    /// From now on, refuses (401) requests without `Authorization: Bearer <token>`.
+    pub fn require_token(&self, token: String) {
+        let _ = self.token.set(token);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -327,7 +340,7 @@ impl ApiServer {
     }
 
     fn refused(&self, what: String) {
-        warn!(request = %what, "refused: not a list or watch of a served kind");
+        warn!(request = %what, "refused a request");
         self.lock().requests.refused.push(what);
     }
 
@@ -496,6 +509,17 @@ impl ApiServer {
                 .body(body)
                 .expect("valid response")
         };
+        if let Some(token) = self.token.get() {
+            let given = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            if given != Some(format!("Bearer {token}").as_str()) {
+                self.refused(format!("{} {path} (no valid bearer token)", req.method()));
+                let s = status(401, "Unauthorized", "Unauthorized".into());
+                return reply(StatusCode::UNAUTHORIZED, full(&s));
+            }
+        }
         let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == path) else {
             self.refused(format!("{} {path}", req.method()));
             let s = status(404, "NotFound", format!("the server could not find {path}"));
@@ -518,22 +542,94 @@ impl ApiServer {
 
     /// Serves HTTP on `listener` until the runtime stops.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.serve_tls(listener, None).await
+    }
+
+    /// Serves HTTPS with `tls` (HTTP without it) on `listener` until the runtime stops.
+    pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, tls: Option<TlsAcceptor>) {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             };
             let me = Arc::clone(&self);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let r = me.handle(&req);
-                    async move { Ok::<_, Infallible>(r) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                match tls {
+                    None => me.connection(stream).await,
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => me.connection(stream).await,
+                        Err(e) => debug!(error = %e, "TLS handshake failed"),
+                    },
+                }
             });
         }
     }
+
+    async fn connection<S>(self: Arc<Self>, stream: S)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let r = self.handle(&req);
+            async move { Ok::<_, Infallible>(r) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .await;
+    }
+}
+
+/// A CA, a server certificate for `ip` signed by it, and a bearer token. Writes `ca.crt`,
+/// `token` and `namespace` into `dir`, the files kubelet mounts into a pod at
+/// `/var/run/secrets/kubernetes.io/serviceaccount`; returns the server's TLS side and the token.
+pub fn service_account(dir: &Path, ip: IpAddr) -> anyhow::Result<(TlsAcceptor, String)> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use sha2::{Digest, Sha256};
+    use tokio_rustls::rustls;
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "rsdn lab API server CA");
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::new(vec!["localhost".to_string()])?;
+    leaf.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    leaf.distinguished_name
+        .push(rcgen::DnType::CommonName, "rsdn lab API server");
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &issuer)?;
+
+    let seed = format!(
+        "{:?}{}{}",
+        std::time::SystemTime::now(),
+        std::process::id(),
+        key.serialize_pem()
+    );
+    let token = data_encoding::HEXLOWER.encode(&Sha256::digest(seed.as_bytes()));
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("ca.crt"), ca_cert.pem())?;
+    std::fs::write(dir.join("token"), &token)?;
+    std::fs::write(dir.join("namespace"), "rsdn")?;
+
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )?;
+    Ok((TlsAcceptor::from(Arc::new(config)), token))
 }
 
 /// A kubeconfig that points kube-rs at `server` (plain HTTP, no credentials).
@@ -551,10 +647,20 @@ pub async fn run_dir(
     dir: &Path,
     listen: std::net::SocketAddr,
     bookmark_every: Duration,
+    service_account_dir: Option<&Path>,
 ) -> anyhow::Result<()> {
     use notify::Watcher;
     use tokio::signal::unix::{signal, SignalKind};
     let server = ApiServer::new(bookmark_every);
+    let tls = match service_account_dir {
+        Some(sa) => {
+            let (tls, token) = service_account(sa, listen.ip())?;
+            server.require_token(token);
+            info!(dir = %sa.display(), "HTTPS with a bearer token; ca.crt, token and namespace written");
+            Some(tls)
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(listen).await?;
     info!(address = %listener.local_addr()?, dir = %dir.display(), "lab API server listening");
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
@@ -575,7 +681,7 @@ pub async fn run_dir(
         Err(e) => warn!(error = %e, "cannot read the directory"),
     };
     sync(&server);
-    tokio::spawn(Arc::clone(&server).serve(listener));
+    tokio::spawn(Arc::clone(&server).serve_tls(listener, tls));
     let (mut usr1, mut usr2) = (
         signal(SignalKind::user_defined1())?,
         signal(SignalKind::user_defined2())?,

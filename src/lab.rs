@@ -60,6 +60,10 @@ pub enum LabCommand {
         /// Seconds between bookmarks on watches that ask for them.
         #[arg(long, default_value_t = 5.0)]
         bookmark_seconds: f64,
+        /// Serve HTTPS and require a bearer token, writing ca.crt, token and namespace into
+        /// this directory as kubelet does for a pod's service account.
+        #[arg(long)]
+        service_account_dir: Option<PathBuf>,
     },
     /// Nodes and pods with their namespaces, addresses, daemon health and log files.
     Status {
@@ -126,6 +130,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
         dir,
         listen,
         bookmark_seconds,
+        service_account_dir,
     } = cmd
     {
         return tokio::runtime::Builder::new_current_thread()
@@ -135,6 +140,7 @@ pub fn run(cmd: LabCommand) -> Result<()> {
                 &dir,
                 listen,
                 Duration::from_secs_f64(bookmark_seconds.max(0.01)),
+                service_account_dir.as_deref(),
             ));
     }
     if !nix::unistd::geteuid().is_root() {

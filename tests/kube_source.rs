@@ -70,6 +70,28 @@ fn asked_exactly_what_rbac_grants(server: &ApiServer) {
     );
 }
 
+/// Runs `f` on a runtime of the calling thread (a namespace's thread).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// A kube source for `kubeconfig`, feeding the returned model channel.
+async fn start_source(kubeconfig: &std::path::Path) -> watch::Receiver<Arc<ClusterModel>> {
+    let client = rsdn::source::kube::client(Some(kubeconfig)).await.unwrap();
+    let (tx, rx) = watch::channel(Arc::new(ClusterModel::default()));
+    tokio::spawn(rsdn::source::kube::run(
+        client,
+        scope(),
+        tx,
+        Duration::from_secs(300),
+    ));
+    rx
+}
+
 fn with_source<F, Fut>(page_note: &str, f: F)
 where
     F: FnOnce(Arc<ApiServer>, watch::Receiver<Arc<ClusterModel>>) -> Fut + Send + 'static,
@@ -80,24 +102,13 @@ where
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     ns.on_thread(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
+        block_on(async move {
             let server = ApiServer::new(Duration::from_millis(100));
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             tokio::spawn(Arc::clone(&server).serve(listener));
             std::fs::write(&kubeconfig, rsdn::apiserver::kubeconfig(&url)).unwrap();
-            let client = rsdn::source::kube::client(Some(&kubeconfig)).await.unwrap();
-            let (tx, rx) = watch::channel(Arc::new(ClusterModel::default()));
-            tokio::spawn(rsdn::source::kube::run(
-                client,
-                scope(),
-                tx,
-                Duration::from_secs(300),
-            ));
+            let rx = start_source(&kubeconfig).await;
             f(Arc::clone(&server), rx).await;
             asked_exactly_what_rbac_grants(&server);
         });
@@ -303,5 +314,73 @@ fn large_lists_are_paged() {
         );
         // kube-rs asks for pages of 500: three requests for one list.
         assert_eq!(server.requests().lists[&Kind::Node], 3);
+    });
+}
+
+/// What a pod's service account gives the daemon in a cluster: HTTPS with the cluster's CA and
+/// a bearer token. The client trusts the CA it is given and sends the token; without the token
+/// the server answers 401 and the request is recorded as refused.
+#[test]
+fn https_with_a_ca_and_a_bearer_token() {
+    need_root!();
+    let ns = Netns::new("kubetls");
+    ns.ip(&["link", "set", "lo", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let sa = dir.path().join("serviceaccount");
+    let (base, ca) = (dir.path().to_path_buf(), sa.join("ca.crt"));
+    let kubeconfig = move |name: &str, url: &str, token: Option<&str>| {
+        let user = match token {
+            Some(t) => format!("{{token: {t}}}"),
+            None => "{}".to_string(),
+        };
+        let path = base.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{url}\", certificate-authority: {}}}\n\
+                 users:\n- name: u\n  user: {user}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n",
+                ca.display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    ns.on_thread(move || {
+        block_on(async move {
+            let server = ApiServer::new(Duration::from_millis(100));
+            let (tls, token) =
+                rsdn::apiserver::service_account(&sa, "127.0.0.1".parse().unwrap()).unwrap();
+            server.require_token(token.clone());
+            assert_eq!(std::fs::read_to_string(sa.join("token")).unwrap(), token);
+            server
+                .apply(node(
+                    "n1",
+                    "192.168.1.11",
+                    Some("10.128.0.0/23"),
+                    "2025-01-01T00:00:00Z",
+                ))
+                .unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("https://{}", listener.local_addr().unwrap());
+            tokio::spawn(Arc::clone(&server).serve_tls(listener, Some(tls)));
+
+            let mut rx = start_source(&kubeconfig("good", &url, Some(&token))).await;
+            model_where(&mut rx, "n1 over HTTPS", |m| m.nodes.contains_key("n1")).await;
+            asked_exactly_what_rbac_grants(&server);
+
+            let anonymous = kubeconfig("anonymous", &url, None);
+            let client = rsdn::source::kube::client(Some(&anonymous)).await.unwrap();
+            let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+            let err = nodes.list(&Default::default()).await.unwrap_err();
+            assert!(
+                err.to_string().contains("401") || err.to_string().contains("Unauthorized"),
+                "{err}"
+            );
+            let refused = server.requests().refused;
+            assert!(
+                refused.iter().any(|r| r.contains("no valid bearer token")),
+                "{refused:?}"
+            );
+        });
     });
 }
