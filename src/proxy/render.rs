@@ -52,8 +52,15 @@ impl Table {
     /// Appends `-A chain <args>`, formatted straight into the chain's text: a large ruleset
     /// has hundreds of thousands of rules, and a temporary string per rule showed in profiles.
     fn add(&mut self, chain: &str, args: fmt::Arguments) {
-        let body = self.chain(chain);
-        let _ = writeln!(body, "-A {chain} {args}");
+        self.open(chain).add(args);
+    }
+
+    /// A chain to append several rules to, looked up once.
+    fn open<'a>(&'a mut self, chain: &'a str) -> Chain<'a> {
+        Chain {
+            name: chain,
+            body: self.chain(chain),
+        }
     }
 
     pub fn rules(&self) -> usize {
@@ -66,6 +73,19 @@ impl Table {
             .get(chain)
             .map(|c| c.lines().collect())
             .unwrap_or_default()
+    }
+}
+
+/// One chain of a `Table`, open for appending.
+struct Chain<'a> {
+    name: &'a str,
+    body: &'a mut String,
+}
+
+impl Chain<'_> {
+    /// Appends `-A chain <args>`.
+    fn add(&mut self, args: fmt::Arguments) {
+        let _ = writeln!(self.body, "-A {} {args}", self.name);
     }
 }
 
@@ -749,24 +769,17 @@ fn service_port_into(
     let plain = Plain(&name);
     for &i in &c.reachable {
         let ep = jumps.text(i);
-        let sep = &ep.chain;
-        r.nat.add(
-            sep,
-            format_args!("{plain} -s {} -j {KUBE_MARK_MASQ}", ep.ip()),
-        );
-        let addr = &ep.addr;
+        let (sep, addr) = (&ep.chain, &ep.addr);
+        let mut out = r.nat.open(sep);
+        out.add(format_args!("{plain} -s {} -j {KUBE_MARK_MASQ}", ep.ip()));
         if svc.affinity_seconds.is_some() {
-            r.nat.add(
-                sep,
-                format_args!(
-                    "{plain} -m recent --name {sep} --set -m {proto} -p {proto} -j DNAT --to-destination {addr}"
-                ),
-            );
+            out.add(format_args!(
+                "{plain} -m recent --name {sep} --set -m {proto} -p {proto} -j DNAT --to-destination {addr}"
+            ));
         } else {
-            r.nat.add(
-                sep,
-                format_args!("{plain} -m {proto} -p {proto} -j DNAT --to-destination {addr}"),
-            );
+            out.add(format_args!(
+                "{plain} -m {proto} -p {proto} -j DNAT --to-destination {addr}"
+            ));
         }
     }
 }
@@ -815,18 +828,15 @@ impl EndpointJumps<'_> {
     }
 
     fn write(&self, chain: &str, eps: &[usize], nat: &mut Table) {
-        nat.chain(chain);
+        let mut out = nat.open(chain);
         let name = self.name;
         if let Some(seconds) = self.affinity {
             for &i in eps {
                 let EndpointText { addr, chain: sep } = self.text(i);
-                nat.add(
-                    chain,
-                    format_args!(
-                        "{} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
-                        Quoted(format_args!("{name} -> {addr}"))
-                    ),
-                );
+                out.add(format_args!(
+                    "{} -m recent --name {sep} --rcheck --seconds {seconds} --reap -j {sep}",
+                    Quoted(format_args!("{name} -> {addr}"))
+                ));
             }
         }
         let n = eps.len();
@@ -834,15 +844,12 @@ impl EndpointJumps<'_> {
             let EndpointText { addr, chain: sep } = self.text(i);
             let comment = Quoted(format_args!("{name} -> {addr}"));
             if k + 1 < n {
-                nat.add(
-                    chain,
-                    format_args!(
-                        "{comment} -m statistic --mode random --probability {} -j {sep}",
-                        Probability(n - k)
-                    ),
-                );
+                out.add(format_args!(
+                    "{comment} -m statistic --mode random --probability {} -j {sep}",
+                    Probability(n - k)
+                ));
             } else {
-                nat.add(chain, format_args!("{comment} -j {sep}"));
+                out.add(format_args!("{comment} -j {sep}"));
             }
         }
     }
