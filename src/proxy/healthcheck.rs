@@ -100,6 +100,8 @@ impl Drop for Server {
 pub struct HealthCheckServers {
     health: Arc<Health>,
     servers: HashMap<ServiceName, Server>,
+    /// Ports that could not be bound, logged once until they can be.
+    unbound: HashMap<ServiceName, u16>,
 }
 
 impl HealthCheckServers {
@@ -107,10 +109,12 @@ impl HealthCheckServers {
         HealthCheckServers {
             health,
             servers: HashMap::new(),
+            unbound: HashMap::new(),
         }
     }
 
     pub async fn sync(&mut self, wanted: &BTreeMap<ServiceName, Wanted>) {
+        self.unbound.retain(|name, _| wanted.contains_key(name));
         self.servers.retain(|name, server| {
             let keep = wanted.get(name).is_some_and(|w| w.port == server.port);
             if !keep {
@@ -129,10 +133,13 @@ impl HealthCheckServers {
             let listener = match TcpListener::bind(addr).await {
                 Ok(l) => l,
                 Err(e) => {
-                    error!(service = %format!("{}/{}", name.0, name.1), port = w.port, error = %e, "cannot open health check node port");
+                    if self.unbound.insert(name.clone(), w.port) != Some(w.port) {
+                        error!(service = %format!("{}/{}", name.0, name.1), port = w.port, error = %e, "cannot open health check node port; retrying on every sync");
+                    }
                     continue;
                 }
             };
+            self.unbound.remove(name);
             info!(service = %format!("{}/{}", name.0, name.1), port = w.port, local_endpoints = w.local_endpoints, "serving health check node port");
             let local_endpoints = Arc::new(AtomicUsize::new(w.local_endpoints));
             let (key, count, health) = (name.clone(), local_endpoints.clone(), self.health.clone());
