@@ -374,7 +374,8 @@ async fn proxy_loop(
                 next = next.min(tokio::time::Instant::from_std(t));
             }
             proxier = Some(p);
-            // Where kube-proxy keeps running, it serves the health check node ports.
+            // The health check node ports are ours only where we are the proxy; with
+            // --proxy=false kube-proxy serves them.
             if config.proxy {
                 health_checks
                     .sync(&healthcheck::wanted(&model.services, &config.node_name))
