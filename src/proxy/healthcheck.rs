@@ -31,13 +31,11 @@ pub struct Wanted {
 
 /// The health checks this node serves, from the Services and their endpoints.
 pub fn wanted(services: &Services, node: &str) -> BTreeMap<ServiceName, Wanted> {
-    let mut ports: BTreeMap<ServiceName, u16> = BTreeMap::new();
-    let mut local: BTreeMap<ServiceName, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    let mut found: BTreeMap<ServiceName, (u16, BTreeSet<Ipv4Addr>)> = BTreeMap::new();
     for (spn, svc) in &services.ports {
         let Some(port) = svc.health_check_node_port else {
             continue;
         };
-        let key = (spn.namespace.clone(), spn.name.clone());
         let ready_here = services
             .endpoints
             .get(spn)
@@ -45,13 +43,16 @@ pub fn wanted(services: &Services, node: &str) -> BTreeMap<ServiceName, Wanted> 
             .flatten()
             .filter(|e| e.ready && e.node.as_deref() == Some(node))
             .map(|e| e.ip);
-        local.entry(key.clone()).or_default().extend(ready_here);
-        ports.insert(key, port);
+        let entry = found
+            .entry((spn.namespace.clone(), spn.name.clone()))
+            .or_insert((port, BTreeSet::new()));
+        entry.0 = port;
+        entry.1.extend(ready_here);
     }
-    ports
+    found
         .into_iter()
-        .map(|(key, port)| {
-            let local_endpoints = local.get(&key).map_or(0, BTreeSet::len);
+        .map(|(key, (port, local))| {
+            let local_endpoints = local.len();
             (
                 key,
                 Wanted {
