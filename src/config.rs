@@ -275,6 +275,14 @@ impl NodeConfig {
     pub fn cni_conf_path(&self) -> PathBuf {
         self.cni_conf_dir.join(&self.cni_conf_file)
     }
+
+    /// The plugin's IPAM store of our network: one record per pod attachment on this node.
+    pub fn ipam_dir(&self) -> PathBuf {
+        self.cni_data_dir
+            .clone()
+            .unwrap_or_else(|| rsdn_cni::config::DEFAULT_DATA_DIR.into())
+            .join(crate::cniconf::NETWORK_NAME)
+    }
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use crate::health::Health;
 use crate::model::{ClusterModel, ClusterNode, ModelScope};
 use crate::overlay::kernel::{assert_sysctls, DeviceSpec, Kernel, KernelError};
 use crate::overlay::metrics::{OverlayMetrics, PassFigures};
+use crate::overlay::ports::{self, PortRepair};
 use crate::overlay::{self, Action, BRIDGE};
 use crate::proxy::healthcheck::{self, HealthCheckServers};
 use crate::proxy::iptables::{self, Backend, Iptables};
@@ -47,6 +48,17 @@ pub struct Pass {
     pub failures: Vec<(Action, KernelError)>,
     pub remote_nodes: usize,
     pub conflist_written: bool,
+    /// Pod attachments the plugin's records list.
+    pub pod_ports: usize,
+    pub port_repairs: Vec<PortRepair>,
+    pub port_failures: Vec<(PortRepair, KernelError)>,
+}
+
+impl Pass {
+    /// Everything it tried, it did.
+    pub fn clean(&self) -> bool {
+        self.failures.is_empty() && self.port_failures.is_empty()
+    }
 }
 
 /// The daemon's state between passes.
@@ -132,12 +144,44 @@ impl Reconciler {
             .filter(|a| !pass.failures.iter().any(|(f, _)| f == a))
             .collect();
 
+        self.repair_ports(devices.bridge, mtu, &mut pass).await?;
+
         // The kubelet calls the plugin only once the conflist exists: write it when the node
         // network is programmed, never before.
         if pass.failures.is_empty() {
             pass.conflist_written = self.write_conflist(&local, gateway.addr(), mtu)?;
         }
         Ok(pass)
+    }
+
+    /// Puts every local pod's veth back on tun0 where it is not (tun0 re-created, a port
+    /// detached by hand), with hairpin mode and the MTU.
+    async fn repair_ports(
+        &mut self,
+        bridge: u32,
+        mtu: u32,
+        pass: &mut Pass,
+    ) -> Result<(), KernelError> {
+        let dir = self.config.ipam_dir();
+        let allocations = rsdn_cni::ipam::read_allocations(&dir).map_err(|e| {
+            KernelError::Setup(format!(
+                "cannot read the pods' IPAM records in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let ports = ports::pod_ports(&allocations);
+        pass.pod_ports = ports.len();
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let links = self.kernel.links().await?;
+        for r in ports::repairs(&ports, &links, bridge, mtu) {
+            match self.kernel.repair_port(bridge, &r).await {
+                Ok(()) => pass.port_repairs.push(r),
+                Err(e) => pass.port_failures.push((r, e)),
+            }
+        }
+        Ok(())
     }
 
     fn write_conflist(
@@ -267,9 +311,11 @@ pub async fn run(
                     remote_nodes: pass.remote_nodes,
                     changes: pass.applied.len() + pass.device_changes.len(),
                     drift,
-                    kernel_errors: pass.failures.len(),
+                    kernel_errors: pass.failures.len() + pass.port_failures.len(),
+                    pod_ports: pass.pod_ports,
+                    port_repairs: pass.port_repairs.len(),
                 });
-                let clean = pass.failures.is_empty();
+                let clean = pass.clean();
                 health.overlay_passed(
                     pass.waiting.clone(),
                     clean && pass.waiting.is_none() && reconciler.conflist.is_some(),
@@ -419,13 +465,21 @@ fn report(pass: &Pass, model: &ClusterModel, took: Duration, last_waiting: &mut 
     for (a, e) in &pass.failures {
         error!(node = node_of(a), error = %e, "failed: {a}");
     }
+    for r in &pass.port_repairs {
+        warn!(pod_ip = %r.ip, veth = %r.veth, "pod port repaired: {r}");
+    }
+    for (r, e) in &pass.port_failures {
+        error!(pod_ip = %r.ip, veth = %r.veth, error = %e, "pod port repair failed: {r}");
+    }
     if pass.conflist_written {
         info!("CNI configuration written; the node network is ready");
     }
-    if !pass.applied.is_empty() || !pass.device_changes.is_empty() {
+    if !pass.applied.is_empty() || !pass.device_changes.is_empty() || !pass.port_repairs.is_empty()
+    {
         info!(
             remote_nodes = pass.remote_nodes,
             changes = pass.applied.len(),
+            pod_ports_repaired = pass.port_repairs.len(),
             took_ms = took.as_millis() as u64,
             "overlay reconciled"
         );

@@ -526,3 +526,109 @@ fn batched_apply_reports_exactly_the_refused_requests() {
     assert!(routes
         .contains(&"10.129.43.0/24 via 10.129.43.0 dev vxlan0 src 10.128.0.1 onlink".to_string()));
 }
+
+/// `bridge -d link show dev NAME` says "hairpin on".
+fn master_and_hairpin(ns: &Netns, veth: &str) -> (String, bool) {
+    let link = ns.ip(&["-d", "link", "show", veth]);
+    let master = link
+        .split_whitespace()
+        .skip_while(|w| *w != "master")
+        .nth(1)
+        .unwrap_or("-")
+        .to_string();
+    (master, link.contains("hairpin on"))
+}
+
+#[test]
+fn a_recreated_tun0_gets_the_pods_back() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    let mut cfg = config(&dir);
+    cfg.cni_data_dir = Some(dir.path().join("ipam"));
+    let store = dir.path().join("ipam").join("rsdn");
+    std::fs::create_dir_all(&store).unwrap();
+    let nodes = three();
+    // First pass: tun0 exists; then three "pods" as the plugin leaves them: a record in the
+    // IPAM store and a host veth on tun0 with hairpin on. The third is being deleted (the
+    // plugin's DEL took it off the bridge and down and has not released its address yet).
+    passes(&ns, cfg.clone(), vec![model(&nodes)]);
+    let mut veths = Vec::new();
+    for (i, id) in ["pod-a", "pod-b", "pod-c"].iter().enumerate() {
+        let veth = rsdn_cni::names::host_veth_name(id, "eth0");
+        std::fs::write(
+            store.join(format!("10.128.0.{}", i + 2)),
+            format!("{id}\r\neth0"),
+        )
+        .unwrap();
+        let peer = format!("p{i}");
+        ns.ip(&[
+            "link", "add", &veth, "mtu", "1450", "type", "veth", "peer", "name", &peer,
+        ]);
+        ns.ip(&["link", "set", &veth, "master", "tun0", "up"]);
+        ns.ip(&[
+            "link",
+            "set",
+            &veth,
+            "type",
+            "bridge_slave",
+            "hairpin",
+            "on",
+        ]);
+        veths.push(veth);
+    }
+    ns.ip(&["link", "set", &veths[2], "nomaster", "down"]);
+
+    ns.ip(&["link", "del", "tun0"]);
+    for v in &veths[..2] {
+        assert_eq!(
+            master_and_hairpin(&ns, v).0,
+            "-",
+            "deleting tun0 detached {v}"
+        );
+    }
+    let p = passes(&ns, cfg.clone(), vec![model(&nodes), model(&nodes)]);
+    assert!(
+        p[0].device_changes
+            .iter()
+            .any(|c| c.contains("created bridge")),
+        "{:?}",
+        p[0].device_changes
+    );
+    assert_eq!(p[0].pod_ports, 3);
+    assert_eq!(p[0].port_repairs.len(), 2, "{:?}", p[0].port_repairs);
+    assert!(p[0].port_failures.is_empty(), "{:?}", p[0].port_failures);
+    for v in &veths[..2] {
+        assert_eq!(
+            master_and_hairpin(&ns, v),
+            ("tun0".to_string(), true),
+            "{v}"
+        );
+    }
+    assert_eq!(
+        master_and_hairpin(&ns, &veths[2]).0,
+        "-",
+        "a veth being deleted stays off"
+    );
+    assert!(p[1].port_repairs.is_empty(), "second pass: nothing to do");
+
+    // A port detached by hand, and one whose hairpin mode was turned off.
+    ns.ip(&["link", "set", &veths[0], "nomaster"]);
+    ns.ip(&[
+        "link",
+        "set",
+        &veths[1],
+        "type",
+        "bridge_slave",
+        "hairpin",
+        "off",
+    ]);
+    let p = passes(&ns, cfg, vec![model(&nodes)]);
+    assert_eq!(p[0].port_repairs.len(), 2, "{:?}", p[0].port_repairs);
+    for v in &veths[..2] {
+        assert_eq!(
+            master_and_hairpin(&ns, v),
+            ("tun0".to_string(), true),
+            "{v}"
+        );
+    }
+}

@@ -265,6 +265,39 @@ impl Store {
     }
 }
 
+/// The allocations in `dir` as they are now, read without taking the lock and without
+/// creating anything: for readers outside the plugin (the node daemon, which mounts the store
+/// read-only, re-attaches the pods' veths from it). A file removed while it is read is simply
+/// not listed; a missing directory holds nothing.
+pub fn read_allocations(dir: &Path) -> std::io::Result<Vec<Allocation>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        let Some(ip) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
+        match fs::read_to_string(entry.path()) {
+            Ok(content) => out.push(Allocation {
+                ip,
+                owner: Owner::parse(&content),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    out.sort_by_key(|a| a.ip);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,6 +420,38 @@ mod tests {
         );
         assert!(store.release("oldcontainer", "eth0").unwrap().is_empty());
         assert!(dir.path().join("not-an-ip").exists());
+    }
+
+    #[test]
+    fn allocations_are_read_without_the_lock_or_creating_anything() {
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("not-yet");
+        assert!(read_allocations(&missing).unwrap().is_empty());
+        assert!(!missing.exists(), "a reader creates nothing");
+        let pool = Pool::new(&network("10.128.0.0/29"));
+        let store = Store::open(d.path()).unwrap();
+        store.allocate(&pool, "c1", "eth0").unwrap();
+        store.allocate(&pool, "c2", "net1").unwrap();
+        // Read while the plugin holds the lock.
+        let got = read_allocations(d.path()).unwrap();
+        drop(store);
+        let owners: Vec<_> = got
+            .iter()
+            .map(|a| {
+                (
+                    a.ip.to_string(),
+                    a.owner.container_id.as_str(),
+                    a.owner.ifname.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("10.128.0.2".to_string(), "c1", Some("eth0")),
+                ("10.128.0.3".to_string(), "c2", Some("net1"))
+            ]
+        );
     }
 
     #[test]

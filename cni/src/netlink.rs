@@ -41,6 +41,8 @@ pub struct Link {
     /// Kind-specific settings (the VXLAN id, port, ... for a vxlan link).
     pub data: Option<InfoData>,
     pub up: bool,
+    /// For a bridge port: whether hairpin mode is on (None: not a bridge port, or not said).
+    pub hairpin: Option<bool>,
 }
 
 impl Link {
@@ -54,6 +56,7 @@ impl Link {
             kind: None,
             data: None,
             up: m.header.flags.contains(LinkFlags::Up),
+            hairpin: None,
         };
         for attr in &m.attributes {
             match attr {
@@ -66,6 +69,12 @@ impl Link {
                         match info {
                             LinkInfo::Kind(k) => link.kind = Some(k.clone()),
                             LinkInfo::Data(d) => link.data = Some(d.clone()),
+                            LinkInfo::PortData(InfoPortData::BridgePort(port)) => {
+                                link.hairpin = port.iter().find_map(|p| match p {
+                                    InfoBridgePort::HairpinMode(on) => Some(*on),
+                                    _ => None,
+                                });
+                            }
                             _ => {}
                         }
                     }

@@ -24,6 +24,7 @@ use rtnetlink::{
 };
 use tracing::{info, warn};
 
+use super::ports::PortRepair;
 use super::{batch, Action, Entries, RouteTarget, VtepMac, BRIDGE, ROUTE_PROTOCOL, VXLAN};
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,38 @@ impl Kernel {
         self.link(name)
             .await?
             .ok_or_else(|| KernelError::Setup(format!("{name} vanished right after creation")))
+    }
+
+    /// Every link of the namespace.
+    pub async fn links(&self) -> Result<Vec<Link>, KernelError> {
+        self.nl.links().await.map_err(nl("cannot list links"))
+    }
+
+    /// Puts one pod veth right: on the bridge and up with the MTU in one request, then hairpin
+    /// mode (a bridge port setting, so only once it is a port).
+    pub async fn repair_port(&self, bridge: u32, r: &PortRepair) -> Result<(), KernelError> {
+        if r.attach || r.mtu.is_some() {
+            let mut msg = LinkMessageBuilder::<LinkUnspec>::new().index(r.index);
+            if r.attach {
+                msg = msg.controller(bridge).up();
+            }
+            if let Some(mtu) = r.mtu {
+                msg = msg.mtu(mtu);
+            }
+            self.handle()
+                .link()
+                .change(msg.build())
+                .execute()
+                .await
+                .map_err(nl(format!("cannot attach {} to {BRIDGE}", r.veth)))?;
+        }
+        if r.hairpin {
+            self.nl
+                .set_hairpin(r.index)
+                .await
+                .map_err(nl(format!("cannot turn hairpin on for {}", r.veth)))?;
+        }
+        Ok(())
     }
 
     /// The index of vxlan0, if it exists.

@@ -18,6 +18,8 @@ pub struct OverlayMetrics {
     kernel_errors: Counter,
     skipped: Family<Labels, Gauge>,
     source_ready: Gauge,
+    pod_ports: Gauge,
+    port_repairs: Counter,
 }
 
 /// What one reconcile pass did, as far as the metrics go.
@@ -31,6 +33,10 @@ pub struct PassFigures {
     /// drifted (someone deleted a route, a device was recreated, ...).
     pub drift: bool,
     pub kernel_errors: usize,
+    /// Pod attachments the plugin's records list on this node.
+    pub pod_ports: usize,
+    /// Pod veths re-attached to tun0 (or whose hairpin mode or MTU was put right).
+    pub port_repairs: usize,
 }
 
 impl OverlayMetrics {
@@ -44,6 +50,8 @@ impl OverlayMetrics {
             kernel_errors: Counter::default(),
             skipped: Family::default(),
             source_ready: Gauge::default(),
+            pod_ports: Gauge::default(),
+            port_repairs: Counter::default(),
         };
         let r = registry.sub_registry_with_prefix("rsdn");
         r.register(
@@ -77,6 +85,16 @@ impl OverlayMetrics {
             m.skipped.clone(),
         );
         r.register(
+            "pod_ports",
+            "Pod attachments on this node, as the CNI plugin's IPAM records list them",
+            m.pod_ports.clone(),
+        );
+        r.register(
+            "pod_port_repairs",
+            "Pod veths put back on tun0, or whose hairpin mode or MTU was put right",
+            m.port_repairs.clone(),
+        );
+        r.register(
             "cluster_source_ready",
             "1 once the cluster source's initial state (the API server's lists) is in",
             m.source_ready.clone(),
@@ -96,6 +114,8 @@ impl OverlayMetrics {
             self.drift_repairs.inc_by(p.changes as u64);
         }
         self.kernel_errors.inc_by(p.kernel_errors as u64);
+        self.pod_ports.set(p.pod_ports as i64);
+        self.port_repairs.inc_by(p.port_repairs as u64);
     }
 
     pub fn pass_failed(&self) {
@@ -131,6 +151,8 @@ mod tests {
             changes: 9,
             drift: false,
             kernel_errors: 0,
+            pod_ports: 4,
+            port_repairs: 0,
         });
         m.passed(PassFigures {
             seconds: 0.001,
@@ -138,6 +160,8 @@ mod tests {
             changes: 1,
             drift: true,
             kernel_errors: 1,
+            pod_ports: 4,
+            port_repairs: 4,
         });
         m.pass_failed();
         let mut text = String::new();
@@ -148,6 +172,8 @@ mod tests {
             "rsdn_overlay_kernel_changes_total 10",
             "rsdn_overlay_drift_repairs_total 1",
             "rsdn_overlay_kernel_errors_total 2",
+            "rsdn_pod_ports 4",
+            "rsdn_pod_port_repairs_total 4",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");
         }

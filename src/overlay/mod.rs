@@ -8,6 +8,7 @@ pub mod batch;
 pub mod kernel;
 pub mod metrics;
 pub mod monitor;
+pub mod ports;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

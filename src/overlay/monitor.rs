@@ -15,6 +15,8 @@ use netlink_sys::{protocols::NETLINK_ROUTE, AsyncSocket, AsyncSocketExt, SocketA
 use tokio::sync::Notify;
 use tracing::warn;
 
+use rsdn_cni::names::VETH_PREFIX;
+
 use super::{BRIDGE, VXLAN};
 
 const RTM_NEWLINK: u16 = 16;
@@ -27,7 +29,8 @@ const GROUPS: [u32; 4] = [1, 3, 5, 7];
 const HEADER_LEN: usize = 16;
 
 /// Whether a datagram of notifications may mean our state drifted: any deletion of a link,
-/// address, route or neighbour (cheap to check by diff), or a change to tun0 or vxlan0.
+/// address, route or neighbour (cheap to check by diff), or a change to tun0, vxlan0 or a pod's
+/// host veth (taken off tun0 by hand, say).
 pub fn wakes(datagram: &[u8]) -> bool {
     let mut off = 0;
     while off + HEADER_LEN <= datagram.len() {
@@ -54,7 +57,7 @@ fn concerns_our_devices(message: &[u8]) -> bool {
         }) => l
             .attributes
             .iter()
-            .any(|a| matches!(a, LinkAttribute::IfName(n) if n == VXLAN || n == BRIDGE)),
+            .any(|a| matches!(a, LinkAttribute::IfName(n) if n == VXLAN || n == BRIDGE || n.starts_with(VETH_PREFIX))),
         _ => true,
     }
 }
@@ -127,12 +130,13 @@ mod tests {
     }
 
     #[test]
-    fn link_changes_wake_only_for_our_devices() {
+    fn link_changes_wake_only_for_our_devices_and_pod_veths() {
         assert!(wakes(&bytes(RouteNetlinkMessage::NewLink(link("vxlan0")))));
         assert!(wakes(&bytes(RouteNetlinkMessage::NewLink(link("tun0")))));
-        assert!(!wakes(&bytes(RouteNetlinkMessage::NewLink(link(
+        assert!(wakes(&bytes(RouteNetlinkMessage::NewLink(link(
             "rsdn0123456789a"
         )))));
+        assert!(!wakes(&bytes(RouteNetlinkMessage::NewLink(link("eth7")))));
     }
 
     #[test]
