@@ -9,6 +9,7 @@ pub mod http;
 pub mod install;
 pub mod lab;
 pub mod model;
+pub mod netfilter;
 pub mod overlay;
 pub mod proxy;
 pub mod source;
