@@ -15,12 +15,20 @@ use tracing::{debug, warn};
 
 use crate::model::{ClusterModel, ModelBuilder, ModelScope};
 
-/// Files the source reads; anything else in the directory is ignored.
+/// Files the source reads; anything else in the directory is ignored. Hidden names are
+/// temporaries of an atomic replace (`.NAME.tmp`, as `daemon::write_atomically` writes them)
+/// or a mounted ConfigMap's `..data` and `..2024_...` entries: reading them would see an object
+/// twice.
 fn is_manifest(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml" | "json")
-    )
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    !hidden
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
 }
 
 /// Identity of a file's content as far as re-reading goes.
@@ -336,6 +344,22 @@ mod tests {
         std::fs::write(d.path().join("README.txt"), "not a manifest").unwrap();
         let m = read_cluster_dir(d.path(), &scope()).unwrap();
         assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n1", "n2", "n3"]);
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    }
+
+    #[test]
+    fn hidden_and_temporary_files_are_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
+        // A file being replaced through a temporary name, and a mounted ConfigMap's entries.
+        std::fs::write(d.path().join(".tmp-n1.yaml"), N1).unwrap();
+        std::fs::write(d.path().join(".n1.yaml.tmp"), N1).unwrap();
+        std::fs::create_dir(d.path().join("..2024_01_01_00_00_00.1")).unwrap();
+        std::fs::write(d.path().join("..2024_01_01_00_00_00.1/n1.yaml"), N1).unwrap();
+        std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", d.path().join("..data")).unwrap();
+        std::fs::write(d.path().join("..n1.yaml"), N1).unwrap();
+        let m = read_cluster_dir(d.path(), &scope()).unwrap();
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n1"]);
         assert!(m.skipped.is_empty(), "{:?}", m.skipped);
     }
 
