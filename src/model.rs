@@ -116,16 +116,20 @@ impl ModelBuilder {
         }
     }
 
-    /// An EndpointSlice: all its endpoints, or (invalid) none of them.
+    /// An EndpointSlice: its valid endpoints, the invalid ones recorded as a partial skip of
+    /// the slice; none of them when the slice names no Service.
     pub fn add_endpoint_slice(&mut self, slice: &EndpointSlice) {
         let object = object_name("EndpointSlice", &slice.metadata);
         match svc::slice_endpoints(slice) {
-            Ok(Some(eps)) => {
+            Ok(Some(read)) => {
                 let key = (
                     slice.metadata.namespace.clone().unwrap_or_default(),
                     slice.metadata.name.clone().unwrap_or_default(),
                 );
-                self.endpoints.add(key, eps);
+                self.endpoints.add(key, read.endpoints);
+                if let Some(reason) = read.dropped {
+                    self.skip(object, reason);
+                }
             }
             Ok(None) => {}
             Err(reason) => self.skip(object, reason),
@@ -424,6 +428,69 @@ mod tests {
         assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["a", "ok", "ok2", "x3"]);
         let skipped: Vec<&str> = m.skipped.iter().map(|s| s.object.as_str()).collect();
         assert_eq!(skipped, ["Node/x1", "Node/x2"]);
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_saphyr::from_str(&format!(
+            "metadata: {{name: web-abc, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\n{yaml}"
+        ))
+        .unwrap()
+    }
+
+    /// The endpoints of `ns/web:port` and the skipped entries of a model of `slices`.
+    fn endpoints_of(slices: &[EndpointSlice], port: &str) -> (Vec<String>, Vec<Skipped>) {
+        let mut b = ModelBuilder::default();
+        for s in slices {
+            b.add_endpoint_slice(s);
+        }
+        let m = b.finish(&scope());
+        let spn = ServicePortName {
+            namespace: "ns".into(),
+            name: "web".into(),
+            port: port.into(),
+            protocol: svc::Protocol::Tcp,
+        };
+        let eps = m.services.endpoints.get(&spn).into_iter().flatten();
+        (eps.map(|e| e.to_string()).collect(), m.skipped)
+    }
+
+    #[test]
+    fn bad_addresses_drop_their_endpoints_not_the_slice() {
+        let s = slice(
+            "ports: [{name: http, port: 8080}]\nendpoints:\n- {addresses: [\"fd00::1\"]}\n- {addresses: [999.1.1.1]}\n- {addresses: [10.128.0.10]}\n",
+        );
+        let (eps, skipped) = endpoints_of(&[s], "http");
+        assert_eq!(eps, ["10.128.0.10:8080"]);
+        assert_eq!(
+            skipped,
+            [Skipped {
+                object: "EndpointSlice/ns/web-abc".into(),
+                reason: r#"2 of 3 endpoints dropped: address "fd00::1" is not IPv4; address "999.1.1.1" is not IPv4"#.into(),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_bad_port_drops_that_port_not_the_slice() {
+        let s = slice(
+            "ports: [{name: http, port: 8080}, {name: big, port: 70000}, {name: icmp, port: 7, protocol: ICMP}]\nendpoints:\n- {addresses: [10.128.0.10]}\n- {addresses: [bad]}\n",
+        );
+        let (eps, skipped) = endpoints_of(&[s], "http");
+        assert_eq!(eps, ["10.128.0.10:8080"]);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(
+            skipped[0].reason,
+            r#"1 of 2 endpoints dropped: address "bad" is not IPv4; 2 of 3 ports dropped: port 70000 is out of range; port "icmp": unknown protocol "ICMP""#
+        );
+    }
+
+    #[test]
+    fn a_slice_without_its_service_is_skipped_whole() {
+        let mut s = slice("ports: [{port: 80}]\nendpoints:\n- {addresses: [10.128.0.10]}\n");
+        s.metadata.labels = None;
+        let (eps, skipped) = endpoints_of(&[s], "");
+        assert!(eps.is_empty());
+        assert!(skipped[0].reason.contains("service-name"), "{skipped:?}");
     }
 
     #[test]
