@@ -244,7 +244,7 @@ pub async fn run(
     };
     let mut watching = false;
     let mut cache = Some(DirCache::default());
-    let mut first = true;
+    let mut publisher = super::Publisher::default();
     loop {
         if !watching {
             if let Some(w) = watcher.as_mut() {
@@ -273,7 +273,7 @@ pub async fn run(
         match result {
             Ok(model) => {
                 let what = format!("cluster directory {} read", dir.display());
-                if !super::publish(&tx, model, &mut first, &what, started.elapsed()) {
+                if !publisher.publish(&tx, model, &what, started.elapsed()) {
                     return;
                 }
             }

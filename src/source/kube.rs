@@ -182,7 +182,7 @@ pub async fn run(
         r = ready => if r.is_err() { return },
         _ = tx.closed() => return,
     }
-    let mut first = true;
+    let mut publisher = super::Publisher::default();
     let mut next_full = tokio::time::Instant::now() + reconcile;
     loop {
         let started = Instant::now();
@@ -192,12 +192,12 @@ pub async fn run(
             next_full = tokio::time::Instant::now() + reconcile;
         }
         let model = stores.model(&scope);
-        let what = if first {
+        let what = if !publisher.published() {
             "initial lists received from the API server"
         } else {
             "cluster model rebuilt from the API server's objects"
         };
-        if !super::publish(&tx, model, &mut first, what, started.elapsed()) {
+        if !publisher.publish(&tx, model, what, started.elapsed()) {
             return;
         }
         tokio::select! {
