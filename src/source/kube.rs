@@ -60,7 +60,8 @@ impl Stores {
     /// Builds the model from the stores; only objects whose resourceVersion changed are
     /// converted again. Objects are fed in a fixed order (kind, namespace/name), the order a
     /// directory of one file per object gives, so both sources build the same model.
-    fn model(&mut self, scope: &ModelScope) -> ClusterModel {
+    /// `previous` is the model published last: its nodes' subnet claims are established.
+    fn model(&mut self, scope: &ModelScope, previous: Option<&ClusterModel>) -> ClusterModel {
         let mut seen: Vec<(&'static str, String)> = Vec::new();
         let mut touch = |kind: &'static str,
                          key: String,
@@ -105,7 +106,7 @@ impl Stores {
         for k in &seen {
             builder.absorb(&self.parts[k].1);
         }
-        builder.finish(scope)
+        builder.finish_after(scope, previous)
     }
 }
 
@@ -191,7 +192,8 @@ pub async fn run(
             stores.parts.clear();
             next_full = tokio::time::Instant::now() + reconcile;
         }
-        let model = stores.model(&scope);
+        let previous = publisher.previous(&tx);
+        let model = stores.model(&scope, previous.as_deref());
         let what = if !publisher.published() {
             "initial lists received from the API server"
         } else {

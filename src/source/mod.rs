@@ -57,6 +57,12 @@ impl Publisher {
     pub fn published(&self) -> bool {
         self.published
     }
+
+    /// The model published last, `None` before the first: its nodes hold established subnet
+    /// claims the next model keeps (`ModelBuilder::finish_after`).
+    pub fn previous(&self, tx: &watch::Sender<Arc<ClusterModel>>) -> Option<Arc<ClusterModel>> {
+        self.published.then(|| Arc::clone(&tx.borrow()))
+    }
 }
 
 /// Which skipped objects to log after a rebuild: a skip when it appears or its reason changes,
@@ -111,6 +117,7 @@ mod tests {
         Skipped {
             object: object.into(),
             reason: reason.into(),
+            conflicts_with: None,
         }
     }
 
