@@ -242,9 +242,11 @@ pub async fn run(
             .await
             .with_context(|| format!("cannot serve /healthz on {addr}"))?;
     }
+    let kernel = Kernel::connect()?;
     let scope = ModelScope {
         cluster_network: config.cluster_network,
         local_node: config.node_name.clone(),
+        programmed: programmed_claims(&kernel, config.cluster_network).await,
     };
     // The model is shared, not copied, by every reader and every pass.
     let (model_tx, mut model_rx) = watch::channel(Arc::new(ClusterModel::default()));
@@ -290,7 +292,6 @@ pub async fn run(
         health.clone(),
     ));
 
-    let kernel = Kernel::connect()?;
     let mut reconciler = Reconciler::new(config, kernel);
     let mut last_waiting: Option<String> = None;
     // The model of the last clean pass: changes made on the same model repair drift.
@@ -339,6 +340,33 @@ pub async fn run(
                 info!("shutting down; the datapath stays in place");
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The subnet claims (pod subnet -> node IP) the kernel holds from an earlier run; none when
+/// vxlan0 does not exist yet. Read before the cluster source starts: a restarted daemon has no
+/// previous model, and a newcomer must not take over a subnet whose traffic already flows.
+pub async fn programmed_claims(
+    kernel: &Kernel,
+    cluster_network: Ipv4Net,
+) -> BTreeMap<Ipv4Net, Ipv4Addr> {
+    let observed = match kernel.vxlan_index().await {
+        Ok(Some(vxlan)) => kernel
+            .observe(vxlan, cluster_network)
+            .await
+            .map(|e| e.claims()),
+        Ok(None) => Ok(BTreeMap::new()),
+        Err(e) => Err(e),
+    };
+    match observed {
+        Ok(claims) => {
+            info!(claims = claims.len(), "subnet claims found in the kernel");
+            claims
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot read the overlay entries of an earlier run; subnet claims count as established from the first model on");
+            BTreeMap::new()
         }
     }
 }

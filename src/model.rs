@@ -49,6 +49,8 @@ pub struct Skipped {
     /// Where it came from: "Node/name", or a file for unparsable input.
     pub object: String,
     pub reason: String,
+    /// For a Node left out because its podCIDR overlaps another node's: that node.
+    pub conflicts_with: Option<String>,
 }
 
 /// One consistent view of the cluster.
@@ -59,12 +61,33 @@ pub struct ClusterModel {
     pub skipped: Vec<Skipped>,
 }
 
+impl ClusterModel {
+    /// The Nodes left out because their podCIDR overlaps another node's.
+    pub fn conflicts(&self) -> impl Iterator<Item = &Skipped> {
+        self.skipped.iter().filter(|s| s.conflicts_with.is_some())
+    }
+}
+
 /// What the model builder needs to know about the local configuration.
 #[derive(Debug, Clone)]
 pub struct ModelScope {
     pub cluster_network: Ipv4Net,
     /// The local node always wins a subnet conflict: its pods already use that subnet.
     pub local_node: String,
+    /// The subnet claims (pod subnet -> node IP) the kernel held when the daemon started, read
+    /// from vxlan0's routes, neighbours and FDB: established claims for the first model, when
+    /// there is no previous one (see `ModelBuilder::finish_after`).
+    pub programmed: BTreeMap<Ipv4Net, Ipv4Addr>,
+}
+
+/// Where a node's subnet claim ranks in an overlap: the first wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    /// The local node: its pods already use the subnet.
+    Local,
+    /// Traffic for the subnet already flows to this node (see `ModelBuilder::finish_after`).
+    Established,
+    New,
 }
 
 /// Collects objects from a source, then validates them together (overlaps need all of them).
@@ -89,6 +112,7 @@ impl ModelBuilder {
         self.skipped.push(Skipped {
             object: object.into(),
             reason: reason.into(),
+            conflicts_with: None,
         });
     }
 
@@ -116,16 +140,20 @@ impl ModelBuilder {
         }
     }
 
-    /// An EndpointSlice: all its endpoints, or (invalid) none of them.
+    /// An EndpointSlice: its valid endpoints, the invalid ones recorded as a partial skip of
+    /// the slice; none of them when the slice names no Service.
     pub fn add_endpoint_slice(&mut self, slice: &EndpointSlice) {
         let object = object_name("EndpointSlice", &slice.metadata);
         match svc::slice_endpoints(slice) {
-            Ok(Some(eps)) => {
+            Ok(Some(read)) => {
                 let key = (
                     slice.metadata.namespace.clone().unwrap_or_default(),
                     slice.metadata.name.clone().unwrap_or_default(),
                 );
-                self.endpoints.add(key, eps);
+                self.endpoints.add(key, read.endpoints);
+                if let Some(reason) = read.dropped {
+                    self.skip(object, reason);
+                }
             }
             Ok(None) => {}
             Err(reason) => self.skip(object, reason),
@@ -133,11 +161,39 @@ impl ModelBuilder {
     }
 
     /// Applies the checks that need the whole set: inside the cluster network, unique names,
-    /// no overlapping subnets (the local node first, then the oldest claim wins).
-    pub fn finish(mut self, scope: &ModelScope) -> ClusterModel {
-        self.candidates.sort_by(|(ta, a), (tb, b)| {
-            let local = |n: &ClusterNode| n.name != scope.local_node;
-            (local(a), ta.is_none(), ta, &a.name).cmp(&(local(b), tb.is_none(), tb, &b.name))
+    /// no overlapping subnets. For a source's first model: the kernel's claims in the scope
+    /// are the established ones.
+    pub fn finish(self, scope: &ModelScope) -> ClusterModel {
+        self.finish_after(scope, None)
+    }
+
+    /// `finish`, for a source that published `previous` last (`None` before its first model).
+    /// Of overlapping subnets, the local node's wins (its pods use it), then an established
+    /// claim (a node of `previous` with the same subnet; before the first model, a claim the
+    /// kernel holds, `scope.programmed`), then the oldest `creationTimestamp` (present before
+    /// missing), then the first name. A newcomer, however old it looks, never takes over a
+    /// subnet whose traffic already flows to another node.
+    pub fn finish_after(self, scope: &ModelScope, previous: Option<&ClusterModel>) -> ClusterModel {
+        let standing = |n: &ClusterNode| {
+            let established = match previous {
+                Some(p) => p.nodes.get(&n.name).is_some_and(|o| o.subnet == n.subnet),
+                None => scope.programmed.get(&n.subnet.0) == Some(&n.ip),
+            };
+            if n.name == scope.local_node {
+                Standing::Local
+            } else if established {
+                Standing::Established
+            } else {
+                Standing::New
+            }
+        };
+        let mut candidates: Vec<(Standing, Option<String>, ClusterNode)> = self
+            .candidates
+            .into_iter()
+            .map(|(created, node)| (standing(&node), created, node))
+            .collect();
+        candidates.sort_by(|(sa, ta, a), (sb, tb, b)| {
+            (sa, ta.is_none(), ta, &a.name).cmp(&(sb, tb.is_none(), tb, &b.name))
         });
         let mut model = ClusterModel {
             nodes: BTreeMap::new(),
@@ -150,15 +206,16 @@ impl ModelBuilder {
                 model.skipped.push(Skipped {
                     object: format!("Service/{}/{}", spn.namespace, spn.name),
                     reason: format!("duplicate Service port {spn} ({})", spn.protocol.as_str()),
+                    conflicts_with: None,
                 });
                 continue;
             }
             model.services.ports.insert(spn, port);
         }
-        // Accepted subnets by first address -> (last address, node): an overlap is found with
-        // the one before and the ones starting inside, in O(log n).
-        let mut taken: BTreeMap<u32, (u32, String)> = BTreeMap::new();
-        for (_, node) in self.candidates {
+        // Accepted subnets by first address -> (last address, node, its standing): an overlap
+        // is found with the one before and the ones starting inside, in O(log n).
+        let mut taken: BTreeMap<u32, (u32, String, Standing)> = BTreeMap::new();
+        for (standing, _, node) in candidates {
             let object = format!("Node/{}", node.name);
             if !scope.cluster_network.contains(&node.subnet.0) {
                 model.skipped.push(Skipped {
@@ -167,6 +224,7 @@ impl ModelBuilder {
                         "podCIDR {} is outside the cluster network {}",
                         node.subnet, scope.cluster_network
                     ),
+                    conflicts_with: None,
                 });
                 continue;
             }
@@ -174,6 +232,7 @@ impl ModelBuilder {
                 model.skipped.push(Skipped {
                     object,
                     reason: "duplicate node name".into(),
+                    conflicts_with: None,
                 });
                 continue;
             }
@@ -184,20 +243,28 @@ impl ModelBuilder {
             let before = taken
                 .range(..=first)
                 .next_back()
-                .filter(|(_, (end, _))| *end >= first);
+                .filter(|(_, (end, _, _))| *end >= first);
             let inside = taken.range(first..=last).next();
-            if let Some((_, (_, other))) = before.or(inside) {
+            if let Some((_, (_, other, why))) = before.or(inside) {
                 let other = &model.nodes[other];
+                let (s, o, n) = (node.subnet, other.subnet, &other.name);
                 model.skipped.push(Skipped {
                     object,
-                    reason: format!(
-                        "podCIDR {} overlaps {} of node {}",
-                        node.subnet, other.subnet, other.name
-                    ),
+                    reason: match why {
+                        Standing::Local => {
+                            format!("podCIDR {s} overlaps {o} of node {n}, the local node")
+                        }
+                        Standing::Established => format!(
+                            "podCIDR {s} overlaps {o}, an established claim of node {n} \
+                             (a newcomer never takes over a subnet in use)"
+                        ),
+                        Standing::New => format!("podCIDR {s} overlaps {o} of node {n}"),
+                    },
+                    conflicts_with: Some(n.clone()),
                 });
                 continue;
             }
-            taken.insert(first, (last, node.name.clone()));
+            taken.insert(first, (last, node.name.clone(), standing));
             model.nodes.insert(node.name.clone(), node);
         }
         model
@@ -299,6 +366,7 @@ mod tests {
         ModelScope {
             cluster_network: "10.128.0.0/14".parse().unwrap(),
             local_node: "a".into(),
+            programmed: Default::default(),
         }
     }
 
@@ -424,6 +492,237 @@ mod tests {
         assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["a", "ok", "ok2", "x3"]);
         let skipped: Vec<&str> = m.skipped.iter().map(|s| s.object.as_str()).collect();
         assert_eq!(skipped, ["Node/x1", "Node/x2"]);
+    }
+
+    fn slice(yaml: &str) -> EndpointSlice {
+        serde_saphyr::from_str(&format!(
+            "metadata: {{name: web-abc, namespace: ns, labels: {{kubernetes.io/service-name: web}}}}\naddressType: IPv4\n{yaml}"
+        ))
+        .unwrap()
+    }
+
+    /// The endpoints of `ns/web:port` and the skipped entries of a model of `slices`.
+    fn endpoints_of(slices: &[EndpointSlice], port: &str) -> (Vec<String>, Vec<Skipped>) {
+        let mut b = ModelBuilder::default();
+        for s in slices {
+            b.add_endpoint_slice(s);
+        }
+        let m = b.finish(&scope());
+        let spn = ServicePortName {
+            namespace: "ns".into(),
+            name: "web".into(),
+            port: port.into(),
+            protocol: svc::Protocol::Tcp,
+        };
+        let eps = m.services.endpoints.get(&spn).into_iter().flatten();
+        (eps.map(|e| e.to_string()).collect(), m.skipped)
+    }
+
+    #[test]
+    fn bad_addresses_drop_their_endpoints_not_the_slice() {
+        let s = slice(
+            "ports: [{name: http, port: 8080}]\nendpoints:\n- {addresses: [\"fd00::1\"]}\n- {addresses: [999.1.1.1]}\n- {addresses: [10.128.0.10]}\n",
+        );
+        let (eps, skipped) = endpoints_of(&[s], "http");
+        assert_eq!(eps, ["10.128.0.10:8080"]);
+        assert_eq!(
+            skipped,
+            [Skipped {
+                object: "EndpointSlice/ns/web-abc".into(),
+                reason: r#"2 of 3 endpoints dropped: address "fd00::1" is not IPv4; address "999.1.1.1" is not IPv4"#.into(),
+                conflicts_with: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn a_bad_port_drops_that_port_not_the_slice() {
+        let s = slice(
+            "ports: [{name: http, port: 8080}, {name: big, port: 70000}, {name: icmp, port: 7, protocol: ICMP}]\nendpoints:\n- {addresses: [10.128.0.10]}\n- {addresses: [bad]}\n",
+        );
+        let (eps, skipped) = endpoints_of(&[s], "http");
+        assert_eq!(eps, ["10.128.0.10:8080"]);
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert_eq!(
+            skipped[0].reason,
+            r#"1 of 2 endpoints dropped: address "bad" is not IPv4; 2 of 3 ports dropped: port 70000 is out of range; port "icmp": unknown protocol "ICMP""#
+        );
+    }
+
+    #[test]
+    fn a_slice_without_its_service_is_skipped_whole() {
+        let mut s = slice("ports: [{port: 80}]\nendpoints:\n- {addresses: [10.128.0.10]}\n");
+        s.metadata.labels = None;
+        let (eps, skipped) = endpoints_of(&[s], "");
+        assert!(eps.is_empty());
+        assert!(skipped[0].reason.contains("service-name"), "{skipped:?}");
+    }
+
+    /// Who holds what after a build: accepted node names, and skipped Node -> winner.
+    fn outcome(m: &ClusterModel) -> (Vec<&str>, Vec<(&str, &str)>) {
+        let conflicts = m
+            .conflicts()
+            .map(|s| (s.object.as_str(), s.conflicts_with.as_deref().unwrap_or("")))
+            .collect();
+        (m.nodes.keys().map(String::as_str).collect(), conflicts)
+    }
+
+    fn build(
+        nodes: &[Node],
+        previous: Option<&ClusterModel>,
+        kernel: &[(&str, &str)],
+    ) -> ClusterModel {
+        let mut b = ModelBuilder::default();
+        for n in nodes {
+            b.add_node(n);
+        }
+        let mut scope = scope();
+        scope.programmed = kernel
+            .iter()
+            .map(|(subnet, ip)| (subnet.parse().unwrap(), ip.parse().unwrap()))
+            .collect();
+        b.finish_after(&scope, previous)
+    }
+
+    /// The local node and two remote nodes without creationTimestamps, as the lab and many
+    /// hand-written directories have them; what the kernel holds for the remote ones.
+    fn established() -> (Vec<Node>, [(&'static str, &'static str); 2]) {
+        let nodes = vec![
+            node("a", Some("10.128.0.0/23"), Some("192.168.1.11"), None),
+            node("node2", Some("10.128.2.0/23"), Some("192.168.1.12"), None),
+            node("node3", Some("10.128.4.0/23"), Some("192.168.1.13"), None),
+        ];
+        let kernel = [
+            ("10.128.2.0/23", "192.168.1.12"),
+            ("10.128.4.0/23", "192.168.1.13"),
+        ];
+        (nodes, kernel)
+    }
+
+    #[test]
+    fn a_newcomer_never_displaces_an_established_claim() {
+        let (nodes, kernel) = established();
+        let before = build(&nodes, None, &[]);
+        assert_eq!(outcome(&before), (vec!["a", "node2", "node3"], vec![]));
+        let newcomers = [
+            // node2's podCIDR, with a timestamp (present sorted before missing).
+            (
+                node(
+                    "zzz-new",
+                    Some("10.128.2.0/23"),
+                    Some("192.168.1.99"),
+                    Some("2020-01-01T00:00:00Z"),
+                ),
+                "node2",
+            ),
+            // A /22 over node3's /23.
+            (
+                node(
+                    "big",
+                    Some("10.128.4.0/22"),
+                    Some("192.168.1.98"),
+                    Some("2020-01-01T00:00:00Z"),
+                ),
+                "node3",
+            ),
+            // No timestamp either, and "node10" < "node2".
+            (
+                node("node10", Some("10.128.2.0/23"), Some("192.168.1.97"), None),
+                "node2",
+            ),
+        ];
+        for (newcomer, holder) in newcomers {
+            let name = newcomer.metadata.name.clone().unwrap();
+            let mut all = nodes.clone();
+            all.push(newcomer);
+            // Established by the previous model, or (a restarted daemon) by the kernel.
+            for (how, m) in [
+                ("previous model", build(&all, Some(&before), &[])),
+                ("kernel claims", build(&all, None, &kernel)),
+            ] {
+                let object = format!("Node/{name}");
+                assert_eq!(
+                    outcome(&m),
+                    (vec!["a", "node2", "node3"], vec![(object.as_str(), holder)]),
+                    "{name}, established by the {how}"
+                );
+                let reason = &m.conflicts().next().unwrap().reason;
+                assert!(
+                    reason.contains(&format!("established claim of node {holder}")),
+                    "{reason}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_local_node_still_wins_over_an_established_claim() {
+        let (mut nodes, kernel) = established();
+        let before = build(&nodes, None, &[]);
+        nodes[0] = node("a", Some("10.128.2.0/23"), Some("192.168.1.11"), None);
+        for m in [
+            build(&nodes, Some(&before), &[]),
+            build(&nodes, None, &kernel),
+        ] {
+            assert_eq!(outcome(&m), (vec!["a", "node3"], vec![("Node/node2", "a")]));
+        }
+    }
+
+    #[test]
+    fn a_node_that_leaves_frees_its_subnet_for_the_next_claimant() {
+        let (nodes, kernel) = established();
+        let before = build(&nodes, None, &kernel);
+        let zzz = node("zzz-new", Some("10.128.2.0/23"), Some("192.168.1.99"), None);
+        let without_node2 = [nodes[0].clone(), nodes[2].clone(), zzz];
+        let after = build(&without_node2, Some(&before), &kernel);
+        assert_eq!(outcome(&after), (vec!["a", "node3", "zzz-new"], vec![]));
+        // node2 comes back: zzz-new holds the subnet now. The kernel's claims of the daemon's
+        // start count only until the first model; afterwards the previous model says.
+        let mut all = without_node2.to_vec();
+        all.push(nodes[1].clone());
+        let back = build(&all, Some(&after), &kernel);
+        assert_eq!(
+            outcome(&back),
+            (
+                vec!["a", "node3", "zzz-new"],
+                vec![("Node/node2", "zzz-new")]
+            )
+        );
+    }
+
+    #[test]
+    fn between_newcomers_the_oldest_then_the_name_wins() {
+        let (nodes, _) = established();
+        let before = build(&nodes, None, &[]);
+        let mut all = nodes.clone();
+        all.extend([
+            node(
+                "young",
+                Some("10.128.8.0/23"),
+                Some("192.168.1.8"),
+                Some("2026-01-01T00:00:00Z"),
+            ),
+            node(
+                "old",
+                Some("10.128.8.0/23"),
+                Some("192.168.1.9"),
+                Some("2021-01-01T00:00:00Z"),
+            ),
+            node("x2", Some("10.128.10.0/23"), Some("192.168.1.10"), None),
+            node("x1", Some("10.128.10.0/23"), Some("192.168.1.14"), None),
+        ]);
+        // A kernel claim by another node IP than the candidate's establishes nothing.
+        let stale = [("10.128.10.0/23", "192.168.1.200")];
+        for m in [build(&all, Some(&before), &[]), build(&all, None, &stale)] {
+            let (kept, lost) = outcome(&m);
+            assert_eq!(kept, ["a", "node2", "node3", "old", "x1"]);
+            assert_eq!(lost, [("Node/young", "old"), ("Node/x2", "x1")]);
+            let reason = &m.conflicts().next().unwrap().reason;
+            assert_eq!(
+                reason,
+                "podCIDR 10.128.8.0/23 overlaps 10.128.8.0/23 of node old"
+            );
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn scope() -> ModelScope {
     ModelScope {
         cluster_network: "10.128.0.0/14".parse().unwrap(),
         local_node: "n1".into(),
+        programmed: Default::default(),
     }
 }
 
@@ -285,6 +286,41 @@ fn changes_bookmarks_a_dropped_connection_and_410_gone() {
         assert!(server.requests().gone_sent >= 3);
         server.apply(b).unwrap();
         model_where(&mut rx, "n2 back", |m| m.nodes.contains_key("n2")).await;
+    });
+}
+
+/// A newcomer whose podCIDR overlaps a node of the published model is left out, however old
+/// its creationTimestamp says it is: the subnet's traffic already goes to the established node.
+#[test]
+fn a_new_node_does_not_take_over_a_published_subnet() {
+    need_root!();
+    with_source("kubeclaim", |server, mut rx| async move {
+        for (name, ip, created) in [
+            ("n1", "192.168.1.11", "2025-01-01T00:00:00Z"),
+            ("node2", "192.168.1.12", "2025-01-02T00:00:00Z"),
+        ] {
+            let cidr = if name == "n1" {
+                "10.128.0.0/23"
+            } else {
+                "10.128.2.0/23"
+            };
+            server.apply(node(name, ip, Some(cidr), created)).unwrap();
+        }
+        model_where(&mut rx, "node2", |m| m.nodes.contains_key("node2")).await;
+        let newcomer = node(
+            "zzz-new",
+            "192.168.1.99",
+            Some("10.128.2.0/23"),
+            "2020-01-01T00:00:00Z",
+        );
+        server.apply(newcomer).unwrap();
+        let m = model_where(&mut rx, "the conflict", |m| m.conflicts().count() == 1).await;
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n1", "node2"]);
+        let lost = m.conflicts().next().unwrap();
+        assert_eq!(
+            (lost.object.as_str(), lost.conflicts_with.as_deref()),
+            ("Node/zzz-new", Some("node2"))
+        );
     });
 }
 

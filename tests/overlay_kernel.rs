@@ -214,6 +214,26 @@ fn from_empty_programs_devices_entries_and_conflist_then_changes_nothing() {
     assert_eq!(list["plugins"][0]["mtu"], 1450);
 }
 
+/// What a restarted daemon reads back before its cluster source starts: the remote nodes'
+/// subnet claims, which no newcomer may take over; nothing while vxlan0 does not exist.
+#[test]
+fn the_kernel_tells_a_restarted_daemon_its_subnet_claims() {
+    need_root!();
+    let (ns, dir) = node_ns();
+    let net = config(&dir).cluster_network;
+    let before = in_ns(&ns, move |k| async move {
+        rsdn::daemon::programmed_claims(&k, net).await
+    });
+    assert!(before.is_empty(), "{before:?}");
+    passes(&ns, config(&dir), vec![model(&three())]);
+    let after = in_ns(&ns, move |k| async move {
+        rsdn::daemon::programmed_claims(&k, net).await
+    });
+    let want: std::collections::BTreeMap<_, _> =
+        three()[1..].iter().map(|n| (n.subnet.0, n.ip)).collect();
+    assert_eq!(after, want);
+}
+
 #[test]
 fn waits_without_programming_anything_until_the_local_node_is_known() {
     need_root!();

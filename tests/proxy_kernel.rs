@@ -31,6 +31,7 @@ fn services(yaml: &str) -> Services {
     b.finish(&ModelScope {
         cluster_network: "10.128.0.0/14".parse().unwrap(),
         local_node: "n1".into(),
+        programmed: Default::default(),
     })
     .services
 }

@@ -17,6 +17,7 @@ pub struct OverlayMetrics {
     drift_repairs: Counter,
     kernel_errors: Counter,
     skipped: Family<Labels, Gauge>,
+    subnet_conflicts: Gauge,
     source_ready: Gauge,
     pod_ports: Gauge,
     port_repairs: Counter,
@@ -49,6 +50,7 @@ impl OverlayMetrics {
             drift_repairs: Counter::default(),
             kernel_errors: Counter::default(),
             skipped: Family::default(),
+            subnet_conflicts: Gauge::default(),
             source_ready: Gauge::default(),
             pod_ports: Gauge::default(),
             port_repairs: Counter::default(),
@@ -95,6 +97,11 @@ impl OverlayMetrics {
             m.port_repairs.clone(),
         );
         r.register(
+            "node_subnet_conflicts",
+            "Nodes left out of the model because their podCIDR overlaps another node's",
+            m.subnet_conflicts.clone(),
+        );
+        r.register(
             "cluster_source_ready",
             "1 once the cluster source's initial state (the API server's lists) is in",
             m.source_ready.clone(),
@@ -122,9 +129,11 @@ impl OverlayMetrics {
         self.kernel_errors.inc();
     }
 
-    /// The model of the cluster was (re)built: counts of skipped objects by kind.
+    /// The model of the cluster was (re)built: counts of skipped objects by kind, and of
+    /// subnet conflicts.
     pub fn model(&self, model: &crate::model::ClusterModel) {
         self.source_ready.set(1);
+        self.subnet_conflicts.set(model.conflicts().count() as i64);
         let kinds = ["Node", "Service", "EndpointSlice"];
         let mut counts = [0i64; 4];
         for s in &model.skipped {
@@ -140,6 +149,35 @@ impl OverlayMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn skipped_objects_by_kind_and_subnet_conflicts() {
+        use crate::model::{ModelBuilder, ModelScope};
+        let mut reg = Registry::default();
+        let m = OverlayMetrics::register(&mut reg);
+        let mut b = ModelBuilder::default();
+        crate::source::dir::add_documents(
+            &mut b,
+            "x.yaml",
+            "kind: Node\nmetadata: {name: a}\nspec: {podCIDR: 10.128.0.0/23}\nstatus: {addresses: [{type: InternalIP, address: 192.168.1.1}]}\n---\n\
+             kind: Node\nmetadata: {name: b}\nspec: {podCIDR: 10.128.0.0/24}\nstatus: {addresses: [{type: InternalIP, address: 192.168.1.2}]}\n---\n\
+             kind: Node\nmetadata: {name: c}\n",
+        );
+        m.model(&b.finish(&ModelScope {
+            cluster_network: "10.128.0.0/14".parse().unwrap(),
+            local_node: "a".into(),
+            programmed: Default::default(),
+        }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        for want in [
+            "rsdn_node_subnet_conflicts 1",
+            "rsdn_cluster_objects_skipped{kind=\"Node\"} 2",
+            "rsdn_cluster_source_ready 1",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+    }
 
     #[test]
     fn drift_is_counted_apart_from_changes() {

@@ -69,6 +69,28 @@ pub struct Entries {
     pub routes: BTreeMap<Ipv4Net, RouteTarget>,
 }
 
+impl Entries {
+    /// The pod subnet claims these entries carry, pod subnet -> node IP: a route whose VTEP IP
+    /// has a neighbour whose MAC has an FDB destination. What a restarted daemon finds of the
+    /// model it programmed before.
+    pub fn claims(&self) -> BTreeMap<Ipv4Net, Ipv4Addr> {
+        let node_ip = |mac: VtepMac| {
+            self.fdb
+                .range((mac, Ipv4Addr::UNSPECIFIED)..)
+                .next()
+                .filter(|(m, _)| *m == mac)
+                .map(|(_, ip)| *ip)
+        };
+        self.routes
+            .iter()
+            .filter_map(|(subnet, target)| {
+                let mac = self.neigh.get(&target.via)?;
+                Some((*subnet, node_ip(*mac)?))
+            })
+            .collect()
+    }
+}
+
 /// The desired entries for `local` given every other node.
 pub fn desired<'a>(
     local: &ClusterNode,
@@ -170,6 +192,30 @@ mod tests {
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn claims_are_complete_route_neighbour_fdb_chains() {
+        let nodes = [
+            node("a", "192.168.1.11", "10.128.0.0/23"),
+            node("b", "192.168.1.12", "10.128.2.0/23"),
+            node("c", "192.168.1.13", "10.128.4.0/23"),
+            node("d", "192.168.1.14", "10.128.6.0/24"),
+        ];
+        let mut e = desired(&nodes[0], &nodes);
+        let all: BTreeMap<Ipv4Net, Ipv4Addr> =
+            nodes[1..].iter().map(|n| (n.subnet.0, n.ip)).collect();
+        assert_eq!(e.claims(), all);
+        // c without its FDB entry, d without its neighbour: traffic for them goes nowhere, so
+        // they claim nothing.
+        e.fdb
+            .remove(&(VtepMac::of(ip("192.168.1.13")), ip("192.168.1.13")));
+        e.neigh.remove(&ip("10.128.6.0"));
+        assert_eq!(
+            e.claims(),
+            BTreeMap::from([(net("10.128.2.0/23"), ip("192.168.1.12"))])
+        );
+        assert_eq!(Entries::default().claims(), BTreeMap::new());
     }
 
     fn cluster() -> Vec<ClusterNode> {

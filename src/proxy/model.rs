@@ -265,11 +265,22 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
 }
 
 /// The Service a slice belongs to (namespace, name) and its endpoints per (port name,
-/// protocol). Slices of another address type yield nothing; so do endpoints without an
-/// address and ports without a number (kube-proxy skips them too).
+/// protocol).
 pub type SliceEndpoints = ((String, String), Vec<((String, Protocol), Endpoint)>);
 
-pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, String> {
+/// A slice as the proxy takes it: the endpoints it yields, and what was dropped from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceRead {
+    pub endpoints: SliceEndpoints,
+    /// How many endpoints and ports were dropped as invalid, and why; `None` when none was.
+    pub dropped: Option<String>,
+}
+
+/// Reads a slice. Slices of another address type yield nothing; endpoints without an address
+/// and ports without a number are left out silently (kube-proxy skips them too). An invalid
+/// endpoint or port is dropped with a reason and the rest is kept: one bad address must not
+/// take a Service's other endpoints away. Only a slice that names no Service fails whole.
+pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, String> {
     let namespace = slice
         .metadata
         .namespace
@@ -286,27 +297,42 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, 
     if slice.address_type != "IPv4" {
         return Ok(None);
     }
-    let mut out = Vec::new();
-    for port in slice.ports.iter().flatten() {
+    let all_ports = slice.ports.as_deref().unwrap_or_default();
+    let (mut ports, mut bad_ports) = (Vec::new(), Vec::new());
+    for port in all_ports {
         let Some(number) = port.port else { continue };
-        let number = port_number(number, "endpoint port")?;
-        let key = (
-            port.name.clone().unwrap_or_default(),
-            Protocol::parse(port.protocol.as_deref())?,
-        );
-        for ep in &slice.endpoints {
-            let Some(addr) = ep.addresses.first() else {
-                continue;
-            };
+        let name = port.name.clone().unwrap_or_default();
+        let read = port_number(number, "port").and_then(|number| {
+            let protocol = Protocol::parse(port.protocol.as_deref())
+                .map_err(|e| format!("port {name:?}: {e}"))?;
+            Ok(((name, protocol), number))
+        });
+        match read {
+            Ok(p) => ports.push(p),
+            Err(e) => bad_ports.push(e),
+        }
+    }
+    let (mut addressed, mut bad_endpoints) = (Vec::new(), Vec::new());
+    for ep in &slice.endpoints {
+        let Some(addr) = ep.addresses.first() else {
+            continue;
+        };
+        match addr.parse::<Ipv4Addr>() {
+            Ok(ip) => addressed.push((ip, ep)),
+            Err(_) => bad_endpoints.push(format!("address {addr:?} is not IPv4")),
+        }
+    }
+    let mut out = Vec::new();
+    for (key, number) in &ports {
+        for (ip, ep) in &addressed {
             let c = ep.conditions.as_ref();
-            let ready = c.and_then(|c| c.ready).unwrap_or(true);
             out.push((
                 key.clone(),
                 Endpoint {
-                    ip: ipv4(addr, "endpoint address")?,
-                    port: number,
+                    ip: *ip,
+                    port: *number,
                     node: ep.node_name.clone(),
-                    ready,
+                    ready: c.and_then(|c| c.ready).unwrap_or(true),
                     // The API says an absent serving condition means true (not "same as ready").
                     serving: c.and_then(|c| c.serving).unwrap_or(true),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
@@ -314,7 +340,35 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceEndpoints>, 
             ));
         }
     }
-    Ok(Some(((namespace, service), out)))
+    let dropped = [
+        dropped("endpoints", &bad_endpoints, slice.endpoints.len()),
+        dropped("ports", &bad_ports, all_ports.len()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>();
+    Ok(Some(SliceRead {
+        endpoints: ((namespace, service), out),
+        dropped: (!dropped.is_empty()).then(|| dropped.join("; ")),
+    }))
+}
+
+/// "2 of 3 endpoints dropped: why; why", naming the first few reasons only: a slice holds up to
+/// 1000 endpoints, and the reason goes into a log line.
+fn dropped(what: &str, reasons: &[String], of: usize) -> Option<String> {
+    const NAMED: usize = 5;
+    if reasons.is_empty() {
+        return None;
+    }
+    let mut text = format!(
+        "{} of {of} {what} dropped: {}",
+        reasons.len(),
+        reasons[..reasons.len().min(NAMED)].join("; ")
+    );
+    if reasons.len() > NAMED {
+        text += &format!("; and {} more", reasons.len() - NAMED);
+    }
+    Some(text)
 }
 
 /// Every proxied Service port and its endpoints: what the ruleset is computed from.
@@ -528,8 +582,12 @@ status:
         );
         let mut builder = EndpointsBuilder::default();
         for s in [&b, &a] {
-            let eps = slice_endpoints(s).unwrap().unwrap();
-            builder.add(("ns".into(), s.metadata.name.clone().unwrap()), eps);
+            let read = slice_endpoints(s).unwrap().unwrap();
+            assert_eq!(read.dropped, None);
+            builder.add(
+                ("ns".into(), s.metadata.name.clone().unwrap()),
+                read.endpoints,
+            );
         }
         let merged = builder.finish("n1");
         assert_eq!(merged.len(), 1, "the port without a number is skipped");
@@ -556,6 +614,21 @@ status:
     }
 
     #[test]
+    fn a_reason_names_the_first_five_bad_endpoints() {
+        let eps: String = (0..8)
+            .map(|i| format!("- {{addresses: [bad{i}]}}\n"))
+            .collect();
+        let read = slice_endpoints(&slice("z", &eps)).unwrap().unwrap();
+        let reason = read.dropped.unwrap();
+        assert!(reason.starts_with("8 of 8 endpoints dropped: "), "{reason}");
+        assert!(
+            reason.contains(r#""bad4""#) && !reason.contains(r#""bad5""#),
+            "{reason}"
+        );
+        assert!(reason.ends_with("; and 3 more"), "{reason}");
+    }
+
+    #[test]
     fn slices_without_service_label_or_of_another_family() {
         let mut s = slice("x", "- {addresses: [10.128.0.10]}\n");
         s.address_type = "IPv6".into();
@@ -563,8 +636,11 @@ status:
         s.metadata.labels = None;
         assert!(slice_endpoints(&s).unwrap_err().contains("service-name"));
         let bad = slice("y", "- {addresses: [not-an-ip]}\n");
-        assert!(slice_endpoints(&bad)
-            .unwrap_err()
-            .contains("endpoint address"));
+        let read = slice_endpoints(&bad).unwrap().unwrap();
+        assert_eq!(read.endpoints.1, vec![]);
+        assert_eq!(
+            read.dropped.as_deref(),
+            Some(r#"1 of 1 endpoints dropped: address "not-an-ip" is not IPv4"#)
+        );
     }
 }

@@ -1005,6 +1005,7 @@ pub fn render_config(config: &crate::config::NodeConfig) -> Result<String, Strin
     let scope = crate::model::ModelScope {
         cluster_network: config.cluster_network,
         local_node: config.node_name.clone(),
+        programmed: Default::default(),
     };
     let crate::config::SourceConfig::Dir(dir) = &config.source else {
         return Err("rsdn proxy render reads a cluster directory: set --cluster-dir".into());

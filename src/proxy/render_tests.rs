@@ -18,6 +18,7 @@ fn services(yaml: &str) -> Services {
     let m = b.finish(&ModelScope {
         cluster_network: "10.128.0.0/14".parse().unwrap(),
         local_node: "n1".into(),
+        programmed: Default::default(),
     });
     assert!(m.skipped.is_empty(), "{:?}", m.skipped);
     m.services

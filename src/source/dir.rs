@@ -15,12 +15,20 @@ use tracing::{debug, warn};
 
 use crate::model::{ClusterModel, ModelBuilder, ModelScope};
 
-/// Files the source reads; anything else in the directory is ignored.
+/// Files the source reads; anything else in the directory is ignored. Hidden names are
+/// temporaries of an atomic replace (`.NAME.tmp`, as `daemon::write_atomically` writes them)
+/// or a mounted ConfigMap's `..data` and `..2024_...` entries: reading them would see an object
+/// twice.
 fn is_manifest(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml" | "json")
-    )
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    !hidden
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        )
 }
 
 /// Identity of a file's content as far as re-reading goes.
@@ -50,9 +58,15 @@ pub struct DirCache {
 }
 
 impl DirCache {
-    /// Reads the directory into a model. Unreadable files, bad documents and invalid objects
-    /// are skipped with a reason; everything else is kept.
-    pub fn read(&mut self, dir: &Path, scope: &ModelScope) -> Result<ClusterModel, std::io::Error> {
+    /// Reads the directory into a model, after `previous` (the model published last, if any).
+    /// Unreadable files, bad documents and invalid objects are skipped with a reason;
+    /// everything else is kept.
+    pub fn read(
+        &mut self,
+        dir: &Path,
+        scope: &ModelScope,
+        previous: Option<&ClusterModel>,
+    ) -> Result<ClusterModel, std::io::Error> {
         let mut files: Vec<(PathBuf, Stamp)> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter(|e| is_manifest(&e.path()))
@@ -75,13 +89,13 @@ impl DirCache {
             }
             builder.absorb(&self.files[&path].1);
         }
-        Ok(builder.finish(scope))
+        Ok(builder.finish_after(scope, previous))
     }
 }
 
 /// Reads the directory once into a model (no cache).
 pub fn read_cluster_dir(dir: &Path, scope: &ModelScope) -> Result<ClusterModel, std::io::Error> {
-    DirCache::default().read(dir, scope)
+    DirCache::default().read(dir, scope, None)
 }
 
 /// Feeds every document of one file to the builder. YAML is a superset of JSON, so one parser
@@ -236,7 +250,7 @@ pub async fn run(
     };
     let mut watching = false;
     let mut cache = Some(DirCache::default());
-    let mut first = true;
+    let mut publisher = super::Publisher::default();
     loop {
         if !watching {
             if let Some(w) = watcher.as_mut() {
@@ -250,8 +264,9 @@ pub async fn run(
         // netlink events keep flowing meanwhile.
         let mut c = cache.take().unwrap_or_default();
         let (d, sc) = (dir.clone(), scope.clone());
+        let previous = publisher.previous(&tx);
         let read = tokio::task::spawn_blocking(move || {
-            let r = c.read(&d, &sc);
+            let r = c.read(&d, &sc, previous.as_deref());
             (c, r)
         })
         .await;
@@ -265,7 +280,7 @@ pub async fn run(
         match result {
             Ok(model) => {
                 let what = format!("cluster directory {} read", dir.display());
-                if !super::publish(&tx, model, &mut first, &what, started.elapsed()) {
+                if !publisher.publish(&tx, model, &what, started.elapsed()) {
                     return;
                 }
             }
@@ -320,6 +335,7 @@ mod tests {
         ModelScope {
             cluster_network: "10.128.0.0/14".parse().unwrap(),
             local_node: "n1".into(),
+            programmed: Default::default(),
         }
     }
 
@@ -336,6 +352,22 @@ mod tests {
         std::fs::write(d.path().join("README.txt"), "not a manifest").unwrap();
         let m = read_cluster_dir(d.path(), &scope()).unwrap();
         assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n1", "n2", "n3"]);
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+    }
+
+    #[test]
+    fn hidden_and_temporary_files_are_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
+        // A file being replaced through a temporary name, and a mounted ConfigMap's entries.
+        std::fs::write(d.path().join(".tmp-n1.yaml"), N1).unwrap();
+        std::fs::write(d.path().join(".n1.yaml.tmp"), N1).unwrap();
+        std::fs::create_dir(d.path().join("..2024_01_01_00_00_00.1")).unwrap();
+        std::fs::write(d.path().join("..2024_01_01_00_00_00.1/n1.yaml"), N1).unwrap();
+        std::os::unix::fs::symlink("..2024_01_01_00_00_00.1", d.path().join("..data")).unwrap();
+        std::fs::write(d.path().join("..n1.yaml"), N1).unwrap();
+        let m = read_cluster_dir(d.path(), &scope()).unwrap();
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n1"]);
         assert!(m.skipped.is_empty(), "{:?}", m.skipped);
     }
 
@@ -370,6 +402,7 @@ mod tests {
         let scope = ModelScope {
             cluster_network: "10.0.0.0/8".parse().unwrap(),
             local_node: "n0".into(),
+            programmed: Default::default(),
         };
         let m = read_cluster_dir(d.path(), &scope).unwrap();
         assert_eq!(
@@ -390,48 +423,94 @@ mod tests {
         std::fs::write(d.path().join("n2.yaml"), n2("10.128.2.0/23")).unwrap();
         let mut cache = DirCache::default();
         assert_eq!(
-            cache.read(d.path(), &scope()).unwrap().nodes["n2"]
+            cache.read(d.path(), &scope(), None).unwrap().nodes["n2"]
                 .subnet
                 .to_string(),
             "10.128.2.0/23"
         );
         std::fs::write(d.path().join("n2.yaml"), n2("10.128.8.0/23")).unwrap();
         assert_eq!(
-            cache.read(d.path(), &scope()).unwrap().nodes["n2"]
+            cache.read(d.path(), &scope(), None).unwrap().nodes["n2"]
                 .subnet
                 .to_string(),
             "10.128.8.0/23"
         );
         std::fs::remove_file(d.path().join("n1.yaml")).unwrap();
-        let m = cache.read(d.path(), &scope()).unwrap();
+        let m = cache.read(d.path(), &scope(), None).unwrap();
         assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n2"]);
         assert_eq!(cache.files.len(), 1, "a removed file leaves the cache");
+    }
+
+    /// A node of the lab's shape (no creationTimestamp) or with one.
+    fn node_yaml(name: &str, cidr: &str, ip: &str, created: Option<&str>) -> String {
+        let created = created
+            .map(|t| format!(", creationTimestamp: \"{t}\""))
+            .unwrap_or_default();
+        format!("kind: Node\nmetadata: {{name: {name}{created}}}\nspec: {{podCIDR: {cidr}}}\nstatus: {{addresses: [{{type: InternalIP, address: {ip}}}]}}\n")
+    }
+
+    /// The source running on `dir`, and its model channel.
+    fn watch_dir(
+        dir: &Path,
+    ) -> (
+        tokio::task::JoinHandle<()>,
+        watch::Receiver<Arc<ClusterModel>>,
+    ) {
+        let (tx, rx) = watch::channel(Arc::new(ClusterModel::default()));
+        let quiet = Duration::from_millis(20);
+        let task = tokio::spawn(run(
+            dir.to_path_buf(),
+            scope(),
+            tx,
+            quiet,
+            Duration::from_secs(60),
+        ));
+        (task, rx)
+    }
+
+    /// The first model published (within 5 s) for which `want` holds.
+    async fn published(
+        rx: &mut watch::Receiver<Arc<ClusterModel>>,
+        what: &str,
+        want: impl Fn(&ClusterModel) -> bool,
+    ) -> Arc<ClusterModel> {
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|m| want(m)))
+            .await
+            .ok()
+            .and_then(|r| r.ok().map(|m| Arc::clone(&m)));
+        got.unwrap_or_else(|| panic!("not published: {what}; last {:?}", rx.borrow()))
+    }
+
+    #[tokio::test]
+    async fn a_new_node_does_not_take_over_a_published_subnet() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
+        let node2 = node_yaml("node2", "10.128.2.0/23", "192.168.77.12", None);
+        std::fs::write(d.path().join("node2.yaml"), node2).unwrap();
+        let (task, mut rx) = watch_dir(d.path());
+        published(&mut rx, "node2", |m| m.nodes.contains_key("node2")).await;
+        // An older-looking newcomer with node2's subnet.
+        let zzz = node_yaml(
+            "zzz-new",
+            "10.128.2.0/23",
+            "192.168.77.99",
+            Some("2020-01-01T00:00:00Z"),
+        );
+        std::fs::write(d.path().join("zzz-new.yaml"), zzz).unwrap();
+        let m = published(&mut rx, "the conflict", |m| m.conflicts().count() == 1).await;
+        assert_eq!(m.nodes.keys().collect::<Vec<_>>(), ["n1", "node2"]);
+        assert_eq!(m.conflicts().next().unwrap().object, "Node/zzz-new");
+        task.abort();
     }
 
     #[tokio::test]
     async fn watcher_publishes_changes() {
         let d = tempfile::tempdir().unwrap();
-        let (tx, mut rx) = watch::channel(Arc::new(ClusterModel::default()));
-        let task = tokio::spawn(run(
-            d.path().to_path_buf(),
-            scope(),
-            tx,
-            Duration::from_millis(20),
-            Duration::from_secs(60),
-        ));
+        let (task, mut rx) = watch_dir(d.path());
         std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
-        let got = tokio::time::timeout(
-            Duration::from_secs(5),
-            rx.wait_for(|m| m.nodes.contains_key("n1")),
-        )
-        .await
-        .is_ok();
-        assert!(got, "the new node was not published");
+        published(&mut rx, "the new node", |m| m.nodes.contains_key("n1")).await;
         std::fs::remove_file(d.path().join("n1.yaml")).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|m| m.nodes.is_empty()))
-            .await
-            .is_ok();
-        assert!(got, "the removal was not published");
+        published(&mut rx, "the removal", |m| m.nodes.is_empty()).await;
         task.abort();
     }
 }

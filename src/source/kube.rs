@@ -60,7 +60,8 @@ impl Stores {
     /// Builds the model from the stores; only objects whose resourceVersion changed are
     /// converted again. Objects are fed in a fixed order (kind, namespace/name), the order a
     /// directory of one file per object gives, so both sources build the same model.
-    fn model(&mut self, scope: &ModelScope) -> ClusterModel {
+    /// `previous` is the model published last: its nodes' subnet claims are established.
+    fn model(&mut self, scope: &ModelScope, previous: Option<&ClusterModel>) -> ClusterModel {
         let mut seen: Vec<(&'static str, String)> = Vec::new();
         let mut touch = |kind: &'static str,
                          key: String,
@@ -105,7 +106,7 @@ impl Stores {
         for k in &seen {
             builder.absorb(&self.parts[k].1);
         }
-        builder.finish(scope)
+        builder.finish_after(scope, previous)
     }
 }
 
@@ -182,7 +183,7 @@ pub async fn run(
         r = ready => if r.is_err() { return },
         _ = tx.closed() => return,
     }
-    let mut first = true;
+    let mut publisher = super::Publisher::default();
     let mut next_full = tokio::time::Instant::now() + reconcile;
     loop {
         let started = Instant::now();
@@ -191,13 +192,14 @@ pub async fn run(
             stores.parts.clear();
             next_full = tokio::time::Instant::now() + reconcile;
         }
-        let model = stores.model(&scope);
-        let what = if first {
+        let previous = publisher.previous(&tx);
+        let model = stores.model(&scope, previous.as_deref());
+        let what = if !publisher.published() {
             "initial lists received from the API server"
         } else {
             "cluster model rebuilt from the API server's objects"
         };
-        if !super::publish(&tx, model, &mut first, what, started.elapsed()) {
+        if !publisher.publish(&tx, model, what, started.elapsed()) {
             return;
         }
         tokio::select! {
