@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::iptables::Backend;
-
 pub const DEFAULT_CLUSTER_NETWORK: &str = "10.128.0.0/14";
 pub const DEFAULT_SERVICE_NETWORK: &str = "172.30.0.0/16";
 pub const DEFAULT_VXLAN_PORT: u16 = 4789;
@@ -23,32 +21,146 @@ pub const DEFAULT_PROXY_FULL_SYNC_SECONDS: u64 = 3600;
 /// VXLAN over IPv4 costs 50 bytes: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
-/// The configuration as written in the file; every field optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct FileConfig {
-    pub node_name: Option<String>,
-    pub node_ip: Option<Ipv4Addr>,
-    pub cluster_network: Option<Ipv4Net>,
-    pub service_network: Option<Ipv4Net>,
-    pub vxlan_port: Option<u16>,
-    pub vni: Option<u32>,
-    pub mtu: Option<u32>,
-    pub cni_conf_dir: Option<PathBuf>,
-    pub cni_conf_file: Option<String>,
-    pub cni_data_dir: Option<PathBuf>,
-    pub cluster_dir: Option<PathBuf>,
-    pub kubeconfig: Option<PathBuf>,
-    pub healthz_bind_address: Option<SocketAddr>,
-    pub resync_seconds: Option<u64>,
-    pub proxy: Option<bool>,
-    pub masquerade_bit: Option<u8>,
-    pub iptables_backend: Option<String>,
-    pub proxy_full_sync_seconds: Option<u64>,
+/// Which iptables the Service proxy programs. The daemon maps it to the proxy's backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IptablesBackend {
+    /// Detect, like kube-proxy's iptables wrapper.
+    #[default]
+    Auto,
+    /// iptables-nft (nf_tables).
+    #[serde(alias = "nf_tables")]
+    #[value(alias = "nf_tables")]
+    Nft,
+    /// iptables-legacy.
+    Legacy,
 }
 
-impl FileConfig {
-    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+impl std::fmt::Display for IptablesBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let v = clap::ValueEnum::to_possible_value(self).expect("no variant is skipped");
+        f.write_str(v.get_name())
+    }
+}
+
+impl std::str::FromStr for IptablesBackend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        <Self as clap::ValueEnum>::from_str(s, false)
+    }
+}
+
+/// Declares the options of `rsdn node` once: each becomes a `--kebab-case` flag (its doc
+/// comment is the help) and a camelCase file key, both optional. `= DEFAULT` states the default
+/// both `--help` shows and [`NodeConfig::resolve`] applies; options without one say in their
+/// doc what happens when they are unset. Emits the struct, the merge and the defaults.
+macro_rules! node_options {
+    ($(
+        $(#[doc = $doc:literal])+
+        $(#[arg($($arg:tt)*)])?
+        $field:ident: $ty:ty $(= $default:expr)?,
+    )+) => {
+        /// The options of `rsdn node` (and `rsdn proxy render`), as given in the `--config` file
+        /// or on the command line; every one optional.
+        #[derive(Debug, Clone, Default, PartialEq, clap::Args, Serialize, Deserialize)]
+        #[serde(rename_all = "camelCase", deny_unknown_fields)]
+        pub struct NodeOptions {
+            $(
+                $(#[doc = $doc])+
+                #[arg(
+                    long,
+                    help = help_text(&[$($doc),+], None $(.or(Some(($default).to_string())))?)
+                    $(, $($arg)*)?
+                )]
+                pub $field: Option<$ty>,
+            )+
+        }
+
+        impl NodeOptions {
+            /// Fields set in `over` win.
+            pub fn overlay(self, over: NodeOptions) -> NodeOptions {
+                NodeOptions {
+                    $($field: over.$field.or(self.$field),)+
+                }
+            }
+
+            /// The options that have a default, set to it.
+            pub fn defaults() -> NodeOptions {
+                NodeOptions {
+                    $($field: None $(.or(Some(default_value(stringify!($field), $default))))?,)+
+                }
+            }
+        }
+    };
+}
+
+node_options! {
+    /// This node's name, as in its Node object [default: the hostname].
+    node_name: String,
+    /// Underlay address VXLAN packets leave from [default: the node's InternalIP].
+    node_ip: Ipv4Addr,
+    /// The pod network of the whole cluster; node subnets outside it are refused.
+    cluster_network: Ipv4Net = DEFAULT_CLUSTER_NETWORK,
+    /// The Service ClusterIP range; must not overlap the cluster network.
+    service_network: Ipv4Net = DEFAULT_SERVICE_NETWORK,
+    /// UDP port of VXLAN: 4789 is IANA's, 8472 is flannel's and Cilium's.
+    vxlan_port: u16 = DEFAULT_VXLAN_PORT,
+    /// VXLAN network identifier, 0-16777215, the same on every node.
+    vni: u32 = DEFAULT_VNI,
+    /// Pod and tunnel MTU [default: MTU of the interface carrying the node IP, minus 50].
+    mtu: u32,
+    /// Where the CNI conflist is written once the node network is ready.
+    cni_conf_dir: PathBuf = DEFAULT_CNI_CONF_DIR,
+    /// File name of the conflist.
+    cni_conf_file: String = DEFAULT_CNI_CONF_FILE,
+    /// IPAM data directory written into the conflist [default: the plugin's, /var/lib/cni/networks].
+    cni_data_dir: PathBuf,
+    /// Cluster source without an API server: a directory of Kubernetes YAML objects (Node,
+    /// Service, EndpointSlice), re-read on change. Without it the API server is the source.
+    cluster_dir: PathBuf,
+    /// Kubeconfig for the API server [default: the in-cluster service account, then
+    /// $KUBECONFIG, then ~/.kube/config].
+    kubeconfig: PathBuf,
+    /// Address of the HTTP server for /healthz and /metrics.
+    healthz_bind_address: SocketAddr = DEFAULT_HEALTHZ_BIND_ADDRESS,
+    /// Seconds between full resyncs with the kernel.
+    resync_seconds: u64 = DEFAULT_RESYNC_SECONDS,
+    /// Program Services (kube-proxy's iptables NAT); --proxy=false for clusters that keep
+    /// kube-proxy. Egress masquerade works either way.
+    #[arg(action = clap::ArgAction::Set)]
+    proxy: bool = true,
+    /// Bit of the packet mark KUBE-MARK-MASQ sets, 0-31; 0 is OpenShift SDN's, kube-proxy's is 14.
+    masquerade_bit: u8 = 0,
+    /// Which iptables the Service proxy programs.
+    iptables_backend: IptablesBackend = IptablesBackend::Auto,
+    /// Seconds between full proxy syncs, which rewrite every chain.
+    proxy_full_sync_seconds: u64 = DEFAULT_PROXY_FULL_SYNC_SECONDS,
+}
+
+/// The `--help` line of an option: its doc comment as clap shows it (lines joined, no final
+/// period), then the default it is declared with.
+fn help_text(doc: &[&str], default: Option<String>) -> String {
+    let text = doc.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+    let text = text.strip_suffix('.').unwrap_or(&text);
+    match default {
+        Some(d) => format!("{text} [default: {d}]"),
+        None => text.to_string(),
+    }
+}
+
+/// A declared default as the option's type: the same text `--help` shows, parsed as the command
+/// line would be.
+fn default_value<T: std::str::FromStr>(field: &str, default: impl std::fmt::Display) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    let text = default.to_string();
+    text.parse()
+        .unwrap_or_else(|e| panic!("the default of {field}, {text:?}, does not parse: {e:?}"))
+}
+
+impl NodeOptions {
+    pub fn load(path: &Path) -> Result<NodeOptions, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             field: "--config".into(),
             problem: format!("cannot read {}: {e}", path.display()),
@@ -59,30 +171,14 @@ impl FileConfig {
         })
     }
 
-    /// Fields set in `over` win.
-    pub fn overlay(self, over: FileConfig) -> FileConfig {
-        FileConfig {
-            node_name: over.node_name.or(self.node_name),
-            node_ip: over.node_ip.or(self.node_ip),
-            cluster_network: over.cluster_network.or(self.cluster_network),
-            service_network: over.service_network.or(self.service_network),
-            vxlan_port: over.vxlan_port.or(self.vxlan_port),
-            vni: over.vni.or(self.vni),
-            mtu: over.mtu.or(self.mtu),
-            cni_conf_dir: over.cni_conf_dir.or(self.cni_conf_dir),
-            cni_conf_file: over.cni_conf_file.or(self.cni_conf_file),
-            cni_data_dir: over.cni_data_dir.or(self.cni_data_dir),
-            cluster_dir: over.cluster_dir.or(self.cluster_dir),
-            kubeconfig: over.kubeconfig.or(self.kubeconfig),
-            healthz_bind_address: over.healthz_bind_address.or(self.healthz_bind_address),
-            resync_seconds: over.resync_seconds.or(self.resync_seconds),
-            proxy: over.proxy.or(self.proxy),
-            masquerade_bit: over.masquerade_bit.or(self.masquerade_bit),
-            iptables_backend: over.iptables_backend.or(self.iptables_backend),
-            proxy_full_sync_seconds: over
-                .proxy_full_sync_seconds
-                .or(self.proxy_full_sync_seconds),
-        }
+    /// Every file key, as the file spells it (camelCase), sorted.
+    pub fn keys() -> Vec<String> {
+        // All fields are None, and None serialises as null: every key is there.
+        let v = serde_json::to_value(NodeOptions::default()).expect("serialises");
+        let serde_json::Value::Object(map) = v else {
+            unreachable!("a struct serialises as a map")
+        };
+        map.keys().cloned().collect()
     }
 }
 
@@ -92,6 +188,11 @@ impl FileConfig {
 pub struct ConfigError {
     pub field: String,
     pub problem: String,
+}
+
+/// An option [`NodeOptions::defaults`] sets.
+fn defaulted<T>(option: Option<T>) -> T {
+    option.expect("NodeOptions::defaults sets every option with a default")
 }
 
 fn bad(field: &str, problem: impl Into<String>) -> ConfigError {
@@ -143,25 +244,24 @@ pub struct NodeConfig {
     /// false: no Service rules (kube-proxy runs); egress masquerade stays.
     pub proxy: bool,
     pub masquerade_bit: u8,
-    /// None: detect, as kube-proxy's iptables wrapper does.
-    pub iptables_backend: Option<Backend>,
+    pub iptables_backend: IptablesBackend,
     pub proxy_full_sync_seconds: u64,
 }
 
 impl NodeConfig {
     /// `hostname` is the fallback node name (the kubelet's default is the hostname too).
-    pub fn resolve(f: FileConfig, hostname: Option<String>) -> Result<NodeConfig, ConfigError> {
+    pub fn resolve(
+        options: NodeOptions,
+        hostname: Option<String>,
+    ) -> Result<NodeConfig, ConfigError> {
+        let f = NodeOptions::defaults().overlay(options);
         let node_name = f
             .node_name
             .or(hostname)
             .filter(|n| !n.is_empty())
             .ok_or_else(|| bad("nodeName", "not set and the hostname is unknown"))?;
-        let cluster_network = f
-            .cluster_network
-            .unwrap_or_else(|| DEFAULT_CLUSTER_NETWORK.parse().expect("default parses"));
-        let service_network = f
-            .service_network
-            .unwrap_or_else(|| DEFAULT_SERVICE_NETWORK.parse().expect("default parses"));
+        let cluster_network = defaulted(f.cluster_network);
+        let service_network = defaulted(f.service_network);
         for (field, net) in [
             ("clusterNetwork", cluster_network),
             ("serviceNetwork", service_network),
@@ -181,11 +281,11 @@ impl NodeConfig {
                 format!("{service_network} overlaps clusterNetwork {cluster_network}"),
             ));
         }
-        let vxlan_port = f.vxlan_port.unwrap_or(DEFAULT_VXLAN_PORT);
+        let vxlan_port = defaulted(f.vxlan_port);
         if vxlan_port == 0 {
             return Err(bad("vxlanPort", "0 is not a port"));
         }
-        let vni = f.vni.unwrap_or(DEFAULT_VNI);
+        let vni = defaulted(f.vni);
         if vni > 0xff_ffff {
             return Err(bad(
                 "vni",
@@ -200,9 +300,7 @@ impl NodeConfig {
                 ));
             }
         }
-        let cni_conf_file = f
-            .cni_conf_file
-            .unwrap_or_else(|| DEFAULT_CNI_CONF_FILE.into());
+        let cni_conf_file = defaulted(f.cni_conf_file);
         if !cni_conf_file.ends_with(".conflist") || cni_conf_file.contains('/') {
             return Err(bad(
                 "cniConfFile",
@@ -219,29 +317,18 @@ impl NodeConfig {
             (Some(dir), None) => SourceConfig::Dir(dir),
             (None, k) => SourceConfig::Kube(k),
         };
-        let resync_seconds = f.resync_seconds.unwrap_or(DEFAULT_RESYNC_SECONDS);
+        let resync_seconds = defaulted(f.resync_seconds);
         if resync_seconds == 0 {
             return Err(bad("resyncSeconds", "must be at least 1"));
         }
-        let masquerade_bit = f.masquerade_bit.unwrap_or(0);
+        let masquerade_bit = defaulted(f.masquerade_bit);
         if masquerade_bit > 31 {
             return Err(bad(
                 "masqueradeBit",
                 format!("{masquerade_bit} is not a bit of a 32-bit mark (0-31)"),
             ));
         }
-        let iptables_backend = match f.iptables_backend.as_deref() {
-            None | Some("auto") => None,
-            Some(b) => Some(Backend::parse(b).ok_or_else(|| {
-                bad(
-                    "iptablesBackend",
-                    format!("{b:?} is not one of auto, nft, legacy"),
-                )
-            })?),
-        };
-        let proxy_full_sync_seconds = f
-            .proxy_full_sync_seconds
-            .unwrap_or(DEFAULT_PROXY_FULL_SYNC_SECONDS);
+        let proxy_full_sync_seconds = defaulted(f.proxy_full_sync_seconds);
         if proxy_full_sync_seconds == 0 {
             return Err(bad("proxyFullSyncSeconds", "must be at least 1"));
         }
@@ -253,23 +340,26 @@ impl NodeConfig {
             vxlan_port,
             vni,
             mtu: f.mtu,
-            cni_conf_dir: f
-                .cni_conf_dir
-                .unwrap_or_else(|| DEFAULT_CNI_CONF_DIR.into()),
+            cni_conf_dir: defaulted(f.cni_conf_dir),
             cni_conf_file,
             cni_data_dir: f.cni_data_dir,
             source,
-            healthz_bind_address: Some(f.healthz_bind_address.unwrap_or_else(|| {
-                DEFAULT_HEALTHZ_BIND_ADDRESS
-                    .parse()
-                    .expect("default parses")
-            })),
+            healthz_bind_address: f.healthz_bind_address,
             resync_seconds,
-            proxy: f.proxy.unwrap_or(true),
+            proxy: defaulted(f.proxy),
             masquerade_bit,
-            iptables_backend,
+            iptables_backend: defaulted(f.iptables_backend),
             proxy_full_sync_seconds,
         })
+    }
+
+    /// The defaults for node `name` with no HTTP endpoint, for tests: change fields by
+    /// assignment.
+    pub fn for_test(name: &str) -> NodeConfig {
+        let mut c = NodeConfig::resolve(NodeOptions::default(), Some(name.into()))
+            .expect("the defaults are valid");
+        c.healthz_bind_address = None;
+        c
     }
 
     pub fn cni_conf_path(&self) -> PathBuf {
@@ -287,10 +377,13 @@ impl NodeConfig {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
     use super::*;
 
     fn resolve(yaml: &str) -> Result<NodeConfig, ConfigError> {
-        let f: FileConfig = serde_saphyr::from_str(yaml).map_err(|e| bad("yaml", e.to_string()))?;
+        let f: NodeOptions =
+            serde_saphyr::from_str(yaml).map_err(|e| bad("yaml", e.to_string()))?;
         NodeConfig::resolve(f, Some("host1".into()))
     }
 
@@ -301,7 +394,8 @@ mod tests {
         assert_eq!(c.cluster_network.to_string(), "10.128.0.0/14");
         assert_eq!(c.service_network.to_string(), "172.30.0.0/16");
         assert_eq!((c.vxlan_port, c.vni, c.mtu), (4789, 1, None));
-        assert!(c.proxy && c.masquerade_bit == 0 && c.iptables_backend.is_none());
+        assert!(c.proxy && c.masquerade_bit == 0);
+        assert_eq!(c.iptables_backend, IptablesBackend::Auto);
         assert_eq!(c.proxy_full_sync_seconds, 3600);
         assert_eq!(c.source, SourceConfig::Dir("/tmp/c".into()));
         assert_eq!(
@@ -315,7 +409,8 @@ mod tests {
         let c =
             resolve("clusterDir: /c\nproxy: false\niptablesBackend: legacy\nmasqueradeBit: 14\n")
                 .unwrap();
-        assert!(!c.proxy && c.masquerade_bit == 14 && c.iptables_backend == Some(Backend::Legacy));
+        assert!(!c.proxy && c.masquerade_bit == 14);
+        assert_eq!(c.iptables_backend, IptablesBackend::Legacy);
         assert_eq!(
             c.cni_conf_path(),
             PathBuf::from("/etc/cni/net.d/10-rsdn.conflist")
@@ -324,10 +419,10 @@ mod tests {
 
     #[test]
     fn file_then_overrides() {
-        let f: FileConfig =
+        let f: NodeOptions =
             serde_saphyr::from_str("nodeName: n1\nvxlanPort: 8472\nmtu: 1400\nclusterDir: /c\n")
                 .unwrap();
-        let over = FileConfig {
+        let over = NodeOptions {
             mtu: Some(8950),
             ..Default::default()
         };
@@ -356,10 +451,6 @@ mod tests {
             ("clusterDir: /c\nresyncSeconds: 0\n", "resyncSeconds"),
             ("clusterDir: /c\nmasqueradeBit: 32\n", "masqueradeBit"),
             (
-                "clusterDir: /c\niptablesBackend: ebtables\n",
-                "iptablesBackend",
-            ),
-            (
                 "clusterDir: /c\nproxyFullSyncSeconds: 0\n",
                 "proxyFullSyncSeconds",
             ),
@@ -373,10 +464,155 @@ mod tests {
 
     #[test]
     fn unknown_and_mistyped_fields_are_refused() {
-        assert!(serde_saphyr::from_str::<FileConfig>("clusterDir: /c\nvxlanPrt: 1\n").is_err());
+        assert!(serde_saphyr::from_str::<NodeOptions>("clusterDir: /c\nvxlanPrt: 1\n").is_err());
         assert!(
-            serde_saphyr::from_str::<FileConfig>("clusterDir: /c\nclusterNetwork: banana\n")
+            serde_saphyr::from_str::<NodeOptions>("clusterDir: /c\nclusterNetwork: banana\n")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn iptables_backend_accepts_what_it_always_did() {
+        for (text, backend) in [
+            ("auto", IptablesBackend::Auto),
+            ("nft", IptablesBackend::Nft),
+            ("nf_tables", IptablesBackend::Nft),
+            ("legacy", IptablesBackend::Legacy),
+        ] {
+            let c = resolve(&format!("iptablesBackend: {text}\n")).unwrap();
+            assert_eq!(c.iptables_backend, backend, "{text}");
+            assert_eq!(text.parse::<IptablesBackend>(), Ok(backend));
+        }
+        // Refused while reading the file, with the accepted values named.
+        let e = resolve("iptablesBackend: ebtables\n").unwrap_err();
+        assert!(
+            e.problem.contains("ebtables") && e.problem.contains("legacy"),
+            "{e}"
+        );
+    }
+
+    /// The value of every option with a declared default, as a file would spell it.
+    fn declared_defaults() -> BTreeMap<String, String> {
+        let serde_json::Value::Object(map) = serde_json::to_value(NodeOptions::defaults()).unwrap()
+        else {
+            unreachable!()
+        };
+        map.into_iter()
+            .filter_map(|(key, v)| match v {
+                serde_json::Value::Null => None,
+                serde_json::Value::String(s) => Some((key, s)),
+                v => Some((key, v.to_string())),
+            })
+            .collect()
+    }
+
+    fn options_command() -> clap::Command {
+        <NodeOptions as clap::Args>::augment_args(clap::Command::new("node"))
+    }
+
+    fn kebab(key: &str) -> String {
+        key.chars()
+            .flat_map(|c| match c.is_ascii_uppercase() {
+                true => vec!['-', c.to_ascii_lowercase()],
+                false => vec![c],
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_defaults_resolve_and_the_test_config_has_no_http_endpoint() {
+        let c = NodeConfig::for_test("a");
+        assert_eq!(c.node_name, "a");
+        assert_eq!(c.healthz_bind_address, None);
+        assert_eq!(
+            NodeConfig {
+                healthz_bind_address: Some(DEFAULT_HEALTHZ_BIND_ADDRESS.parse().unwrap()),
+                ..c
+            },
+            NodeConfig::resolve(NodeOptions::defaults(), Some("a".into())).unwrap()
+        );
+        // 12 of the 18 options have a value default; unset, the others are derived or off.
+        assert_eq!(declared_defaults().len(), 12, "{:?}", declared_defaults());
+    }
+
+    #[test]
+    fn every_option_is_a_kebab_case_flag_of_its_file_key() {
+        let cmd = options_command();
+        let flags: BTreeSet<String> = cmd
+            .get_arguments()
+            .map(|a| {
+                a.get_long()
+                    .expect("every option is a long flag")
+                    .to_string()
+            })
+            .collect();
+        let keys: BTreeSet<String> = NodeOptions::keys().iter().map(|k| kebab(k)).collect();
+        assert_eq!(flags, keys);
+        assert!(keys.contains("node-ip") && keys.contains("healthz-bind-address"));
+    }
+
+    #[test]
+    fn help_states_each_default_once_as_resolve_applies_it() {
+        let defaults = declared_defaults();
+        let cmd = options_command();
+        for arg in cmd.get_arguments() {
+            let help = arg.get_help().expect("every option has help").to_string();
+            let key = NodeOptions::keys()
+                .into_iter()
+                .find(|k| kebab(k) == arg.get_long().unwrap())
+                .unwrap();
+            assert!(help.matches("[default: ").count() <= 1, "{key}: {help}");
+            if let Some(d) = defaults.get(&key) {
+                assert!(help.ends_with(&format!(" [default: {d}]")), "{key}: {help}");
+                // Stating the default in the file changes nothing.
+                assert_eq!(
+                    resolve(&format!("{key}: {d}\n")),
+                    resolve("{}"),
+                    "{key}: {d}"
+                );
+            }
+        }
+    }
+
+    /// docs/config.md's option table: (key, default cell), in order.
+    fn documented_options() -> Vec<(String, String)> {
+        include_str!("../docs/config.md")
+            .lines()
+            .skip_while(|l| !l.starts_with("| field | default | meaning |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn docs_config_md_documents_exactly_the_options_with_their_defaults() {
+        let documented = documented_options();
+        let doc_keys: BTreeSet<String> = documented.iter().map(|(k, _)| k.clone()).collect();
+        let keys: BTreeSet<String> = NodeOptions::keys().into_iter().collect();
+        assert_eq!(doc_keys.len(), documented.len(), "a key documented twice");
+        assert_eq!(
+            doc_keys.difference(&keys).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "documented in docs/config.md but not a file key"
+        );
+        assert_eq!(
+            keys.difference(&doc_keys).collect::<Vec<_>>(),
+            Vec::<&String>::new(),
+            "a file key missing from docs/config.md"
+        );
+        let defaults = declared_defaults();
+        for (key, cell) in documented {
+            match defaults.get(&key) {
+                Some(d) => assert_eq!(cell, format!("`{d}`"), "{key}"),
+                None => assert!(
+                    !(cell.starts_with('`') && cell.ends_with('`')),
+                    "{key}: documented default {cell} but none declared"
+                ),
+            }
+        }
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::{watch, Notify};
 use tracing::{error, info, warn};
 
 use crate::cniconf::{conflist, ConflistOptions};
-use crate::config::{NodeConfig, SourceConfig, VXLAN_OVERHEAD};
+use crate::config::{IptablesBackend, NodeConfig, SourceConfig, VXLAN_OVERHEAD};
 use crate::health::Health;
 use crate::model::{ClusterModel, ClusterNode, ModelScope};
 use crate::overlay::kernel::{assert_sysctls, DeviceSpec, Kernel, KernelError};
@@ -380,7 +380,11 @@ async fn proxy_loop(
     metrics: ProxyMetrics,
     health: Arc<Health>,
 ) {
-    let configured = config.iptables_backend;
+    let configured = match config.iptables_backend {
+        IptablesBackend::Auto => None,
+        IptablesBackend::Nft => Some(Backend::Nft),
+        IptablesBackend::Legacy => Some(Backend::Legacy),
+    };
     let (backend, why) = match configured {
         Some(b) => (b, "configured".to_string()),
         None => tokio::task::spawn_blocking(iptables::detect)

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use rsdn::cniconf::{conflist, ConflistOptions};
-use rsdn::config::{FileConfig, NodeConfig};
+use rsdn::config::{NodeConfig, NodeOptions};
 
 /// rsdn: a VXLAN + iptables Kubernetes network plugin in the style of OpenShift SDN.
 #[derive(Parser)]
@@ -101,95 +101,20 @@ struct NodeArgs {
     /// YAML configuration file (in a cluster: the rsdn ConfigMap).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// This node's name, as in its Node object [default: the hostname].
-    #[arg(long)]
-    node_name: Option<String>,
-    /// Underlay address VXLAN packets leave from [default: the node's InternalIP].
-    #[arg(long)]
-    node_ip: Option<Ipv4Addr>,
-    /// The pod network of the whole cluster; node subnets outside it are refused [default: 10.128.0.0/14].
-    #[arg(long)]
-    cluster_network: Option<Ipv4Net>,
-    /// The Service ClusterIP range; must not overlap the cluster network [default: 172.30.0.0/16].
-    #[arg(long)]
-    service_network: Option<Ipv4Net>,
-    /// UDP port of VXLAN: 4789 is IANA's, 8472 is flannel's and Cilium's [default: 4789].
-    #[arg(long)]
-    vxlan_port: Option<u16>,
-    /// VXLAN network identifier, 0-16777215, the same on every node [default: 1].
-    #[arg(long)]
-    vni: Option<u32>,
-    /// Pod and tunnel MTU [default: MTU of the interface carrying the node IP, minus 50].
-    #[arg(long)]
-    mtu: Option<u32>,
-    /// Where the CNI conflist is written once the node network is ready [default: /etc/cni/net.d].
-    #[arg(long)]
-    cni_conf_dir: Option<PathBuf>,
-    /// File name of the conflist [default: 10-rsdn.conflist].
-    #[arg(long)]
-    cni_conf_file: Option<String>,
-    /// IPAM data directory written into the conflist [default: the plugin's, /var/lib/cni/networks].
-    #[arg(long)]
-    cni_data_dir: Option<PathBuf>,
-    /// Cluster source without an API server: a directory of Kubernetes YAML objects (Node,
-    /// Service, EndpointSlice), re-read on change. Without it the API server is the source.
-    #[arg(long)]
-    cluster_dir: Option<PathBuf>,
-    /// Kubeconfig for the API server [default: the in-cluster service account, then
-    /// $KUBECONFIG, then ~/.kube/config].
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// Address of the HTTP server for /healthz and /metrics [default: 0.0.0.0:10256].
-    #[arg(long)]
-    healthz_bind_address: Option<std::net::SocketAddr>,
-    /// Seconds between full resyncs with the kernel [default: 5].
-    #[arg(long)]
-    resync_seconds: Option<u64>,
-    /// Program Services (kube-proxy's iptables NAT); --proxy=false for clusters that keep
-    /// kube-proxy. Egress masquerade works either way [default: true].
-    #[arg(long, action = clap::ArgAction::Set)]
-    proxy: Option<bool>,
-    /// Bit of the packet mark KUBE-MARK-MASQ sets, 0-31 [default: 0, OpenShift SDN's; kube-proxy's is 14].
-    #[arg(long)]
-    masquerade_bit: Option<u8>,
-    /// iptables backend: auto (detect, like kube-proxy's iptables wrapper), nft or legacy [default: auto].
-    #[arg(long)]
-    iptables_backend: Option<String>,
-    /// Seconds between full proxy syncs, which rewrite every chain [default: 3600].
-    #[arg(long)]
-    proxy_full_sync_seconds: Option<u64>,
+    #[command(flatten)]
+    options: NodeOptions,
 }
 
 impl NodeArgs {
     fn into_config(self) -> Result<NodeConfig> {
         let file = match &self.config {
-            Some(p) => FileConfig::load(p)?,
-            None => FileConfig::default(),
-        };
-        let over = FileConfig {
-            node_name: self.node_name,
-            node_ip: self.node_ip,
-            cluster_network: self.cluster_network,
-            service_network: self.service_network,
-            vxlan_port: self.vxlan_port,
-            vni: self.vni,
-            mtu: self.mtu,
-            cni_conf_dir: self.cni_conf_dir,
-            cni_conf_file: self.cni_conf_file,
-            cni_data_dir: self.cni_data_dir,
-            cluster_dir: self.cluster_dir,
-            kubeconfig: self.kubeconfig,
-            healthz_bind_address: self.healthz_bind_address,
-            resync_seconds: self.resync_seconds,
-            proxy: self.proxy,
-            masquerade_bit: self.masquerade_bit,
-            iptables_backend: self.iptables_backend,
-            proxy_full_sync_seconds: self.proxy_full_sync_seconds,
+            Some(p) => NodeOptions::load(p)?,
+            None => NodeOptions::default(),
         };
         let hostname = nix::unistd::gethostname()
             .ok()
             .and_then(|h| h.into_string().ok());
-        Ok(NodeConfig::resolve(file.overlay(over), hostname)?)
+        Ok(NodeConfig::resolve(file.overlay(self.options), hostname)?)
     }
 }
 
@@ -346,5 +271,59 @@ fn main() -> Result<()> {
             }
             rsdn::lab::run(command)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_args(args: &[&str]) -> NodeArgs {
+        let cli = Cli::try_parse_from([&["rsdn", "node"], args].concat()).unwrap();
+        let Command::Node(a) = cli.command else {
+            unreachable!()
+        };
+        a
+    }
+
+    /// The flags of the DaemonSet and the hack/ scripts, as they were before NodeOptions.
+    #[test]
+    fn the_command_line_is_unchanged() {
+        let a = node_args(&[
+            "--config",
+            "/etc/rsdn/config.yaml",
+            "--node-name",
+            "n1",
+            "--node-ip",
+            "192.168.1.11",
+            "--cluster-network",
+            "10.128.0.0/14",
+            "--cluster-dir",
+            "/c",
+            "--cni-conf-dir",
+            "/n",
+            "--iptables-backend",
+            "nf_tables",
+            "--resync-seconds",
+            "3600",
+            "--proxy=false",
+        ]);
+        assert_eq!(a.config, Some(PathBuf::from("/etc/rsdn/config.yaml")));
+        let o = a.options;
+        assert_eq!(o.node_name.as_deref(), Some("n1"));
+        assert_eq!(o.node_ip, Some(Ipv4Addr::new(192, 168, 1, 11)));
+        assert_eq!(o.cluster_dir, Some(PathBuf::from("/c")));
+        assert_eq!(o.iptables_backend, Some(rsdn::config::IptablesBackend::Nft));
+        assert_eq!((o.resync_seconds, o.proxy), (Some(3600), Some(false)));
+        assert_eq!(o.vxlan_port, None);
+        assert!(Cli::try_parse_from(["rsdn", "node", "--iptables-backend", "ebtables"]).is_err());
+        // rsdn proxy render takes the same options.
+        let cli = Cli::try_parse_from(["rsdn", "proxy", "render", "--cluster-dir", "/c"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Proxy {
+                command: ProxyCommand::Render(NodeArgs { config: None, .. })
+            }
+        ));
     }
 }

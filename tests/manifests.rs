@@ -11,7 +11,7 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use rsdn::config::{self, FileConfig, NodeConfig};
+use rsdn::config::{self, NodeConfig, NodeOptions};
 
 #[derive(Default)]
 struct Manifests {
@@ -190,7 +190,7 @@ fn rbac_grants_exactly_what_the_daemon_watches() {
 #[test]
 fn the_config_map_is_a_valid_daemon_configuration_with_the_defaults() {
     let m = load();
-    let file: FileConfig = serde_saphyr::from_str(config_text(&m)).expect("parses as FileConfig");
+    let file: NodeOptions = serde_saphyr::from_str(config_text(&m)).expect("parses as NodeOptions");
     let c = NodeConfig::resolve(file, Some("node1".into())).expect("resolves");
     assert_eq!(
         c.cluster_network.to_string(),
@@ -292,7 +292,7 @@ fn the_daemon_set_agrees_with_the_code() {
     assert_eq!(field.field_path, "spec.nodeName");
 
     // The host paths the daemon touches, seen at the same paths inside the container.
-    let file: FileConfig = serde_saphyr::from_str(config_text(&m)).unwrap();
+    let file: NodeOptions = serde_saphyr::from_str(config_text(&m)).unwrap();
     let c = NodeConfig::resolve(file, Some("node1".into())).unwrap();
     let conf_dir = c
         .cni_conf_path()

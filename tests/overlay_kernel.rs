@@ -4,10 +4,8 @@
 #[path = "../cni/tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
-
 use common::{root_or_skip, Netns};
-use rsdn::config::{NodeConfig, SourceConfig};
+use rsdn::config::NodeConfig;
 use rsdn::daemon::{Pass, Reconciler};
 use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
 use rsdn::overlay::kernel::Kernel;
@@ -64,25 +62,10 @@ fn add_vxlan0(ns: &Netns, vni: &str) {
 }
 
 fn config(dir: &tempfile::TempDir) -> NodeConfig {
-    NodeConfig {
-        node_name: "a".into(),
-        node_ip: None,
-        cluster_network: "10.128.0.0/14".parse().unwrap(),
-        service_network: "172.30.0.0/16".parse().unwrap(),
-        vxlan_port: 4789,
-        vni: 7,
-        mtu: None,
-        cni_conf_dir: dir.path().join("net.d"),
-        cni_conf_file: "10-rsdn.conflist".into(),
-        cni_data_dir: None,
-        source: SourceConfig::Dir(PathBuf::from("/nonexistent")),
-        healthz_bind_address: None,
-        resync_seconds: 5,
-        proxy: true,
-        masquerade_bit: 0,
-        iptables_backend: None,
-        proxy_full_sync_seconds: 3600,
-    }
+    let mut c = NodeConfig::for_test("a");
+    c.vni = 7;
+    c.cni_conf_dir = dir.path().join("net.d");
+    c
 }
 
 /// Runs `f` with a kernel connection inside `ns`, on a thread of its own (setns is per thread).
