@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use rsdn::proxy::model::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
+use rsdn::model::service::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
 use rsdn::proxy::render::{payload, render_cached, ProxyScope, RenderCache};
 
 fn services(n: usize) -> Services {

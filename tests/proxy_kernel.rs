@@ -10,7 +10,7 @@ use common::{root_or_skip, Netns};
 use rsdn::model::{ModelBuilder, ModelScope};
 use rsdn::proxy::iptables::{Backend, Iptables};
 use rsdn::proxy::metrics::ProxyMetrics;
-use rsdn::proxy::model::Services;
+use rsdn::model::service::Services;
 use rsdn::proxy::render::ProxyScope;
 use rsdn::proxy::sync::{Proxier, SyncReport};
 

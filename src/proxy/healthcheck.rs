@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 use tracing::{error, info};
 
-use super::model::Services;
+use crate::model::service::Services;
 use crate::health::Health;
 
 /// A Service by namespace and name: health checks are per Service, not per port.
@@ -171,7 +171,7 @@ impl HealthCheckServers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::model::{Endpoint, Protocol, ServicePort, ServicePortName};
+    use crate::model::service::{Endpoint, Protocol, ServicePort, ServicePortName};
 
     fn port(name: &str, hc: Option<u16>) -> (ServicePortName, ServicePort) {
         (

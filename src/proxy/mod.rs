@@ -6,7 +6,7 @@
 pub mod healthcheck;
 pub mod iptables;
 pub mod metrics;
-pub mod model;
+
 pub mod names;
 pub mod render;
 pub mod sync;

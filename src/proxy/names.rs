@@ -5,7 +5,7 @@
 use data_encoding::BASE32;
 use sha2::{Digest, Sha256};
 
-use super::model::{Endpoint, ServicePortName};
+use crate::model::service::{Endpoint, ServicePortName};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
 pub const KUBE_EXTERNAL_SERVICES: &str = "KUBE-EXTERNAL-SERVICES";

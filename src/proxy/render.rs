@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 
 use ipnet::Ipv4Net;
 
-use super::model::{Endpoint, ServicePort, ServicePortName, Services};
+use crate::model::service::{Endpoint, ServicePort, ServicePortName, Services};
 use super::names::*;
 
 /// What the ruleset depends on besides the Services.

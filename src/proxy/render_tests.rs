@@ -73,7 +73,7 @@ fn expand(golden: &str) -> String {
 
 #[test]
 fn chain_names_match_kube_proxys_own_test_vectors() {
-    use super::super::model::{Endpoint, Protocol, ServicePortName};
+    use crate::model::service::{Endpoint, Protocol, ServicePortName};
     let spn = |ns: &str, name: &str| ServicePortName {
         namespace: ns.into(),
         name: name.into(),

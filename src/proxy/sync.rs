@@ -14,7 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::iptables::{Iptables, IptablesError, Saved};
 use super::metrics::ProxyMetrics;
-use super::model::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
+use crate::model::service::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
 use super::render::{jumps, payload, render_cached, ProxyScope, RenderCache, Ruleset};
 
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);

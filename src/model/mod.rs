@@ -1,6 +1,16 @@
-//! The cluster as rsdn sees it: nodes with their underlay address and pod subnet, and the
-//! Service ports with their endpoints, built from Kubernetes objects. Every cluster source (a directory of YAML today, the API server later)
-//! produces this model; invalid objects are skipped with a reason and counted, never fatal.
+//! The cluster as rsdn sees it, as plain data at the bottom of the crate (it imports nothing of
+//! rsdn's): nodes with their underlay address and pod subnet (`node`), the Service ports with
+//! their endpoints (`service`), built from Kubernetes objects. Every cluster source (a directory
+//! of YAML, the API server) produces this model; invalid objects are skipped with a reason and
+//! counted, never fatal.
+
+pub mod node;
+pub mod service;
+
+pub use node::{node_from_k8s, ClusterNode, NodeSubnet};
+pub use service::{
+    Endpoint, EndpointsBuilder, Protocol, ServicePort, ServicePortName, Services,
+};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -9,39 +19,7 @@ use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use crate::proxy::model::{self as svc, EndpointsBuilder, ServicePort, ServicePortName, Services};
-
-/// A node's pod subnet (`spec.podCIDR`): the node's gateway and the VTEP address derive from it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct NodeSubnet(pub Ipv4Net);
-
-impl NodeSubnet {
-    /// The bridge address on the node: the first host address.
-    pub fn gateway(&self) -> Ipv4Addr {
-        rsdn_cni::config::first_host(self.0)
-    }
-
-    /// The VTEP address of the node: the subnet's network address (the flannel convention).
-    /// It is never handed to a pod, and it names the node in neighbour and route entries.
-    pub fn vtep_ip(&self) -> Ipv4Addr {
-        self.0.network()
-    }
-}
-
-impl std::fmt::Display for NodeSubnet {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-/// A node of the cluster, valid for the overlay.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterNode {
-    pub name: String,
-    /// The underlay address VXLAN packets for this node go to (its InternalIP).
-    pub ip: Ipv4Addr,
-    pub subnet: NodeSubnet,
-}
+use self::service as svc;
 
 /// An object left out of the model, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -281,52 +259,6 @@ fn object_name(
         meta.namespace.as_deref().unwrap_or("default"),
         meta.name.as_deref().unwrap_or("")
     )
-}
-
-/// Validates one Node object on its own: a name, an IPv4 pod CIDR, an IPv4 InternalIP.
-pub fn node_from_k8s(node: &Node) -> Result<ClusterNode, String> {
-    let name = node
-        .metadata
-        .name
-        .clone()
-        .filter(|n| !n.is_empty())
-        .ok_or("no metadata.name")?;
-    let spec = node.spec.as_ref();
-    // podCIDRs lists one CIDR per family; podCIDR is the first. We take the first IPv4 one.
-    let cidrs: Vec<&String> = spec
-        .and_then(|s| s.pod_cidrs.as_ref())
-        .map(|v| v.iter().collect())
-        .filter(|v: &Vec<&String>| !v.is_empty())
-        .or_else(|| spec.and_then(|s| s.pod_cidr.as_ref()).map(|c| vec![c]))
-        .ok_or("no podCIDR yet (the controller-manager has not allocated one)")?;
-    let subnet = cidrs
-        .iter()
-        .find_map(|c| c.parse::<Ipv4Net>().ok())
-        .ok_or_else(|| format!("no IPv4 podCIDR in {cidrs:?}"))?;
-    if subnet != subnet.trunc() {
-        return Err(format!("podCIDR {subnet} has host bits set"));
-    }
-    if subnet.prefix_len() > 30 {
-        return Err(format!(
-            "podCIDR {subnet} is too small for a gateway and pods"
-        ));
-    }
-    let ip = node
-        .status
-        .as_ref()
-        .and_then(|s| s.addresses.as_ref())
-        .and_then(|addrs| {
-            addrs
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
-        })
-        .ok_or("no IPv4 InternalIP in status.addresses")?;
-    Ok(ClusterNode {
-        name,
-        ip,
-        subnet: NodeSubnet(subnet),
-    })
 }
 
 /// Shorthands for tests elsewhere in the crate.
