@@ -3,25 +3,14 @@
 //! the `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged lists are
 //! handled the way kube-rs's watcher handles them against a real API server.
 
-#[path = "../cni/tests/common/mod.rs"]
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{root_or_skip, Netns};
 use rsdn::apiserver::{ApiServer, Kind};
 use rsdn::model::{ClusterModel, ModelScope};
+use rsdn_testkit::{need_root, Netns};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-
-macro_rules! need_root {
-    () => {
-        if !root_or_skip(module_path!()) {
-            return;
-        }
-    };
-}
 
 fn scope() -> ModelScope {
     ModelScope {
