@@ -12,6 +12,7 @@ ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
+# Only what ships: rsdn and rsdn-cni (the development lab, rsdn-lab, needs `hack/build.sh --lab`).
 RUN hack/build.sh
 
 FROM ${BASE_IMAGE}

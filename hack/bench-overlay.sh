@@ -32,7 +32,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-hack/build.sh
+hack/build.sh --lab
 "$RSDN" lab down >/dev/null 2>&1 || true
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 

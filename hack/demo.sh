@@ -11,15 +11,15 @@ cd "$(dirname "$0")/.."
 source hack/lib.sh
 require_root
 
-RSDN=target/dist/rsdn
+RSDN=target/dist/rsdn   # `rsdn lab` runs target/dist/rsdn-lab, built by --lab
 if [ "${1:-}" = down ]; then
-  [ -x "$RSDN" ] || hack/build.sh
+  [ -x "$RSDN" ] && [ -x target/dist/rsdn-lab ] || hack/build.sh --lab
   exec "$RSDN" lab down
 fi
 
 ensure_packages
 echo "== building"
-hack/build.sh
+hack/build.sh --lab
 "$RSDN" lab down >/dev/null 2>&1 || true
 
 echo

@@ -22,7 +22,7 @@ if ! podman image exists "$IMAGE"; then
   echo "no image $IMAGE: build it first (podman build -t $IMAGE .)" >&2
   exit 1
 fi
-hack/build.sh >/dev/null || exit 1
+hack/build.sh --lab >/dev/null || exit 1   # the lab (rsdn-lab) plays the cluster
 RSDN=$PWD/target/dist/rsdn
 T=$(mktemp -d /tmp/rsdn-image-check.XXXXXX)
 source tests/e2e/lib.sh

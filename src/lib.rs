@@ -1,13 +1,12 @@
 //! The rsdn node daemon and the operator's tools.
 
-pub mod apiserver;
 pub mod cniconf;
 pub mod config;
 pub mod daemon;
 pub mod health;
 pub mod http;
 pub mod install;
-pub mod lab;
+pub mod logging;
 pub mod model;
 pub mod netfilter;
 pub mod overlay;

@@ -1,6 +1,8 @@
 //! `rsdn`: the node daemon and the operator's tools.
 
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -8,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::Ipv4Net;
 use rsdn::cniconf::{conflist, ConflistOptions};
 use rsdn::config::{NodeConfig, NodeOptions};
+use rsdn::logging::LogFormat;
 
 /// rsdn: a VXLAN + iptables Kubernetes network plugin in the style of OpenShift SDN.
 #[derive(Parser)]
@@ -18,12 +21,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -47,10 +44,18 @@ enum Command {
         #[command(subcommand)]
         command: ProxyCommand,
     },
-    /// A simulated multi-node cluster on this machine, built from network namespaces.
+    /// A simulated multi-node cluster on this machine, built from network namespaces
+    /// (`rsdn lab --help`). A development tool kept out of this binary: runs `rsdn-lab`, from
+    /// next to this binary or from PATH (cargo build -p rsdn-lab).
+    #[command(disable_help_flag = true)]
     Lab {
-        #[command(subcommand)]
-        command: rsdn::lab::LabCommand,
+        /// What rsdn-lab is given, unchanged.
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARGS"
+        )]
+        args: Vec<OsString>,
     },
 }
 
@@ -140,19 +145,6 @@ struct CniConfigArgs {
     cni_version: String,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -186,7 +178,7 @@ fn main() -> Result<()> {
                     std::process::exit(2);
                 }
             };
-            init_logging(cli.log_format);
+            rsdn::logging::init(cli.log_format);
             runtime()?.block_on(rsdn::daemon::run(config, shutdown_signal()))
         }
         Command::Tunnel {
@@ -264,14 +256,31 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Lab { command } => {
-            // The lab's stand-in API server is a long-running service: it logs like the daemon.
-            if matches!(command, rsdn::lab::LabCommand::Apiserver { .. }) {
-                init_logging(cli.log_format);
-            }
-            rsdn::lab::run(command)
-        }
+        Command::Lab { args } => lab(cli.log_format, args),
     }
+}
+
+/// `rsdn lab ARGS...` is `rsdn-lab ARGS...`, exec'd in place (same pid, its exit status). The
+/// lab and its stand-in API server (HTTPS, certificates) are development tools, built apart so
+/// that the binary the DaemonSet image ships carries neither.
+fn lab(log_format: LogFormat, args: Vec<OsString>) -> Result<()> {
+    const LAB: &str = "rsdn-lab";
+    let beside = std::env::current_exe()
+        .ok()
+        .map(|exe| exe.with_file_name(LAB))
+        .filter(|p| p.exists());
+    let program = beside.unwrap_or_else(|| PathBuf::from(LAB)); // else found on PATH by exec
+    let mut cmd = std::process::Command::new(&program);
+    // The name its help and usage lines show: what the user typed.
+    cmd.arg0("rsdn lab");
+    if let LogFormat::Json = log_format {
+        cmd.arg("--log-format=json");
+    }
+    let err = cmd.args(args).exec();
+    if err.kind() == std::io::ErrorKind::NotFound {
+        bail!("rsdn lab is a development tool: build it with cargo build -p rsdn-lab (no {LAB} next to this rsdn nor on PATH)");
+    }
+    Err(err).with_context(|| format!("cannot run {}", program.display()))
 }
 
 #[cfg(test)]

@@ -2,16 +2,13 @@
 //! network namespace: served with kube-proxy's answer, following the local endpoint count and
 //! the daemon's health, retried while the port is taken, closed when the Service goes.
 
-#[path = "../cni/tests/common/mod.rs"]
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{root_or_skip, Netns};
 use rsdn::health::Health;
 use rsdn::proxy::healthcheck::{HealthCheckServers, Wanted};
+use rsdn_testkit::{root_or_skip, Netns};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PORT: u16 = 32100;

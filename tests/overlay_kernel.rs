@@ -1,22 +1,11 @@
 //! Kernel tier for the overlay: the real reconciler, on a dedicated thread inside a fresh
 //! network namespace, against the real kernel. State is checked with iproute2.
 
-#[path = "../cni/tests/common/mod.rs"]
-mod common;
-
-use common::{root_or_skip, Netns};
 use rsdn::config::NodeConfig;
 use rsdn::daemon::{Pass, Reconciler};
 use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
 use rsdn::overlay::kernel::Kernel;
-
-macro_rules! need_root {
-    () => {
-        if !root_or_skip(module_path!()) {
-            return;
-        }
-    };
-}
+use rsdn_testkit::{need_root, Netns};
 
 fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
     ClusterNode {

@@ -1,26 +1,15 @@
 //! Kernel tier for the proxy: the real Proxier and iptables tools, with each backend, inside a
 //! fresh network namespace (the tools inherit the namespace of the thread that runs them).
 
-#[path = "../cni/tests/common/mod.rs"]
-mod common;
-
 use std::time::Duration;
 
-use common::{root_or_skip, Netns};
 use rsdn::model::{ModelBuilder, ModelScope};
 use rsdn::proxy::iptables::{Backend, Iptables};
 use rsdn::proxy::metrics::ProxyMetrics;
 use rsdn::model::service::Services;
 use rsdn::proxy::render::ProxyScope;
 use rsdn::proxy::sync::{Proxier, SyncReport};
-
-macro_rules! need_root {
-    () => {
-        if !root_or_skip(module_path!()) {
-            return;
-        }
-    };
-}
+use rsdn_testkit::{need_root, Netns};
 
 const CLUSTER: &str = include_str!("../src/proxy/testdata/cluster.yaml");
 const BACKENDS: [Backend; 2] = [Backend::Nft, Backend::Legacy];

@@ -1,11 +1,9 @@
 //! The plugin's contract at the process boundary, for inputs that fail before any kernel work:
 //! each must print exactly one CNI error object on stdout and exit non-zero. No root needed.
 
-mod common;
-
 use std::process::{Command, Stdio};
 
-use common::*;
+use rsdn_testkit::*;
 use serde_json::json;
 
 fn run(env: &[(&str, &str)], stdin: &str) -> Invocation {

@@ -1,20 +1,10 @@
 //! Kernel tier: the real plugin binary against real bridges, veths and namespaces. Every test
 //! builds its own namespaces and removes them; nothing touches the root namespace.
 
-mod common;
-
 use std::collections::HashSet;
 
-use common::*;
+use rsdn_testkit::*;
 use serde_json::{json, Value};
-
-macro_rules! need_root {
-    () => {
-        if !root_or_skip(module_path!()) {
-            return;
-        }
-    };
-}
 
 #[test]
 fn add_wires_address_mac_mtu_route_and_hairpin() {

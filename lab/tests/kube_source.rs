@@ -1,27 +1,16 @@
-//! The `kube` cluster source against the stand-in API server (`rsdn::apiserver`), over real
-//! HTTP on the loopback of a fresh network namespace: the same objects give the same model as
-//! the `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged lists are
-//! handled the way kube-rs's watcher handles them against a real API server.
-
-#[path = "../cni/tests/common/mod.rs"]
-mod common;
+//! rsdn's `kube` cluster source against the lab's stand-in API server (`rsdn_lab::apiserver`),
+//! over real HTTP on the loopback of a fresh network namespace: the same objects give the same
+//! model as the `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged
+//! lists are handled the way kube-rs's watcher handles them against a real API server.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{root_or_skip, Netns};
-use rsdn::apiserver::{ApiServer, Kind};
 use rsdn::model::{ClusterModel, ModelScope};
+use rsdn_lab::apiserver::{ApiServer, Kind};
+use rsdn_testkit::{need_root, Netns};
 use serde_json::{json, Value};
 use tokio::sync::watch;
-
-macro_rules! need_root {
-    () => {
-        if !root_or_skip(module_path!()) {
-            return;
-        }
-    };
-}
 
 fn scope() -> ModelScope {
     ModelScope {
@@ -108,7 +97,7 @@ where
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
             tokio::spawn(Arc::clone(&server).serve(listener));
-            std::fs::write(&kubeconfig, rsdn::apiserver::kubeconfig(&url)).unwrap();
+            std::fs::write(&kubeconfig, rsdn_lab::apiserver::kubeconfig(&url)).unwrap();
             let rx = start_source(&kubeconfig).await;
             f(Arc::clone(&server), rx).await;
             asked_exactly_what_rbac_grants(&server);
@@ -152,7 +141,7 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
 fn the_same_objects_give_the_same_model_as_the_dir_source() {
     need_root!();
     // Service shapes of the golden test, and nodes the model accepts and refuses.
-    let mut yaml = std::fs::read_to_string("src/proxy/testdata/cluster.yaml").unwrap();
+    let mut yaml = include_str!("../../src/proxy/testdata/cluster.yaml").to_string();
     for n in [
         node(
             "n1",
@@ -385,7 +374,7 @@ fn https_with_a_ca_and_a_bearer_token() {
         block_on(async move {
             let server = ApiServer::new(Duration::from_millis(100));
             let (tls, token) =
-                rsdn::apiserver::service_account(&sa, "127.0.0.1".parse().unwrap()).unwrap();
+                rsdn_lab::apiserver::service_account(&sa, "127.0.0.1".parse().unwrap()).unwrap();
             server.require_token(token.clone());
             assert_eq!(std::fs::read_to_string(sa.join("token")).unwrap(), token);
             server

@@ -1,4 +1,5 @@
-//! `rsdn lab`: a simulated cluster on this machine, made only of network namespaces.
+//! `rsdn lab` (the `rsdn-lab` binary): a simulated cluster on this machine, made only of network
+//! namespaces.
 //!
 //! ```text
 //!   rsdn-lab-underlay: bridge br0 ─┬─ rsdn-lab-node1 eth0 192.168.77.11  (rsdn node, tun0, vxlan0)
@@ -6,9 +7,10 @@
 //!                                  ├─ ...
 //!                                  └─ rsdn-lab-ext   eth0 192.168.77.250 (a host outside the cluster)
 //! ```
-//! Each node runs the real `rsdn node` with a `dir` source the lab writes (one Node object per
-//! node under /run/rsdn-lab/cluster), and pods are attached with the real `rsdn-cni`, called as
-//! a runtime calls it, with the conflist the daemon wrote. The root namespace is never touched.
+//! Each node runs the real `rsdn node` (the `rsdn` binary next to `rsdn-lab`) with a `dir`
+//! source the lab writes (one Node object per node under /run/rsdn-lab/cluster), and pods are
+//! attached with the real `rsdn-cni`, called as a runtime calls it, with the conflist the
+//! daemon wrote. The root namespace is never touched.
 //! Everything the lab makes is named `rsdn-lab-*` or lives under /run/rsdn-lab, so `down` can
 //! clean up after a crash half-way.
 
@@ -21,7 +23,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
 pub const STATE_DIR: &str = "/run/rsdn-lab";
@@ -33,55 +34,6 @@ const EXTERNAL_IP: &str = "192.168.77.250";
 const API_PORT: u16 = 6443;
 /// Port the matrix's TCP listeners use inside pods.
 const MATRIX_PORT: u16 = 5001;
-
-#[derive(Subcommand)]
-pub enum LabCommand {
-    /// Create (or grow) the lab: N nodes running `rsdn node`, M pods per node. Idempotent.
-    Up {
-        #[arg(long, default_value_t = 3)]
-        nodes: u32,
-        #[arg(long, default_value_t = 2)]
-        pods_per_node: u32,
-        /// Feed the daemons through an API server (`rsdn lab apiserver` on the outside host,
-        /// serving the cluster directory) instead of reading the directory. Kept for the
-        /// lab's lifetime.
-        #[arg(long)]
-        api: bool,
-    },
-    /// The lab's stand-in Kubernetes API server: serves the Nodes, Services and
-    /// EndpointSlices of a directory over HTTP (list, watch, bookmarks, 410 Gone), following
-    /// its changes. SIGUSR1 cuts every watch connection; SIGUSR2 expires the history so every
-    /// watcher must relist.
-    Apiserver {
-        #[arg(long)]
-        dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:6443")]
-        listen: std::net::SocketAddr,
-        /// Seconds between bookmarks on watches that ask for them.
-        #[arg(long, default_value_t = 5.0)]
-        bookmark_seconds: f64,
-        /// Serve HTTPS and require a bearer token, writing ca.crt, token and namespace into
-        /// this directory as kubelet does for a pod's service account.
-        #[arg(long)]
-        service_account_dir: Option<PathBuf>,
-    },
-    /// Nodes and pods with their namespaces, addresses, daemon health and log files.
-    Status {
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run a command inside a lab namespace: nodeN, nodeN-podM, ext, underlay (or a full name).
-    Exec {
-        name: String,
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
-    /// All-pairs connectivity between lab pods (ping and TCP); non-zero exit on any failure.
-    Matrix,
-    /// Stop every daemon and remove every namespace and file of the lab.
-    Down,
-}
 
 /// One node of the lab, by number (1-based).
 fn node_ns(i: u32) -> String {
@@ -123,41 +75,6 @@ struct NodeStatus {
     network_ready: bool,
     tunnels_complete: String,
     log: PathBuf,
-}
-
-pub fn run(cmd: LabCommand) -> Result<()> {
-    if let LabCommand::Apiserver {
-        dir,
-        listen,
-        bookmark_seconds,
-        service_account_dir,
-    } = cmd
-    {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-            .block_on(crate::apiserver::run_dir(
-                &dir,
-                listen,
-                Duration::from_secs_f64(bookmark_seconds.max(0.01)),
-                service_account_dir.as_deref(),
-            ));
-    }
-    if !nix::unistd::geteuid().is_root() {
-        bail!("rsdn lab needs root: it creates network namespaces (the root namespace is never touched)");
-    }
-    match cmd {
-        LabCommand::Up {
-            nodes,
-            pods_per_node,
-            api,
-        } => up(nodes, pods_per_node, api),
-        LabCommand::Apiserver { .. } => unreachable!("handled above"),
-        LabCommand::Status { json } => status(json),
-        LabCommand::Exec { name, command } => exec(&name, &command),
-        LabCommand::Matrix => matrix(),
-        LabCommand::Down => down(),
-    }
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -216,22 +133,34 @@ fn attach_to_underlay(ns: &str, port: &str, addr: &str) -> Result<()> {
     ip(&["-n", ns, "link", "set", "eth0", "up"])
 }
 
+/// This binary, for the API server it starts.
+fn lab_exe() -> Result<PathBuf> {
+    std::env::current_exe().context("cannot find the rsdn-lab binary")
+}
+
+/// A binary of the same build, next to this one (target/debug, or target/dist after
+/// `hack/build.sh --lab`): rsdn-lab always drives the rsdn and rsdn-cni it was built with.
+fn beside_me(name: &str, how_to_build: &str) -> Result<PathBuf> {
+    let p = lab_exe()?.with_file_name(name);
+    if !p.exists() {
+        bail!("{} not found; {how_to_build}", p.display());
+    }
+    Ok(p)
+}
+
+/// The `rsdn` the nodes run.
 fn rsdn_exe() -> Result<PathBuf> {
-    std::env::current_exe().context("cannot find the rsdn binary")
+    beside_me("rsdn", "build it with rsdn-lab (cargo build --workspace)")
 }
 
 fn cni_exe() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("RSDN_CNI") {
         return Ok(PathBuf::from(p));
     }
-    let p = rsdn_exe()?.with_file_name("rsdn-cni");
-    if !p.exists() {
-        bail!(
-            "{} not found; build it (hack/build.sh) or set RSDN_CNI",
-            p.display()
-        );
-    }
-    Ok(p)
+    beside_me(
+        rsdn::install::PLUGIN,
+        "build it (cargo build --workspace, hack/build.sh --lab) or set RSDN_CNI",
+    )
 }
 
 fn daemon_pid(i: u32) -> Option<i32> {
@@ -259,15 +188,18 @@ fn node_count() -> u32 {
     (1..).take_while(|i| netns_exists(&node_ns(*i))).count() as u32
 }
 
-fn up(nodes: u32, pods_per_node: u32, api: bool) -> Result<()> {
+pub fn up(nodes: u32, pods_per_node: u32, api: bool) -> Result<()> {
     if nodes == 0 || nodes > 100 {
         bail!("--nodes must be 1..=100");
     }
+    // The binaries the nodes run, found before anything is created.
+    rsdn_exe()?;
+    cni_exe()?;
     std::fs::create_dir_all(cluster_dir())?;
     if api {
         std::fs::write(
             kubeconfig_path(),
-            crate::apiserver::kubeconfig(&format!("http://{EXTERNAL_IP}:{API_PORT}")),
+            rsdn_lab::apiserver::kubeconfig(&format!("http://{EXTERNAL_IP}:{API_PORT}")),
         )?;
     }
     if ensure_netns(UNDERLAY)? {
@@ -320,7 +252,7 @@ fn write_node_object(i: u32) -> Result<()> {
         subnet = node_subnet(i),
         ip = node_ip(i)
     );
-    crate::daemon::write_atomically(&cluster_dir().join(format!("node{i}.yaml")), &yaml)?;
+    rsdn::daemon::write_atomically(&cluster_dir().join(format!("node{i}.yaml")), &yaml)?;
     Ok(())
 }
 
@@ -411,8 +343,8 @@ fn start_apiserver() -> Result<()> {
         .create(true)
         .append(true)
         .open(Path::new(STATE_DIR).join("apiserver.log"))?;
-    let mut cmd = in_ns(EXTERNAL, rsdn_exe()?)?;
-    cmd.args(["lab", "apiserver", "--bookmark-seconds", "1", "--listen"])
+    let mut cmd = in_ns(EXTERNAL, lab_exe()?)?;
+    cmd.args(["apiserver", "--bookmark-seconds", "1", "--listen"])
         .arg(format!("{EXTERNAL_IP}:{API_PORT}"))
         .arg("--dir")
         .arg(cluster_dir())
@@ -420,7 +352,7 @@ fn start_apiserver() -> Result<()> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    let child = cmd.spawn().context("cannot start rsdn lab apiserver")?;
+    let child = cmd.spawn().context("cannot start rsdn-lab apiserver")?;
     std::fs::write(pid_file, child.id().to_string())?;
     Ok(())
 }
@@ -428,7 +360,7 @@ fn start_apiserver() -> Result<()> {
 fn conflist_path(i: u32) -> PathBuf {
     node_dir(i)
         .join("net.d")
-        .join(crate::config::DEFAULT_CNI_CONF_FILE)
+        .join(rsdn::config::DEFAULT_CNI_CONF_FILE)
 }
 
 fn wait_ready(i: u32, timeout: Duration) -> Result<()> {
@@ -472,7 +404,7 @@ fn attach_pod(i: u32, j: u32) -> Result<()> {
     }
     ensure_netns(&ns)?;
     let conf = plugin_conf(i)?;
-    let mut cmd = in_ns(&node_ns(i), node_cni_bin(i).join(crate::install::PLUGIN))?;
+    let mut cmd = in_ns(&node_ns(i), node_cni_bin(i).join(rsdn::install::PLUGIN))?;
     cmd.env_clear()
         .env("CNI_COMMAND", "ADD")
         .env("CNI_CONTAINERID", format!("lab-node{i}-pod{j}"))
@@ -534,7 +466,7 @@ fn tunnels(i: u32) -> String {
     let Ok(out) = cmd.args(["tunnel", "list", "-o", "json"]).output() else {
         return "-".into();
     };
-    let Ok(rows) = serde_json::from_slice::<Vec<crate::tunnel::TunnelRow>>(&out.stdout) else {
+    let Ok(rows) = serde_json::from_slice::<Vec<rsdn::tunnel::TunnelRow>>(&out.stdout) else {
         return "-".into();
     };
     format!(
@@ -544,7 +476,7 @@ fn tunnels(i: u32) -> String {
     )
 }
 
-fn status(json: bool) -> Result<()> {
+pub fn status(json: bool) -> Result<()> {
     let n = node_count();
     if n == 0 {
         bail!("no lab is up (rsdn lab up)");
@@ -615,7 +547,7 @@ fn resolve(name: &str) -> String {
     }
 }
 
-fn exec(name: &str, command: &[String]) -> Result<()> {
+pub fn exec(name: &str, command: &[String]) -> Result<()> {
     let ns = resolve(name);
     let status = in_ns(&ns, &command[0])?
         .args(&command[1..])
@@ -624,7 +556,7 @@ fn exec(name: &str, command: &[String]) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-fn matrix() -> Result<()> {
+pub fn matrix() -> Result<()> {
     let pods = pods();
     if pods.len() < 2 {
         bail!("the matrix needs at least two pods (rsdn lab up)");
@@ -710,7 +642,7 @@ fn matrix() -> Result<()> {
     Ok(())
 }
 
-fn down() -> Result<()> {
+pub fn down() -> Result<()> {
     // Daemons: from pid files, and any `rsdn node` whose config lives under the lab directory
     // (pid files may be gone after a crash).
     let mut pids: Vec<i32> = (1..=100).filter_map(daemon_pid).collect();
@@ -721,7 +653,11 @@ fn down() -> Result<()> {
             };
             let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
-            let ours = cmdline.contains("node\0--config\0") || cmdline.contains("lab\0apiserver\0");
+            let args: Vec<&str> = cmdline.split('\0').collect();
+            // `rsdn node --config ...`, and `rsdn-lab apiserver` however it was started
+            // (directly, or as `rsdn lab apiserver`, which execs rsdn-lab).
+            let ours =
+                args.windows(2).any(|w| w == ["node", "--config"]) || args.contains(&"apiserver");
             if ours && cmdline.contains(STATE_DIR) {
                 pids.push(pid);
             }

@@ -312,7 +312,7 @@ impl ApiServer {
         for f in files {
             match std::fs::read_to_string(&f)
                 .map_err(|e| e.to_string())
-                .and_then(|t| crate::source::dir::read_documents(&t))
+                .and_then(|t| rsdn::source::dir::read_documents(&t))
             {
                 Ok(docs) => objects.extend(docs),
                 Err(e) => skipped.push(format!("{}: {e}", f.display())),
@@ -641,7 +641,7 @@ pub fn kubeconfig(server: &str) -> String {
     )
 }
 
-/// `rsdn lab apiserver`: serves `dir` on `listen`, re-reading it on change. SIGUSR1 cuts every
+/// `rsdn-lab apiserver`: serves `dir` on `listen`, re-reading it on change. SIGUSR1 cuts every
 /// watch, SIGUSR2 expires the history (410 Gone), SIGTERM/SIGINT stop it.
 pub async fn run_dir(
     dir: &Path,

@@ -1,137 +1,15 @@
-//! Test fixtures: throw-away network namespaces, a node with a bridge, and a way to call the
-//! real `rsdn-cni` binary inside the node namespace exactly as a runtime does.
-#![allow(dead_code)]
+//! The CNI plugin as a runtime runs it: a node namespace with the bridge the daemon would
+//! create and a private IPAM directory, and the real `rsdn-cni` binary called with the CNI
+//! environment and the config on stdin.
 
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use serde_json::{json, Value};
 
-/// Kernel tests need root. On a laptop they skip with a reason; in CI (`CI` set) a skip would
-/// hide a broken tier, so they fail instead.
-pub fn root_or_skip(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var_os("CI").is_some() {
-        panic!("{test} needs root, and CI must run it");
-    }
-    eprintln!("SKIP {test}: needs root (network namespaces)");
-    false
-}
-
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-/// A named network namespace (`ip netns add`), deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(role: &str) -> Netns {
-        let name = format!(
-            "rt{}-{}-{role}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::SeqCst)
-        );
-        sh(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// `ip -n NAME ARGS...`, which must succeed.
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.name];
-        full.extend_from_slice(args);
-        sh(&full)
-    }
-
-    /// Runs a command inside the namespace; returns (success, stdout+stderr).
-    pub fn run(&self, args: &[&str]) -> (bool, String) {
-        let ns = File::open(self.path()).unwrap();
-        let mut cmd = Command::new(args[0]);
-        cmd.args(&args[1..]);
-        in_netns(&mut cmd, &ns);
-        let out = cmd.output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    }
-
-    pub fn ping(&self, ip: &str) -> bool {
-        self.run(&["ping", "-c1", "-W2", ip]).0
-    }
-}
-
-impl Netns {
-    /// Runs `f` on a thread of its own inside this namespace (setns changes only the calling
-    /// thread, and processes it starts inherit it).
-    pub fn on_thread<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = self.path();
-        std::thread::spawn(move || {
-            let _guard = rsdn_cni::netns::NetnsGuard::enter_path(&path).unwrap();
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Makes `cmd` run inside the namespace `ns` (setns in the child before exec).
-pub fn in_netns(cmd: &mut Command, ns: &File) {
-    let fd = ns.as_raw_fd();
-    // SAFETY: setns is async-signal-safe; the child only calls it before exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// Polls `cond` every 10 ms for up to `secs` seconds.
-pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    loop {
-        if cond() {
-            return true;
-        }
-        if std::time::Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use crate::netns::{in_netns, Netns};
 
 /// A node namespace with the bridge the daemon would create, and a private IPAM directory.
 pub struct Node {
@@ -241,19 +119,22 @@ impl Invocation {
     }
 }
 
-/// The plugin binary: Cargo's path when this is a test of the cni crate, else the workspace
-/// build next to the test binary (target/<profile>/rsdn-cni).
+/// The plugin binary of this build, next to the test binary's directory: tests run from
+/// target/<profile>/deps/, and Cargo puts rsdn-cni in target/<profile>/ for the cni crate's
+/// integration tests and for any workspace build.
 pub fn plugin() -> PathBuf {
-    match option_env!("CARGO_BIN_EXE_rsdn-cni") {
-        Some(p) => PathBuf::from(p),
-        None => {
-            let exe = std::env::current_exe().unwrap();
-            exe.parent()
-                .and_then(Path::parent)
-                .unwrap()
-                .join("rsdn-cni")
-        }
-    }
+    let exe = std::env::current_exe().unwrap();
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("rsdn-cni");
+    assert!(
+        p.exists(),
+        "{} is missing: build it (cargo build -p rsdn-cni)",
+        p.display()
+    );
+    p
 }
 
 /// Runs the plugin with the CNI environment, in `node`'s namespace when given.
@@ -285,6 +166,7 @@ pub fn invoke_in(
     run_with_stdin(cmd, conf.to_string().as_bytes())
 }
 
+/// Runs `cmd` with `stdin` written to it, and collects what it printed.
 pub fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Invocation {
     let mut child = cmd.spawn().unwrap();
     child.stdin.take().unwrap().write_all(stdin).unwrap();
