@@ -1,19 +1,21 @@
 //! The daemon's HTTP endpoint (default 0.0.0.0:10256, kube-proxy's healthz port):
 //! `/healthz` (liveness), `/readyz` (readiness) and `/metrics` (Prometheus text).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+use tracing::{debug, info, warn};
 
 use crate::health::{Answer, Health};
 
@@ -70,41 +72,209 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
-    spawn_server(listener, move |path| route(path, &health, &registry));
+    spawn_server(listener, Limits::default(), move |path| {
+        route(path, &health, &registry)
+    });
     Ok(())
 }
 
+/// Bounds on what clients can hold of one listener. Every listener faces the network (the
+/// healthz port, and the health check node ports cloud load balancers reach from outside), so
+/// idle, slow or numerous clients must not pin descriptors and tasks of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; at the cap a new one evicts the quietest (`spawn_server`).
+    pub max_connections: usize,
+    /// Time for a request head to arrive, counted from the connection's start or from the end
+    /// of the previous response: both a head trickled in (slowloris) and an idle keep-alive
+    /// connection end here. hyper 1.x restarts its header timer when a kept-alive connection
+    /// goes idle, so this one setting covers both (tests/http_limits.rs checks each).
+    pub header_timeout: Duration,
+    /// Longest life of a connection however busy; it then ends after the request in flight.
+    pub max_lifetime: Duration,
+}
+
+/// Far above what legitimately talks to one listener at once (kubelet's probes, a metrics
+/// scraper, a cloud load balancer's health checkers: tens at most, each answered in
+/// microseconds), while a flood costs each listener at most this many descriptors and a few
+/// MiB of buffers instead of one descriptor per connection without end.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Probes send their request as soon as they connect and time out after 1 s (kubelet's
+/// default); 5 s leaves room for a retransmitted segment or two on a bad network.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Long enough that a keep-alive client reconnects rarely; bounds whatever a connection can
+/// still be made to wait for once its head is in (a request body trickled in).
+pub const MAX_LIFETIME: Duration = Duration::from_secs(60);
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: MAX_CONNECTIONS,
+            header_timeout: HEADER_TIMEOUT,
+            max_lifetime: MAX_LIFETIME,
+        }
+    }
+}
+
+/// The open connections of one listener, so that the accept loop can evict one at the cap.
+#[derive(Default)]
+struct Slots {
+    open: Mutex<HashMap<u64, Slot>>,
+}
+
+struct Slot {
+    /// Accepted, or last request head received: what "quiet" is measured from.
+    active: Instant,
+    task: AbortHandle,
+}
+
+impl Slots {
+    fn touch(&self, id: u64) {
+        if let Some(slot) = self.open.lock().expect("not poisoned").get_mut(&id) {
+            slot.active = Instant::now();
+        }
+    }
+}
+
+/// Owned by the accept loop: when that ends (aborted, its Service gone), so do its connections,
+/// rather than answering for a port that is closed.
+struct CloseAll(Arc<Slots>);
+
+impl Drop for CloseAll {
+    fn drop(&mut self) {
+        let open: Vec<Slot> = {
+            let mut open = self.0.open.lock().expect("not poisoned");
+            open.drain().map(|(_, slot)| slot).collect()
+        };
+        for slot in open {
+            slot.task.abort();
+        }
+    }
+}
+
+/// Frees a connection's slot however its task ends: done, failed, timed out or aborted.
+struct SlotGuard {
+    slots: Arc<Slots>,
+    id: u64,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots
+            .open
+            .lock()
+            .expect("not poisoned")
+            .remove(&self.id);
+    }
+}
+
 /// Serves HTTP/1 on `listener` with `answer(path)` for every request, on a task of its own
-/// (abort it to close the listener). Accept errors (out of file descriptors) pause a little
-/// instead of spinning.
-pub fn spawn_server<F>(listener: TcpListener, answer: F) -> tokio::task::JoinHandle<()>
+/// (abort it to close the listener and its connections), within `limits`. Accept errors (out
+/// of file descriptors) pause a little instead of spinning.
+///
+/// At the connection cap, a new connection is accepted and the one that has been quiet longest
+/// (no request head for the longest time) is closed. Leaving new ones in the kernel's backlog
+/// until a slot frees would queue kubelet's probe behind a flood of idle connections, and
+/// closing the newcomer would refuse it: either way the probe fails and kubelet restarts a
+/// healthy daemon. A probe sends its request as soon as it is connected, so it is the newest,
+/// never the quietest; an idle flood's oldest connections go first.
+pub fn spawn_server<F>(
+    listener: TcpListener,
+    limits: Limits,
+    answer: F,
+) -> tokio::task::JoinHandle<()>
 where
     F: Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {
     let answer = Arc::new(answer);
+    let slots = Arc::new(Slots::default());
+    let address = listener.local_addr().ok();
     tokio::spawn(async move {
+        let _close_all = CloseAll(slots.clone());
+        let mut next_id = 0u64;
+        let mut evicted_since_warning = 0u64;
+        let mut last_warning: Option<Instant> = None;
         loop {
             let stream = match listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     debug!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
-            let answer = answer.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let r = answer(req.uri().path());
-                    async move { Ok::<_, Infallible>(r) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
-                    debug!(error = %e, "HTTP connection ended with an error");
+            let id = next_id;
+            next_id += 1;
+            let evicted = {
+                let mut open = slots.open.lock().expect("not poisoned");
+                let evicted = if open.len() >= limits.max_connections {
+                    let quietest = open.iter().min_by_key(|(_, s)| s.active).map(|(id, _)| *id);
+                    quietest.and_then(|id| open.remove(&id))
+                } else {
+                    None
+                };
+                // Spawned with the lock held: the guard of a task that ends at once waits for
+                // the insert to remove it.
+                let guard = SlotGuard {
+                    slots: slots.clone(),
+                    id,
+                };
+                let task = tokio::spawn(serve_connection(stream, limits, answer.clone(), guard));
+                open.insert(
+                    id,
+                    Slot {
+                        active: Instant::now(),
+                        task: task.abort_handle(),
+                    },
+                );
+                evicted
+            };
+            if let Some(slot) = evicted {
+                slot.task.abort();
+                evicted_since_warning += 1;
+                // A flood is worth knowing about, once a minute.
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    warn!(address = ?address, cap = limits.max_connections, evicted = evicted_since_warning, "HTTP connection cap reached; closing the quietest connections");
+                    last_warning = Some(Instant::now());
+                    evicted_since_warning = 0;
                 }
-            });
+                // Let the aborted task close its socket before the next accept opens another.
+                tokio::task::yield_now().await;
+            }
         }
     })
+}
+
+/// One connection: hyper with the header timeout (which also ends idle keep-alive), ended
+/// gracefully at its lifetime.
+async fn serve_connection<F>(stream: TcpStream, limits: Limits, answer: Arc<F>, slot: SlotGuard)
+where
+    F: Fn(&str) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let (slots, id) = (slot.slots.clone(), slot.id);
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        slots.touch(id);
+        let r = answer(req.uri().path());
+        async move { Ok::<_, Infallible>(r) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = tokio::time::sleep(limits.max_lifetime) => {
+            // Finish the request in flight, if any, then close; a client that stalls even
+            // that gets no longer than a request head.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(limits.header_timeout, conn).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = ended {
+        debug!(error = %e, "HTTP connection ended with an error");
+    }
 }

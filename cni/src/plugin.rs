@@ -15,6 +15,7 @@ use crate::error::{CniError, Code, Result};
 use crate::ipam::{Pool, Store};
 use crate::names::{format_mac, host_veth_name, mac_from_ipv4, VETH_PREFIX};
 use crate::netlink::{errno, Link, Netlink, PodEnd};
+use crate::netns::{self, OpenError};
 use crate::result::{CniResult, Interface, IpConfig, Route};
 use crate::version::{self, Version};
 
@@ -68,19 +69,29 @@ fn connect_error(e: io::Error) -> CniError {
     CniError::new(Code::Kernel, "cannot open a netlink socket").with_details(e)
 }
 
-/// Opens the pod's namespace; a missing one is the spec's "container unknown" (code 3).
+/// Opens the pod's namespace before anything else is touched. A missing one is the spec's
+/// "container unknown" (code 3); a path that is something else (a file, a namespace of another
+/// kind) is an invalid CNI_NETNS (code 4), which would otherwise surface only as a kernel error
+/// from the veth creation, after an address was taken.
 fn open_netns(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| {
-        let code = if e.kind() == io::ErrorKind::NotFound {
-            Code::UnknownContainer
-        } else {
-            Code::Io
-        };
-        CniError::new(
-            code,
-            format!("cannot open network namespace {}", path.display()),
+    netns::open(path).map_err(|e| match e {
+        OpenError::NotNetns(_) => CniError::new(
+            Code::InvalidEnv,
+            format!("CNI_NETNS {} is not a network namespace", path.display()),
         )
-        .with_details(e)
+        .with_details(e),
+        OpenError::Io(e) => {
+            let code = if e.kind() == io::ErrorKind::NotFound {
+                Code::UnknownContainer
+            } else {
+                Code::Io
+            };
+            CniError::new(
+                code,
+                format!("cannot open network namespace {}", path.display()),
+            )
+            .with_details(e)
+        }
     })
 }
 
@@ -309,7 +320,9 @@ async fn del(env: &Env, conf: &NetConf) -> Result<Option<u32>> {
             // No host end: the namespace is gone and took the pair with it, or the host end
             // was renamed; in the latter case the pod end is still there to delete.
             if let Some(path) = env.netns.as_deref() {
-                match File::open(path).and_then(|ns| Netlink::connect_in(&ns)) {
+                match netns::open(path)
+                    .and_then(|ns| Netlink::connect_in(&ns).map_err(OpenError::Io))
+                {
                     Ok(pod) => {
                         let link = pod
                             .link(&env.ifname)
@@ -323,6 +336,13 @@ async fn del(env: &Env, conf: &NetConf) -> Result<Option<u32>> {
                                     env.ifname
                                 )))?;
                         }
+                    }
+                    // Typically the empty mount point a namespace leaves when its bind mount
+                    // is gone (or was never propagated into our mount namespace). Failing would
+                    // have the runtime retry this DEL forever and never free the address; the
+                    // node side below is all there is left to clean up.
+                    Err(OpenError::NotNetns(what)) => {
+                        warn!(netns = %path.display(), what = %what, "CNI_NETNS is not a network namespace; cleaning up the node side only")
                     }
                     Err(e) => debug!(netns = %path.display(), error = %e, "namespace already gone"),
                 }
@@ -395,6 +415,7 @@ fn reap(index: u32) -> i32 {
 
 async fn check(env: &Env, conf: &NetConf) -> Result<()> {
     let net = conf.pod_network()?;
+    let netns = open_netns(env.netns.as_deref().expect("validated for CHECK"))?;
     let prev = conf.prev_result.as_ref().ok_or_else(|| {
         CniError::new(Code::InvalidConfig, "CHECK needs prevResult in the config")
     })?;
@@ -408,7 +429,6 @@ async fn check(env: &Env, conf: &NetConf) -> Result<()> {
             )
         })?
         .address;
-    let netns = open_netns(env.netns.as_deref().expect("validated for CHECK"))?;
 
     let mut problems = Vec::new();
     let pod = Netlink::connect_in(&netns).map_err(connect_error)?;

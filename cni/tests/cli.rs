@@ -109,3 +109,45 @@ fn gc_and_status_need_1_1_0() {
     run(&[("CNI_COMMAND", "GC")], &conf.to_string()).err(1);
     run(&[("CNI_COMMAND", "STATUS")], &conf.to_string()).err(1);
 }
+
+/// Runs ADD with CNI_NETNS set to `netns`; nothing of the node is needed since the path is
+/// refused before the bridge is looked up.
+fn add_in(netns: &std::path::Path) -> serde_json::Value {
+    let mut env = ADD_ENV.to_vec();
+    let netns = netns.to_str().unwrap();
+    env[2].1 = netns;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conf = good_conf();
+    conf["dataDir"] = json!(dir.path());
+    let e = run(&env, &conf.to_string()).err(4);
+    assert!(
+        !dir.path().join("rsdn").exists(),
+        "IPAM store touched for {netns}"
+    );
+    let msg = e["msg"].as_str().unwrap();
+    assert!(msg.contains("CNI_NETNS") && msg.contains(netns), "{e}");
+    e
+}
+
+#[test]
+fn a_netns_that_is_not_a_network_namespace_is_code_4_and_says_what_it_is() {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let e = add_in(file.path());
+    assert_eq!(e["details"], "a regular file, not a network namespace");
+    let dir = tempfile::tempdir().unwrap();
+    let e = add_in(dir.path());
+    assert_eq!(e["details"], "a directory, not a network namespace");
+    // A namespace file, but of another kind.
+    let e = add_in(std::path::Path::new("/proc/self/ns/uts"));
+    assert_eq!(e["details"], "a uts namespace, not a network namespace");
+}
+
+#[test]
+fn a_fifo_as_netns_is_refused_without_opening_it() {
+    // Opening a FIFO for reading blocks until a writer comes: the check must not open it.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let e = add_in(&fifo);
+    assert_eq!(e["details"], "a FIFO, not a network namespace");
+}

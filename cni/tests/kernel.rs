@@ -463,3 +463,69 @@ fn add_into_a_namespace_that_does_not_exist_is_code_3() {
     assert!(e["msg"].as_str().unwrap().contains("does-not-exist"), "{e}");
     assert!(node.allocated().is_empty());
 }
+
+/// Links of ours (host veths) in the node namespace, bridged or not.
+fn host_veths(node: &Node) -> Vec<String> {
+    node.ns
+        .ip(&["-o", "link", "show"])
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|n| n.split('@').next().unwrap().to_string())
+        .filter(|n| n.starts_with("rsdn"))
+        .collect()
+}
+
+#[test]
+fn a_regular_file_as_the_namespace_is_code_4_before_anything_is_touched() {
+    need_root!();
+    let node = Node::new("10.128.0.0/23");
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let path = file.path().to_str().unwrap();
+    let e = node
+        .cni("ADD", "c1", Some(file.path()), "eth0", &node.conf("1.0.0"))
+        .err(4);
+    let msg = e["msg"].as_str().unwrap();
+    assert!(msg.contains("CNI_NETNS") && msg.contains(path), "{e}");
+    assert!(
+        e["details"].as_str().unwrap().contains("a regular file"),
+        "{e}"
+    );
+    // Refused before the IPAM store was even opened, and before any netlink request.
+    assert!(
+        !node.store().exists(),
+        "the IPAM store was touched: {:?}",
+        std::fs::read_dir(node.store()).map(|d| d.count())
+    );
+    assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+
+    let mut conf = node.conf("1.0.0");
+    conf["prevResult"] = json!({"cniVersion": "1.0.0",
+        "interfaces": [{"name": "eth0", "sandbox": path}],
+        "ips": [{"address": "10.128.0.5/23", "interface": 0}]});
+    node.cni("CHECK", "c1", Some(file.path()), "eth0", &conf)
+        .err(4);
+}
+
+#[test]
+fn del_with_a_regular_file_as_the_namespace_frees_the_node_side() {
+    need_root!();
+    let node = Node::new("10.128.0.0/23");
+    let pod = Netns::new("pod");
+    let conf = node.conf("1.0.0");
+    node.cni("ADD", "c1", Some(&pod.path()), "eth0", &conf).ok();
+    assert_eq!(node.allocated().len(), 1);
+    // What an unmounted (or unpropagated) bind mount leaves at the path: an empty file.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    node.cni("DEL", "c1", Some(file.path()), "eth0", &conf).ok();
+    assert!(node.allocated().is_empty(), "{:?}", node.allocated());
+    assert!(
+        eventually(5, || host_veths(&node).is_empty()),
+        "{:?}",
+        host_veths(&node)
+    );
+    // Deleting the host end took the pod end with it.
+    assert!(eventually(5, || !pod
+        .run(&["ip", "link", "show", "eth0"])
+        .0));
+    node.cni("DEL", "c1", Some(file.path()), "eth0", &conf).ok();
+}

@@ -17,6 +17,7 @@ use tracing::{error, info};
 
 use crate::model::service::Services;
 use crate::health::Health;
+use crate::http::Limits;
 
 /// A Service by namespace and name: health checks are per Service, not per port.
 pub type ServiceName = (String, String);
@@ -145,7 +146,7 @@ impl HealthCheckServers {
             let local_endpoints = Arc::new(AtomicUsize::new(w.local_endpoints));
             let (key, count, health) = (name.clone(), local_endpoints.clone(), self.health.clone());
             // Any path, as kube-proxy answers.
-            let task = crate::http::spawn_server(listener, move |_path| {
+            let task = crate::http::spawn_server(listener, Limits::default(), move |_path| {
                 let healthy = health.healthz(Instant::now()).ok;
                 let (status, body) = answer(&key, count.load(Ordering::Relaxed), healthy);
                 let mut r = crate::http::reply(status, "application/json", body);
