@@ -2,12 +2,12 @@
 //! endpoints each, shaped like `hack/bench-proxy.sh`'s cluster. Prints the first render of the
 //! process (what a daemon's first full sync pays) and the best of several later ones.
 //!   cargo bench --bench render [-- N...]
-use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use rsdn::model::service::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
-use rsdn::proxy::render::{payload, render_cached, ProxyScope, RenderCache};
+use rsdn::netfilter::payload::{payload, Context, Scope};
+use rsdn::proxy::render::{render_cached, ProxyScope, RenderCache};
 
 fn services(n: usize) -> Services {
     let mut s = Services::default();
@@ -65,7 +65,6 @@ fn main() {
         masquerade_bit: 0,
         node_name: "n1".into(),
         node_ip: Ipv4Addr::new(100, 64, 0, 1),
-        proxy: true,
     };
     println!(
         "{:>6} {:>8} {:>9} {:>9}",
@@ -78,7 +77,7 @@ fn main() {
         for _ in 0..5 {
             let started = Instant::now();
             let (ruleset, _) = render_cached(&scope, &svcs, &mut RenderCache::default());
-            let text = payload(None, &ruleset, &BTreeMap::new());
+            let text = payload(None, &ruleset, Scope::Full, Context::default()).text;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             lines = text.lines().count();
         }

@@ -2,6 +2,7 @@
 //! CNI config directory once the node network is programmed, and what `rsdn cni-config` prints.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 
 use ipnet::Ipv4Net;
 use rsdn_cni::config::NetConf;
@@ -44,6 +45,29 @@ pub fn conflist(
         plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
     }
     json!({ "cniVersion": version, "name": NETWORK_NAME, "plugins": plugins })
+}
+
+/// Writes `text` to `path` unless the file already holds exactly that (a restarted daemon finds
+/// its own file and leaves it be); says whether it wrote.
+pub fn write_if_changed(path: &Path, text: &str) -> std::io::Result<bool> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(false);
+    }
+    write_atomically(path, text)?;
+    Ok(true)
+}
+
+/// Temp file in the same directory, then rename: a reader sees the old file or the new one.
+/// The temp file's name starts with a dot, which readers of such directories skip.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("rsdn")
+    ));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ struct State {
     /// The oldest change the proxy has seen but not yet written.
     proxy_pending_since: Option<Instant>,
     proxy_error: Option<String>,
+    /// Chains found drifted and not yet rewritten: since when, how many.
+    iptables_drift: Option<(Instant, usize)>,
 }
 
 /// Shared by the loops (which report) and the HTTP server (which asks).
@@ -82,6 +84,11 @@ impl Health {
             s.proxy_pending_since = None;
             s.proxy_error = None;
         });
+    }
+
+    /// The netfilter engine's state after a round: drift found and not yet rewritten.
+    pub fn netfilter_status(&self, status: crate::netfilter::engine::Status) {
+        self.with(|s| s.iptables_drift = status.drift);
     }
 
     pub fn proxy_failed(&self, error: String) {

@@ -3,6 +3,7 @@
 pub mod cniconf;
 pub mod config;
 pub mod daemon;
+pub mod egress;
 pub mod health;
 pub mod http;
 pub mod install;

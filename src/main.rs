@@ -250,14 +250,46 @@ fn main() -> Result<()> {
             command: ProxyCommand::Render(args),
         } => {
             let config = args.into_config()?;
-            print!(
-                "{}",
-                rsdn::proxy::render::render_config(&config).map_err(anyhow::Error::msg)?
-            );
+            print!("{}", proxy_render(&config)?);
             Ok(())
         }
         Command::Lab { args } => lab(cli.log_format, args),
     }
+}
+
+/// `rsdn proxy render`: the full payload a first sync of this node would write for the
+/// cluster directory, with the skipped objects and the jumps as comments. Built by the same
+/// producers, from the same scopes, as the daemon's.
+fn proxy_render(config: &NodeConfig) -> Result<String> {
+    use rsdn::netfilter::payload::{payload, Context, Scope};
+    use std::fmt::Write as _;
+    let rsdn::config::SourceConfig::Dir(dir) = &config.source else {
+        bail!("rsdn proxy render reads a cluster directory: set --cluster-dir");
+    };
+    let model = rsdn::source::dir::read_cluster_dir(dir, &rsdn::daemon::model_scope(config))
+        .with_context(|| format!("cannot read {}", dir.display()))?;
+    if config.node_ip.is_none() && !model.nodes.contains_key(&config.node_name) {
+        bail!(
+            "Node/{} is not in {} and --node-ip is not set",
+            config.node_name,
+            dir.display()
+        );
+    }
+    let mut registry = prometheus_client::registry::Registry::default();
+    let mut producers = rsdn::daemon::producers(config, &mut registry);
+    let desired = rsdn::netfilter::producer::combine(&mut producers, &model);
+    let mut out = String::new();
+    for s in &model.skipped {
+        let _ = writeln!(out, "# skipped {}: {}", s.object, s.reason);
+    }
+    out.push_str(&payload(None, &desired.ruleset, Scope::Full, Context::default()).text);
+    out.push_str(
+        "# jumps from the built-in chains (kept in this order at the top, or appended):\n",
+    );
+    for j in &desired.jumps {
+        let _ = writeln!(out, "# {}", j.command());
+    }
+    Ok(out)
 }
 
 /// `rsdn lab ARGS...` is `rsdn-lab ARGS...`, exec'd in place (same pid, its exit status). The

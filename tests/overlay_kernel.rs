@@ -2,9 +2,9 @@
 //! network namespace, against the real kernel. State is checked with iproute2.
 
 use rsdn::config::NodeConfig;
-use rsdn::daemon::{Pass, Reconciler};
 use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
 use rsdn::overlay::kernel::Kernel;
+use rsdn::overlay::reconcile::{Pass, Reconciler};
 use rsdn_testkit::{need_root, Netns};
 
 fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
@@ -194,12 +194,12 @@ fn the_kernel_tells_a_restarted_daemon_its_subnet_claims() {
     let (ns, dir) = node_ns();
     let net = config(&dir).cluster_network;
     let before = in_ns(&ns, move |k| async move {
-        rsdn::daemon::programmed_claims(&k, net).await
+        rsdn::overlay::reconcile::programmed_claims(&k, net).await
     });
     assert!(before.is_empty(), "{before:?}");
     passes(&ns, config(&dir), vec![model(&three())]);
     let after = in_ns(&ns, move |k| async move {
-        rsdn::daemon::programmed_claims(&k, net).await
+        rsdn::overlay::reconcile::programmed_claims(&k, net).await
     });
     let want: std::collections::BTreeMap<_, _> =
         three()[1..].iter().map(|n| (n.subnet.0, n.ip)).collect();

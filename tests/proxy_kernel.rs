@@ -1,39 +1,70 @@
-//! Kernel tier for the proxy: the real Proxier and iptables tools, with each backend, inside a
-//! fresh network namespace (the tools inherit the namespace of the thread that runs them).
+//! Kernel tier for the netfilter engine with its producers (the Service proxy, egress
+//! masquerade): the real iptables tools, with each backend, inside a fresh network namespace
+//! (the tools inherit the namespace of the thread that runs them).
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use rsdn::model::{ModelBuilder, ModelScope};
-use rsdn::proxy::iptables::{Backend, Iptables};
+use rsdn::egress::Egress;
+use rsdn::model::{ClusterModel, ModelBuilder, ModelScope};
+use rsdn::netfilter::backend::Backend;
+use rsdn::netfilter::engine::{CheckReport, Engine, Settings, SyncReport};
+use rsdn::netfilter::metrics::EngineMetrics;
+use rsdn::netfilter::producer::{combine, Producer};
+use rsdn::netfilter::tools::{Iptables, Tools};
+use rsdn::proxy::conntrack::Recorder;
 use rsdn::proxy::metrics::ProxyMetrics;
-use rsdn::model::service::Services;
-use rsdn::proxy::render::ProxyScope;
-use rsdn::proxy::sync::{Proxier, SyncReport};
+use rsdn::proxy::{Proxy, ProxySettings};
 use rsdn_testkit::{need_root, Netns};
 
 const CLUSTER: &str = include_str!("../src/proxy/testdata/cluster.yaml");
 const BACKENDS: [Backend; 2] = [Backend::Nft, Backend::Legacy];
+/// Longer than a full-sync period: a step this far on is a full sync.
+const LATER: Duration = Duration::from_secs(7200);
 
-fn services(yaml: &str) -> Services {
+fn model(yaml: &str) -> Arc<ClusterModel> {
     let mut b = ModelBuilder::default();
     rsdn::source::dir::add_documents(&mut b, "test.yaml", yaml);
-    b.finish(&ModelScope {
+    Arc::new(b.finish(&ModelScope {
         cluster_network: "10.128.0.0/14".parse().unwrap(),
         local_node: "n1".into(),
         programmed: Default::default(),
-    })
-    .services
+    }))
 }
 
-fn scope() -> ProxyScope {
-    ProxyScope {
-        cluster_network: "10.128.0.0/14".parse().unwrap(),
-        service_network: "172.30.0.0/16".parse().unwrap(),
-        masquerade_bit: 0,
-        node_name: "n1".into(),
-        node_ip: "192.168.77.11".parse().unwrap(),
-        proxy: true,
+/// The daemon's producers for node n1: the proxy (unless `proxy` is false) and egress.
+fn producers(proxy: bool) -> Vec<Box<dyn Producer>> {
+    let (cn, sn) = (
+        "10.128.0.0/14".parse().unwrap(),
+        "172.30.0.0/16".parse().unwrap(),
+    );
+    let mut out: Vec<Box<dyn Producer>> = Vec::new();
+    if proxy {
+        out.push(Box::new(Proxy::new(
+            ProxySettings {
+                cluster_network: cn,
+                service_network: sn,
+                masquerade_bit: 0,
+                node_name: "n1".into(),
+                node_ip: Some("192.168.77.11".parse().unwrap()),
+            },
+            Box::new(Recorder::default()),
+            ProxyMetrics::unregistered(),
+        )));
     }
+    out.push(Box::new(Egress {
+        cluster_network: cn,
+        service_network: sn,
+    }));
+    out
+}
+
+fn engine(backend: Backend) -> Engine<Tools> {
+    Engine::new(
+        Tools { backend },
+        Settings::default(),
+        EngineMetrics::unregistered(),
+    )
 }
 
 /// The rules as the kernel holds them, without comments or counters.
@@ -64,22 +95,19 @@ fn normalize(save: &str) -> String {
     out.join("\n")
 }
 
-fn proxier(backend: Backend) -> Proxier {
-    Proxier::new(
-        Iptables { backend },
-        scope(),
-        Duration::from_secs(3600),
-        ProxyMetrics::unregistered(),
-    )
-}
-
-/// Syncs each list of services in turn (None: force a full sync of the previous one).
-fn syncs(ns: &Netns, backend: Backend, steps: Vec<(Services, bool)>) -> Vec<SyncReport> {
+/// Syncs each model in turn (`true`: far enough on in time that the sync is full).
+fn syncs(ns: &Netns, backend: Backend, steps: Vec<(Arc<ClusterModel>, bool)>) -> Vec<SyncReport> {
     ns.on_thread(move || {
-        let mut p = proxier(backend);
+        let (mut e, mut p) = (engine(backend), producers(true));
+        let mut now = Instant::now();
         steps
             .into_iter()
-            .map(|(s, full)| p.sync(&s, full).unwrap())
+            .map(|(m, full)| {
+                if full {
+                    now += LATER;
+                }
+                e.sync(combine(&mut p, &m), now).unwrap()
+            })
             .collect()
     })
 }
@@ -89,10 +117,17 @@ fn full_sync_applies_cleanly_and_twice_changes_nothing() {
     need_root!();
     for backend in BACKENDS {
         let ns = Netns::new("px");
-        let s = services(CLUSTER);
-        let reports = syncs(&ns, backend, vec![(s.clone(), true)]);
+        let m = model(CLUSTER);
+        let reports = syncs(&ns, backend, vec![(m.clone(), true)]);
         assert!(reports[0].lines > 100, "{backend:?}: {:?}", reports[0]);
-        assert_eq!(reports[0].jumps_added.len(), 14, "{backend:?}");
+        // Every built-in chain with a jump: nat PREROUTING, OUTPUT, POSTROUTING; filter INPUT,
+        // FORWARD, OUTPUT.
+        assert_eq!(
+            reports[0].jumps_fixed.len(),
+            6,
+            "{backend:?}: {:?}",
+            reports[0]
+        );
         let first = save(&ns, backend);
         for want in [
             "-A KUBE-SERVICES -d 172.30.0.41/32 -p tcp -m comment --comment \"ns1/svc1:p80 cluster IP\" -m tcp --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O",
@@ -102,12 +137,28 @@ fn full_sync_applies_cleanly_and_twice_changes_nothing() {
         ] {
             assert!(first.lines().any(|l| l.ends_with(want)), "{backend:?}: no {want} in\n{first}");
         }
-        // A second full sync and a partial one with nothing changed leave the kernel as it was.
-        let again = syncs(&ns, backend, vec![(s.clone(), true), (s, false)]);
+        // kube-proxy's order at the top of FORWARD, rsdn's own rule appended.
+        let forward: Vec<&str> = first
+            .lines()
+            .filter(|l| l.starts_with("filter -A FORWARD"))
+            .map(|l| l.rsplit(' ').next().unwrap())
+            .collect();
         assert_eq!(
-            again[0].jumps_added.len(),
-            0,
-            "{backend:?}: jumps duplicated"
+            forward,
+            [
+                "KUBE-PROXY-FIREWALL",
+                "KUBE-FORWARD",
+                "KUBE-SERVICES",
+                "KUBE-EXTERNAL-SERVICES",
+                "RSDN-FORWARD"
+            ],
+            "{backend:?}"
+        );
+        // A second full sync and a partial one with nothing changed leave the kernel as it was.
+        let again = syncs(&ns, backend, vec![(m.clone(), true), (m, false)]);
+        assert!(
+            again[0].jumps_fixed.is_empty(),
+            "{backend:?}: jumps touched again"
         );
         assert_eq!(
             again[1].lines, 0,
@@ -122,9 +173,9 @@ fn a_partial_sync_changes_only_the_service_that_changed() {
     need_root!();
     for backend in BACKENDS {
         let ns = Netns::new("px");
-        let before = services(CLUSTER);
+        let before = model(CLUSTER);
         let after =
-            services(&CLUSTER.replace("10.128.2.5], nodeName: n2", "10.128.2.99], nodeName: n2"));
+            model(&CLUSTER.replace("10.128.2.5], nodeName: n2", "10.128.2.99], nodeName: n2"));
         let r = syncs(&ns, backend, vec![(before, true), (after, false)]);
         assert!(!r[1].full);
         // KUBE-SVC of svc1 (3 rules), the new KUBE-SEP (2), declarations, deletion, COMMIT.
@@ -150,16 +201,11 @@ fn a_broken_payload_leaves_the_previous_rules_in_place() {
     need_root!();
     for backend in BACKENDS {
         let ns = Netns::new("px");
-        syncs(&ns, backend, vec![(services(CLUSTER), true)]);
+        syncs(&ns, backend, vec![(model(CLUSTER), true)]);
         let before = save(&ns, backend);
         // Valid changes first, then a line the kernel refuses: none of it may land.
         let broken = "*nat\n:KUBE-SERVICES - [0:0]\n-A KUBE-SERVICES -j RETURN\n-A KUBE-SERVICES -m nosuchmatch -j RETURN\nCOMMIT\n";
-        let err = ns.on_thread(move || {
-            Iptables { backend }
-                .restore(broken)
-                .unwrap_err()
-                .to_string()
-        });
+        let err = ns.on_thread(move || Tools { backend }.restore(broken).unwrap_err().to_string());
         assert!(
             err.contains("line 4 (-A KUBE-SERVICES -m nosuchmatch -j RETURN)"),
             "{backend:?}: {err}"
@@ -186,7 +232,7 @@ fn full_sync_deletes_stale_service_chains_and_leaves_foreign_ones() {
             let (ok, out) = ns.run(&[&tool, "-t", "nat", "-N", chain]);
             assert!(ok, "{out}");
         }
-        syncs(&ns, backend, vec![(services(CLUSTER), true)]);
+        syncs(&ns, backend, vec![(model(CLUSTER), true)]);
         let now = save(&ns, backend);
         assert!(!now.contains("STALESTALE"), "{backend:?}: stale chain kept");
         assert!(
@@ -196,25 +242,40 @@ fn full_sync_deletes_stale_service_chains_and_leaves_foreign_ones() {
     }
 }
 
+/// With `--proxy=false` kube-proxy owns the KUBE-* chains: rsdn writes only its egress rules
+/// and leaves kube-proxy's Service chains alone, even where they look stale to it.
 #[test]
-fn without_the_proxy_only_egress_rules_are_written() {
+fn without_the_proxy_only_egress_rules_are_written_and_kube_proxys_chains_stay() {
     need_root!();
     let ns = Netns::new("px");
+    for args in [
+        &["-t", "nat", "-N", "KUBE-SERVICES"][..],
+        &["-t", "nat", "-N", "KUBE-SVC-KUBEPROXYKUBEPROX"],
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "KUBE-SERVICES",
+            "-j",
+            "KUBE-SVC-KUBEPROXYKUBEPROX",
+        ],
+        &["-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+    ] {
+        let mut cmd = vec!["iptables-nft"];
+        cmd.extend_from_slice(args);
+        let (ok, out) = ns.run(&cmd);
+        assert!(ok, "{out}");
+    }
+    let before = save(&ns, Backend::Nft);
     ns.on_thread(|| {
-        let mut s = scope();
-        s.proxy = false;
-        let mut p = Proxier::new(
-            Iptables {
-                backend: Backend::Nft,
-            },
-            s,
-            Duration::from_secs(3600),
-            ProxyMetrics::unregistered(),
-        );
-        p.sync(&services(CLUSTER), true).unwrap();
+        let (mut e, mut p) = (engine(Backend::Nft), producers(false));
+        e.sync(combine(&mut p, &model(CLUSTER)), Instant::now())
+            .unwrap();
     });
     let now = save(&ns, Backend::Nft);
-    assert!(!now.contains("KUBE-"), "{now}");
+    let kube: Vec<&str> = now.lines().filter(|l| l.contains("KUBE-")).collect();
+    let kube_before: Vec<&str> = before.lines().filter(|l| l.contains("KUBE-")).collect();
+    assert_eq!(kube, kube_before, "{now}");
     assert!(now.contains("-A RSDN-MASQUERADE -m comment --comment \"pod traffic leaving the cluster network\" -j MASQUERADE --random-fully"), "{now}");
 }
 
@@ -244,14 +305,19 @@ fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
             assert!(ok, "{out}");
         }
         let before = save(&ns, backend);
-        let s = services(CLUSTER);
+        let m = model(CLUSTER);
         let ns_name = ns.name.clone();
         let (err, retry_set, full_due, metrics, after_failure, retried) = ns.on_thread(move || {
             let mut reg = prometheus_client::registry::Registry::default();
-            let m = ProxyMetrics::register(&mut reg);
-            let mut p = Proxier::new(Iptables { backend }, scope(), Duration::from_secs(3600), m);
-            let err = p.sync(&s, true).unwrap_err().to_string();
-            let (retry_set, full_due) = (p.retry_at().is_some(), p.full_due());
+            let mut e = Engine::new(
+                Tools { backend },
+                Settings::default(),
+                EngineMetrics::register(&mut reg),
+            );
+            let mut p = producers(true);
+            let t0 = Instant::now();
+            let err = e.sync(combine(&mut p, &m), t0).unwrap_err().to_string();
+            let (retry_set, full_due) = (e.retry_at().is_some(), e.full_due(t0));
             let mut metrics = String::new();
             prometheus_client::encoding::text::encode(&mut metrics, &reg).unwrap();
             let after_failure =
@@ -271,8 +337,9 @@ fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
                 .status()
                 .unwrap();
             assert!(del.success(), "{ns_name}");
-            let full = p.full_due();
-            let retried = p.sync(&s, full).unwrap();
+            let retried = e
+                .sync(combine(&mut p, &m), t0 + Duration::from_secs(1))
+                .unwrap();
             (err, retry_set, full_due, metrics, after_failure, retried)
         });
         assert!(
@@ -298,4 +365,141 @@ fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
         );
         assert!(!save(&ns, backend).contains("STALESTALE"), "{backend:?}");
     }
+}
+
+/// Runs `damage` (iptables commands) in the namespace, then engine checks and syncs as the
+/// daemon's task would, a read back period apart; returns what each check found.
+fn damaged_and_repaired(
+    ns: &Netns,
+    backend: Backend,
+    damage: Vec<Vec<String>>,
+) -> Vec<CheckReport> {
+    let name = ns.name.clone();
+    ns.on_thread(move || {
+        let (mut e, mut p) = (engine(backend), producers(true));
+        let m = model(CLUSTER);
+        let t0 = Instant::now();
+        e.sync(combine(&mut p, &m), t0).unwrap();
+        let first = e.check(t0);
+        assert!(
+            first.drift.is_empty(),
+            "{name} {backend:?}: the kernel's own spelling read as drift: {:?}",
+            first.drift
+        );
+        for cmd in damage {
+            let out = std::process::Command::new(&cmd[0])
+                .args(&cmd[1..])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut found = vec![first];
+        for step in 1..=2 {
+            let now = t0 + Duration::from_secs(10 * step);
+            let c = e.check(now);
+            if e.pending(now) {
+                let r = e.sync(combine(&mut p, &m), now).unwrap();
+                assert!(!r.full, "{backend:?}: a repair is a partial sync: {r:?}");
+            }
+            found.push(c);
+        }
+        found
+    })
+}
+
+#[test]
+fn a_deleted_endpoint_chain_and_its_jump_are_found_and_rewritten() {
+    need_root!();
+    for backend in BACKENDS {
+        let ns = Netns::new("px");
+        syncs(&ns, backend, vec![(model(CLUSTER), true)]);
+        let before = save(&ns, backend);
+        // ns1/svc1:p80 has two endpoints; take one away by hand, as the hostile operator did.
+        let sep = "KUBE-SEP-YXZ5DWH6NZJYLJBS";
+        let line = before
+            .lines()
+            .find(|l| {
+                l.starts_with("nat -A KUBE-SVC-XPGD46QRK7WJZT7O")
+                    && l.ends_with(&format!("-j {sep}"))
+            })
+            .unwrap_or_else(|| panic!("{backend:?}: no jump to {sep} in\n{before}"))
+            .trim_start_matches("nat -A ")
+            .to_string();
+        let tool = format!("iptables-{}", backend.name());
+        let mut delete: Vec<String> = vec![tool.clone(), "-t".into(), "nat".into(), "-D".into()];
+        delete.extend(shell_words(&line));
+        let found = damaged_and_repaired(
+            &ns,
+            backend,
+            vec![
+                delete,
+                vec![
+                    tool.clone(),
+                    "-t".into(),
+                    "nat".into(),
+                    "-F".into(),
+                    sep.into(),
+                ],
+                vec![tool, "-t".into(), "nat".into(), "-X".into(), sep.into()],
+            ],
+        );
+        let mut drifted: Vec<&str> = found[1].drift.iter().map(|d| d.chain.as_str()).collect();
+        drifted.sort();
+        assert_eq!(drifted, [sep, "KUBE-SVC-XPGD46QRK7WJZT7O"], "{backend:?}");
+        assert!(
+            found[2].drift.is_empty(),
+            "{backend:?}: {:?}",
+            found[2].drift
+        );
+        assert_eq!(save(&ns, backend), before, "{backend:?}: not repaired");
+    }
+}
+
+#[test]
+fn a_flushed_filter_table_is_found_by_the_probe_and_restored() {
+    need_root!();
+    for backend in BACKENDS {
+        let ns = Netns::new("px");
+        syncs(&ns, backend, vec![(model(CLUSTER), true)]);
+        let before = save(&ns, backend);
+        let tool = format!("iptables-{}", backend.name());
+        let found = damaged_and_repaired(
+            &ns,
+            backend,
+            vec![vec![tool, "-t".into(), "filter".into(), "-F".into()]],
+        );
+        assert!(
+            !found[1].jumps_fixed.is_empty(),
+            "{backend:?}: {:?}",
+            found[1]
+        );
+        assert!(!found[1].drift.is_empty(), "{backend:?}: {:?}", found[1]);
+        assert_eq!(save(&ns, backend), before, "{backend:?}: not restored");
+    }
+}
+
+/// Splits a rule as iptables-save prints it into words, keeping quoted comments whole.
+fn shell_words(line: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut quoted = false;
+    for c in line.chars() {
+        match c {
+            '"' => quoted = !quoted,
+            ' ' if !quoted => {
+                if !word.is_empty() {
+                    out.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out
 }

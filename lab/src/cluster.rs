@@ -252,7 +252,7 @@ fn write_node_object(i: u32) -> Result<()> {
         subnet = node_subnet(i),
         ip = node_ip(i)
     );
-    rsdn::daemon::write_atomically(&cluster_dir().join(format!("node{i}.yaml")), &yaml)?;
+    rsdn::cniconf::write_atomically(&cluster_dir().join(format!("node{i}.yaml")), &yaml)?;
     Ok(())
 }
 

@@ -8,9 +8,7 @@ pub mod node;
 pub mod service;
 
 pub use node::{node_from_k8s, ClusterNode, NodeSubnet};
-pub use service::{
-    Endpoint, EndpointsBuilder, Protocol, ServicePort, ServicePortName, Services,
-};
+pub use service::{Endpoint, EndpointsBuilder, Protocol, ServicePort, ServicePortName, Services};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;

@@ -82,4 +82,3 @@ pub fn node_from_k8s(node: &Node) -> Result<ClusterNode, String> {
         subnet: NodeSubnet(subnet),
     })
 }
-

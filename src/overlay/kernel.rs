@@ -99,6 +99,54 @@ fn vxlan_matches(l: &Link, spec: &DeviceSpec) -> bool {
     .all(|want| v.contains(want))
 }
 
+/// What the overlay needs from the kernel: the seam between the reconciler's policy and
+/// rtnetlink. `Kernel` is the real one; `overlay::fake::FakeKernel` holds the state in memory.
+#[allow(async_fn_in_trait)]
+pub trait OverlayKernel {
+    /// Forwarding and bridged traffic through iptables on; returns what it changed.
+    async fn sysctls(&self) -> Result<Vec<String>, KernelError>;
+    async fn mtu_of_address(&self, ip: Ipv4Addr) -> Result<Option<u32>, KernelError>;
+    async fn ensure_devices(
+        &self,
+        spec: &DeviceSpec,
+    ) -> Result<(Devices, Vec<String>), KernelError>;
+    async fn vxlan_index(&self) -> Result<Option<u32>, KernelError>;
+    async fn observe(&self, vxlan: u32, cluster_network: Ipv4Net) -> Result<Entries, KernelError>;
+    async fn apply(&self, vxlan: u32, actions: &[Action]) -> Vec<(Action, KernelError)>;
+    async fn links(&self) -> Result<Vec<Link>, KernelError>;
+    async fn repair_port(&self, bridge: u32, r: &PortRepair) -> Result<(), KernelError>;
+}
+
+impl OverlayKernel for Kernel {
+    async fn sysctls(&self) -> Result<Vec<String>, KernelError> {
+        assert_sysctls()
+    }
+    async fn mtu_of_address(&self, ip: Ipv4Addr) -> Result<Option<u32>, KernelError> {
+        Kernel::mtu_of_address(self, ip).await
+    }
+    async fn ensure_devices(
+        &self,
+        spec: &DeviceSpec,
+    ) -> Result<(Devices, Vec<String>), KernelError> {
+        Kernel::ensure_devices(self, spec).await
+    }
+    async fn vxlan_index(&self) -> Result<Option<u32>, KernelError> {
+        Kernel::vxlan_index(self).await
+    }
+    async fn observe(&self, vxlan: u32, cluster_network: Ipv4Net) -> Result<Entries, KernelError> {
+        Kernel::observe(self, vxlan, cluster_network).await
+    }
+    async fn apply(&self, vxlan: u32, actions: &[Action]) -> Vec<(Action, KernelError)> {
+        Kernel::apply(self, vxlan, actions).await
+    }
+    async fn links(&self) -> Result<Vec<Link>, KernelError> {
+        Kernel::links(self).await
+    }
+    async fn repair_port(&self, bridge: u32, r: &PortRepair) -> Result<(), KernelError> {
+        Kernel::repair_port(self, bridge, r).await
+    }
+}
+
 /// An rtnetlink connection to the namespace the daemon runs in.
 #[derive(Clone)]
 pub struct Kernel {

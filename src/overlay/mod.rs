@@ -5,10 +5,12 @@
 //! applies. Nothing here is flushed: only the difference is written.
 
 pub mod batch;
+pub mod fake;
 pub mod kernel;
 pub mod metrics;
 pub mod monitor;
 pub mod ports;
+pub mod reconcile;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

@@ -8,16 +8,18 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hyper::StatusCode;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::AbortHandle;
 use tracing::{error, info};
 
-use crate::model::service::Services;
 use crate::health::Health;
 use crate::http::Limits;
+use crate::model::service::Services;
+use crate::model::ClusterModel;
 
 /// A Service by namespace and name: health checks are per Service, not per port.
 pub type ServiceName = (String, String);
@@ -104,6 +106,25 @@ pub struct HealthCheckServers {
     servers: HashMap<ServiceName, Server>,
     /// Ports that could not be bound, logged once until they can be.
     unbound: HashMap<ServiceName, u16>,
+}
+
+/// Serves the health checks of every new model's Services until the models stop; a port that
+/// could not be bound is tried again every `retry`.
+pub async fn run(
+    mut models: watch::Receiver<Arc<ClusterModel>>,
+    node: String,
+    health: Arc<Health>,
+    retry: Duration,
+) {
+    let mut servers = HealthCheckServers::new(health);
+    loop {
+        let model = Arc::clone(&models.borrow_and_update());
+        servers.sync(&wanted(&model.services, &node)).await;
+        tokio::select! {
+            r = models.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(retry) => {}
+        }
+    }
 }
 
 impl HealthCheckServers {

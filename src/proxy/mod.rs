@@ -1,12 +1,109 @@
-//! The Service proxy: kube-proxy-compatible iptables NAT. `model` reads Services and
-//! EndpointSlices, `names` computes kube-proxy's chain names, `render` computes the ruleset as
-//! data and the restore payload between two rulesets, `iptables` applies it, `healthcheck`
-//! serves the health check node ports of Local load balancers.
+//! The Service proxy: kube-proxy-compatible iptables NAT, as a producer of the netfilter
+//! engine. `names` computes kube-proxy's chain names, `render` the ruleset as data from the
+//! model's Services, `conntrack` clears the UDP flows of endpoints that went away,
+//! `healthcheck` serves the health check node ports of Local load balancers.
 
+pub mod conntrack;
 pub mod healthcheck;
-pub mod iptables;
 pub mod metrics;
-
 pub mod names;
 pub mod render;
-pub mod sync;
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+
+use crate::model::ClusterModel;
+use crate::netfilter::jumps::Jump;
+use crate::netfilter::producer::{Owner, Producer};
+use crate::netfilter::ruleset::Ruleset;
+use conntrack::Conntrack;
+use metrics::ProxyMetrics;
+use render::{ProxyScope, RenderCache, RenderStats};
+
+/// What the proxy is configured with; the rest of its scope comes from the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    pub cluster_network: Ipv4Net,
+    pub service_network: Ipv4Net,
+    pub masquerade_bit: u8,
+    pub node_name: String,
+    /// None: the local node's InternalIP, from the model.
+    pub node_ip: Option<Ipv4Addr>,
+}
+
+impl ProxySettings {
+    /// The scope of a render: None while the local node is not in the model.
+    pub fn scope(&self, model: &ClusterModel) -> Option<ProxyScope> {
+        let node_ip = self
+            .node_ip
+            .or_else(|| model.nodes.get(&self.node_name).map(|n| n.ip))?;
+        Some(ProxyScope {
+            cluster_network: self.cluster_network,
+            service_network: self.service_network,
+            masquerade_bit: self.masquerade_bit,
+            node_name: self.node_name.clone(),
+            node_ip,
+        })
+    }
+}
+
+/// The proxy as the engine sees it.
+pub struct Proxy {
+    settings: ProxySettings,
+    cache: RenderCache,
+    stats: RenderStats,
+    /// The model whose Services the kernel holds.
+    synced: Option<Arc<ClusterModel>>,
+    conntrack: Box<dyn Conntrack>,
+    metrics: ProxyMetrics,
+}
+
+impl Proxy {
+    pub fn new(
+        settings: ProxySettings,
+        conntrack: Box<dyn Conntrack>,
+        metrics: ProxyMetrics,
+    ) -> Proxy {
+        Proxy {
+            settings,
+            cache: RenderCache::default(),
+            stats: RenderStats::default(),
+            synced: None,
+            conntrack,
+            metrics,
+        }
+    }
+}
+
+impl Producer for Proxy {
+    fn name(&self) -> &'static str {
+        render::PRODUCER
+    }
+
+    fn render(&mut self, model: &ClusterModel) -> Ruleset {
+        let Some(scope) = self.settings.scope(model) else {
+            return Ruleset::default();
+        };
+        let (r, stats) = render::render_cached(&scope, &model.services, &mut self.cache);
+        self.stats = stats;
+        r
+    }
+
+    fn jumps(&self) -> Vec<Jump> {
+        render::jumps()
+    }
+
+    fn owner(&self) -> Owner {
+        render::owns
+    }
+
+    fn synced(&mut self, model: &Arc<ClusterModel>) {
+        if let Some(old) = &self.synced {
+            conntrack::clear_stale_udp(&*self.conntrack, &old.services, &model.services);
+        }
+        self.metrics.synced(&self.stats);
+        self.synced = Some(Arc::clone(model));
+    }
+}

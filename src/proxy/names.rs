@@ -14,10 +14,6 @@ pub const KUBE_POSTROUTING: &str = "KUBE-POSTROUTING";
 pub const KUBE_MARK_MASQ: &str = "KUBE-MARK-MASQ";
 pub const KUBE_FORWARD: &str = "KUBE-FORWARD";
 pub const KUBE_PROXY_FIREWALL: &str = "KUBE-PROXY-FIREWALL";
-/// Our own: masquerade of pod traffic leaving the cluster (OpenShift SDN's OPENSHIFT-MASQUERADE).
-pub const RSDN_MASQUERADE: &str = "RSDN-MASQUERADE";
-/// Our own: lets pod traffic through a FORWARD chain whose policy is DROP.
-pub const RSDN_FORWARD: &str = "RSDN-FORWARD";
 
 /// Prefixes of the per-Service and per-endpoint chains: stale ones are deleted.
 pub const SERVICE_CHAIN_PREFIXES: [&str; 5] = [

@@ -16,7 +16,7 @@ use tracing::{debug, warn};
 use crate::model::{ClusterModel, ModelBuilder, ModelScope};
 
 /// Files the source reads; anything else in the directory is ignored. Hidden names are
-/// temporaries of an atomic replace (`.NAME.tmp`, as `daemon::write_atomically` writes them)
+/// temporaries of an atomic replace (`.NAME.tmp`, as `cniconf::write_atomically` writes them)
 /// or a mounted ConfigMap's `..data` and `..2024_...` entries: reading them would see an object
 /// twice.
 fn is_manifest(path: &Path) -> bool {

@@ -1,5 +1,7 @@
 use super::*;
+use crate::egress::{Egress, RSDN_FORWARD, RSDN_MASQUERADE};
 use crate::model::{ModelBuilder, ModelScope};
+use crate::netfilter::payload::{chain_set, payload, Context, Scope};
 
 fn scope() -> ProxyScope {
     ProxyScope {
@@ -8,7 +10,6 @@ fn scope() -> ProxyScope {
         masquerade_bit: 0,
         node_name: "n1".into(),
         node_ip: "192.168.77.11".parse().unwrap(),
-        proxy: true,
     }
 }
 
@@ -24,10 +25,25 @@ fn services(yaml: &str) -> Services {
     m.services
 }
 
-const CLUSTER: &str = include_str!("testdata/cluster.yaml");
+const CLUSTER: &str = include_str!("../testdata/cluster.yaml");
+
+/// What the engine writes for a node: the proxy's chains and egress masquerade's.
+fn render(scope: &ProxyScope, services: &Services) -> (Ruleset, RenderStats) {
+    let (mut r, stats) = super::render(scope, services);
+    let egress = Egress {
+        cluster_network: scope.cluster_network,
+        service_network: scope.service_network,
+    };
+    r.absorb(egress.ruleset()).unwrap();
+    (r, stats)
+}
 
 fn full(r: &Ruleset) -> String {
-    payload(None, r, &BTreeMap::new())
+    payload(None, r, Scope::Full, Context::default()).text
+}
+
+fn partial(before: &Ruleset, after: &Ruleset) -> String {
+    payload(Some(before), after, Scope::Partial, Context::default()).text
 }
 
 /// RFC 4648 base32, written here independently of the crate the code uses.
@@ -138,7 +154,7 @@ fn chain_names_match_kube_proxys_own_test_vectors() {
 #[test]
 fn full_payload_matches_the_golden_file() {
     let (r, stats) = render(&scope(), &services(CLUSTER));
-    let want = expand(include_str!("testdata/cluster.golden"));
+    let want = expand(include_str!("../testdata/cluster.golden"));
     let got = full(&r);
     if got != want {
         for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
@@ -154,7 +170,7 @@ fn full_payload_matches_the_golden_file() {
 fn rerendering_an_unchanged_cluster_gives_an_empty_partial_sync() {
     let (a, _) = render(&scope(), &services(CLUSTER));
     let (b, _) = render(&scope(), &services(CLUSTER));
-    assert_eq!(payload(Some(&a), &b, &BTreeMap::new()), "");
+    assert_eq!(partial(&a, &b), "");
 }
 
 #[test]
@@ -165,7 +181,7 @@ fn an_endpoint_change_rewrites_only_that_services_chains() {
         "- {addresses: [10.128.2.99], nodeName: n2}",
     );
     let (after, _) = render(&scope(), &services(&changed));
-    let p = payload(Some(&before), &after, &BTreeMap::new());
+    let p = partial(&before, &after);
     let svc1 = kube_hash(&["ns1/svc1:p80", "tcp"]);
     let old_sep = kube_hash(&["ns1/svc1:p80", "tcp", "10.128.2.5:8080"]);
     let new_sep = kube_hash(&["ns1/svc1:p80", "tcp", "10.128.2.99:8080"]);
@@ -192,7 +208,7 @@ fn a_service_losing_its_endpoints_moves_to_the_filter_table() {
     let (before, _) = render(&scope(), &services(CLUSTER));
     let gone = CLUSTER.replace("- {addresses: [10.128.4.2], nodeName: n3}\n", "");
     let (after, _) = render(&scope(), &services(&gone));
-    let p = payload(Some(&before), &after, &BTreeMap::new());
+    let p = partial(&before, &after);
     let svc2 = kube_hash(&["ns2/svc2:p80", "tcp"]);
     let sep = kube_hash(&["ns2/svc2:p80", "tcp", "10.128.4.2:80"]);
     for line in [
@@ -210,16 +226,19 @@ fn a_service_losing_its_endpoints_moves_to_the_filter_table() {
 #[test]
 fn full_sync_deletes_stale_service_chains_found_in_the_kernel_only() {
     let (r, _) = render(&scope(), &services(CLUSTER));
-    let existing = BTreeMap::from([(
-        "nat",
-        BTreeSet::from([
-            "KUBE-SVC-AAAAAAAAAAAAAAAA".to_string(),
-            "KUBE-SEP-BBBBBBBBBBBBBBBB".to_string(),
-            "DOCKER".to_string(),
-            format!("KUBE-SVC-{}", kube_hash(&["ns1/svc1:p80", "tcp"])),
-        ]),
-    )]);
-    let p = payload(None, &r, &existing);
+    let ours = format!("KUBE-SVC-{}", kube_hash(&["ns1/svc1:p80", "tcp"]));
+    let existing = chain_set([
+        (TableName::Nat, "KUBE-SVC-AAAAAAAAAAAAAAAA"),
+        (TableName::Nat, "KUBE-SEP-BBBBBBBBBBBBBBBB"),
+        (TableName::Nat, "DOCKER"),
+        (TableName::Nat, ours.as_str()),
+    ]);
+    let cx = Context {
+        kernel: Some(&existing),
+        owned: Some(&owns),
+        ..Default::default()
+    };
+    let p = payload(None, &r, Scope::Full, cx).text;
     let deleted: Vec<&str> = p.lines().filter(|l| l.starts_with("-X")).collect();
     assert_eq!(
         deleted,
@@ -239,7 +258,7 @@ fn probabilities_follow_kube_proxy() {
     let (r, _) = render(&scope(), &services(&three));
     let chain = format!("KUBE-SVC-{}", kube_hash(&["ns1/svc1:p80", "tcp"]));
     let probs: Vec<&str> = r
-        .nat_chain(&chain)
+        .chain(TableName::Nat, &chain)
         .unwrap()
         .lines()
         .map(|l| l.split("--probability ").nth(1).map_or("-", |p| &p[..12]))
@@ -253,28 +272,51 @@ fn the_mark_bit_is_configuration() {
     s.masquerade_bit = 14;
     let (r, _) = render(&s, &services(CLUSTER));
     assert_eq!(
-        r.nat.lines(KUBE_MARK_MASQ),
+        r.tables.nat.lines(KUBE_MARK_MASQ),
         ["-A KUBE-MARK-MASQ -j MARK --or-mark 0x4000"]
     );
-    assert!(r.nat.lines(KUBE_POSTROUTING)[0].contains("! --mark 0x4000/0x4000"));
+    assert!(r.tables.nat.lines(KUBE_POSTROUTING)[0].contains("! --mark 0x4000/0x4000"));
 }
 
 #[test]
-fn without_the_proxy_only_egress_chains_and_jumps_remain() {
-    let mut s = scope();
-    s.proxy = false;
-    let (r, _) = render(&s, &services(CLUSTER));
-    assert_eq!(r.nat.chains.keys().collect::<Vec<_>>(), [RSDN_MASQUERADE]);
-    assert_eq!(r.filter.chains.keys().collect::<Vec<_>>(), [RSDN_FORWARD]);
-    let j = jumps(&s);
+fn egress_alone_and_the_order_of_the_jumps() {
+    let egress = Egress {
+        cluster_network: scope().cluster_network,
+        service_network: scope().service_network,
+    };
+    let r = egress.ruleset();
+    assert_eq!(
+        r.tables.nat.chains.keys().collect::<Vec<_>>(),
+        [RSDN_MASQUERADE]
+    );
+    assert_eq!(
+        r.tables.filter.chains.keys().collect::<Vec<_>>(),
+        [RSDN_FORWARD]
+    );
+    use crate::netfilter::producer::Producer;
+    let j = egress.jumps();
     assert_eq!(j.len(), 2);
-    assert!(j.iter().all(|j| !j.first && j.rule.contains("-j RSDN-")));
-    let all = jumps(&scope());
-    assert_eq!(all.len(), 14);
-    assert!(all
+    assert!(j
         .iter()
-        .filter(|j| j.rule.contains("-j KUBE-"))
-        .all(|j| j.first));
+        .all(|j| j.position == Position::Last && j.rule.contains("-j RSDN-")));
+    let all = jumps();
+    assert_eq!(all.len(), 12);
+    assert!(all.iter().all(|j| j.position == Position::First));
+    // kube-proxy's order at the top of FORWARD.
+    let forward: Vec<&str> = all
+        .iter()
+        .filter(|j| j.chain == "FORWARD")
+        .map(|j| j.rule.rsplit(' ').next().unwrap())
+        .collect();
+    assert_eq!(
+        forward,
+        [
+            KUBE_PROXY_FIREWALL,
+            KUBE_FORWARD,
+            KUBE_SERVICES,
+            KUBE_EXTERNAL_SERVICES
+        ]
+    );
 }
 
 #[test]
@@ -282,21 +324,33 @@ fn the_render_cache_reuses_unchanged_ports_and_renders_the_same() {
     let mut cache = RenderCache::default();
     let s = services(CLUSTER);
     let (first, _) = render_cached(&scope(), &s, &mut cache);
+    let uncached_full = |r: &Ruleset| {
+        let mut r = r.clone();
+        r.absorb(
+            Egress {
+                cluster_network: scope().cluster_network,
+                service_network: scope().service_network,
+            }
+            .ruleset(),
+        )
+        .unwrap();
+        full(&r)
+    };
     let changed =
         services(&CLUSTER.replace("10.128.4.2], nodeName: n3", "10.128.4.3], nodeName: n3"));
     let (second, stats) = render_cached(&scope(), &changed, &mut cache);
     let (uncached, uncached_stats) = render(&scope(), &changed);
-    assert_eq!(full(&second), full(&uncached));
+    assert_eq!(uncached_full(&second), full(&uncached));
     assert_eq!(stats, uncached_stats);
     let reused: Vec<String> = second
-        .ports
+        .groups
         .iter()
-        .filter(|(spn, p)| Arc::ptr_eq(p, &first.ports[*spn]))
-        .map(|(spn, _)| spn.to_string())
+        .filter(|(key, p)| Arc::ptr_eq(p, &first.groups[*key]))
+        .map(|(key, _)| key.1.clone())
         .collect();
     assert_eq!(
         reused.len(),
-        first.ports.len() - 1,
+        first.groups.len() - 1,
         "only ns2/svc2 re-rendered: {reused:?}"
     );
     assert!(!reused.contains(&"ns2/svc2:p80".to_string()));
@@ -305,7 +359,7 @@ fn the_render_cache_reuses_unchanged_ports_and_renders_the_same() {
     other.masquerade_bit = 3;
     let (third, _) = render_cached(&other, &changed, &mut cache);
     assert!(third
-        .ports
+        .groups
         .iter()
-        .all(|(spn, p)| !Arc::ptr_eq(p, &second.ports[spn])));
+        .all(|(key, p)| !Arc::ptr_eq(p, &second.groups[key])));
 }

@@ -1,0 +1,125 @@
+//! The engine's task: on every new model (and when the engine has something due: a full sync,
+//! a retry, a read back, a repair) the producers render, the engine syncs, the producers hear
+//! of it. Rendering and iptables run on the blocking pool: a restore can take seconds on a
+//! large table and must hold up nothing else.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::engine::{CheckReport, Engine, SyncReport};
+use super::producer::{combine, Producer};
+use super::tools::{Iptables, IptablesError};
+use crate::health::Health;
+use crate::model::ClusterModel;
+
+/// What one round did.
+#[derive(Default)]
+struct Round {
+    check: Option<CheckReport>,
+    sync: Option<Result<SyncReport, IptablesError>>,
+}
+
+/// Runs until the model channel closes. Nothing is written before the local node is in the
+/// model (its address is part of the rules).
+pub async fn run<I: Iptables>(
+    mut engine: Engine<I>,
+    mut producers: Vec<Box<dyn Producer>>,
+    mut models: watch::Receiver<Arc<ClusterModel>>,
+    local_node: String,
+    resync: Duration,
+    health: Arc<Health>,
+) {
+    let mut synced: Option<Arc<ClusterModel>> = None;
+    loop {
+        let model = Arc::clone(&models.borrow_and_update());
+        let mut next = tokio::time::Instant::now() + resync;
+        if model.nodes.contains_key(&local_node) {
+            let now = Instant::now();
+            let changed = !synced.as_ref().is_some_and(|m| Arc::ptr_eq(m, &model));
+            let backing_off = engine.retry_at().is_some_and(|t| t > now);
+            let check = engine.next_check().is_some_and(|t| t <= now);
+            if check || (!backing_off && (changed || engine.pending(now))) {
+                let h = health.clone();
+                let m = Arc::clone(&model);
+                let joined = tokio::task::spawn_blocking(move || {
+                    let mut round = Round::default();
+                    if check {
+                        round.check = Some(engine.check(now));
+                    }
+                    if !backing_off && (changed || engine.pending(now)) {
+                        h.proxy_pending();
+                        let desired = combine(&mut producers, &m);
+                        let r = engine.sync(desired, now);
+                        match &r {
+                            Ok(_) => {
+                                for p in producers.iter_mut() {
+                                    p.synced(&m);
+                                }
+                                h.proxy_synced();
+                            }
+                            Err(e) => h.proxy_failed(e.to_string()),
+                        }
+                        round.sync = Some(r);
+                    }
+                    h.netfilter_status(engine.status());
+                    (engine, producers, round)
+                })
+                .await;
+                let round;
+                (engine, producers, round) = match joined {
+                    Ok(x) => x,
+                    Err(e) => {
+                        error!(error = %e, "the iptables sync task panicked; stopping it");
+                        return;
+                    }
+                };
+                if let Some(Ok(_)) = &round.sync {
+                    synced = Some(Arc::clone(&model));
+                }
+                report(&round);
+            }
+            let now = Instant::now();
+            let mut due = |t: Option<Instant>| {
+                if let Some(t) = t {
+                    let at = tokio::time::Instant::now() + t.saturating_duration_since(now);
+                    next = next.min(at);
+                }
+            };
+            due(engine.retry_at());
+            due(engine.next_check());
+            if engine.pending(now) && engine.retry_at().is_none() {
+                due(Some(now));
+            }
+        }
+        tokio::select! {
+            r = models.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep_until(next) => {}
+        }
+    }
+}
+
+fn report(round: &Round) {
+    if let Some(c) = &round.check {
+        for e in &c.errors {
+            warn!(error = %e, "reading iptables back failed");
+        }
+    }
+    match &round.sync {
+        Some(Ok(r)) if r.lines > 0 || !r.jumps_fixed.is_empty() => info!(
+            full = r.full,
+            lines = r.lines,
+            deleted = r.deleted,
+            repaired = r.repaired,
+            compute_ms = r.compute.as_millis() as u64,
+            restore_ms = r.restore.as_millis() as u64,
+            checks_ms = r.checks.as_millis() as u64,
+            jumps_fixed = r.jumps_fixed.len(),
+            "iptables synced"
+        ),
+        Some(Err(e)) => error!(error = %e, "iptables sync failed"),
+        _ => {}
+    }
+}
