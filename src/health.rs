@@ -1,43 +1,104 @@
-//! Health of the daemon as the probes and operators see it: `/healthz` is 200 while the overlay
-//! and proxy loops keep succeeding, `/readyz` is 200 once the node network is programmed.
-//! Every answer has a body that says what is (not) fine.
+//! Health of the daemon as the probes and operators see it. `/healthz` tells whether the
+//! datapath is being kept right: the cluster source delivered, the overlay passes run and go
+//! through, the iptables rules are in the kernel (changes and repairs of drift included), and
+//! no repair keeps failing. `/readyz` tells whether the node network was programmed (the CNI
+//! config written). Both answer JSON: a check per part, each with what it found, including
+//! what was repaired lately (a pod put back on tun0, a flushed table restored, chains
+//! rewritten) and conflicts between Nodes, so an operator sees damage that was healed too.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A proxy change not in the kernel after this long makes the daemon unhealthy (kube-proxy's
-/// healthz allows two sync periods of 30 s).
-pub const PROXY_STALE: Duration = Duration::from_secs(60);
+use serde::Serialize;
+
+/// A change (or a repair) not in the kernel after this long makes the daemon unhealthy
+/// (kube-proxy's healthz allows two sync periods of 30 s). The same bound applies to overlay
+/// passes that keep failing.
+pub const STALE: Duration = Duration::from_secs(60);
+
+/// A repair, as reported: when, and what.
+#[derive(Debug, Clone)]
+struct Repair {
+    at: Instant,
+    what: String,
+}
 
 #[derive(Debug, Default)]
 struct State {
     source_ready: bool,
-    overlay_ok: Option<Instant>,
-    overlay_error: Option<String>,
+    /// Last overlay pass that ran to its end (whether or not the kernel refused something).
+    overlay_done: Option<Instant>,
+    /// Since when overlay passes fail (an error, or requests the kernel refused), and why.
+    overlay_failing: Option<(Instant, String)>,
     /// Why nothing is programmed yet (no Node object, no podCIDR).
     waiting: Option<String>,
     network_ready: bool,
+    pod_ports: usize,
+    pods_repaired: Option<Repair>,
     /// The oldest change the proxy has seen but not yet written.
-    proxy_pending_since: Option<Instant>,
-    proxy_error: Option<String>,
+    iptables_pending: Option<Instant>,
+    iptables_error: Option<String>,
     /// Chains found drifted and not yet rewritten: since when, how many.
     iptables_drift: Option<(Instant, usize)>,
+    iptables_repaired: Option<Repair>,
+    conflicts: Vec<String>,
+}
+
+/// What an overlay pass reports.
+#[derive(Debug, Clone, Default)]
+pub struct OverlayPass {
+    pub waiting: Option<String>,
+    /// The node network (and the conflist) is in place.
+    pub ready: bool,
+    /// Requests the kernel refused, as one line (None: all went through).
+    pub failed: Option<String>,
+    pub pod_ports: usize,
+    /// Pod veths put back on tun0 (or whose hairpin mode or MTU was put right) by this pass.
+    pub pods_repaired: usize,
 }
 
 /// Shared by the loops (which report) and the HTTP server (which asks).
 #[derive(Debug)]
 pub struct Health {
     started: Instant,
-    /// The overlay loop passes every resync; a last success older than this is stale.
+    /// The overlay loop passes every resync; a last pass older than this is stale.
     overlay_stale: Duration,
     state: Mutex<State>,
 }
 
-/// What a probe gets: the status code's meaning and a body of one line per fact.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One part's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// The last repair of this part, if any: how long ago, and what.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repaired: Option<String>,
+}
+
+/// What a probe gets: the status code's meaning and a JSON body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Answer {
     pub ok: bool,
-    pub body: String,
+    pub checks: Vec<Check>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl Answer {
+    pub fn body(&self) -> String {
+        serde_json::to_string_pretty(self).expect("an answer serializes") + "\n"
+    }
+}
+
+fn ago(now: Instant, t: Instant) -> String {
+    format!("{:.1}s ago", now.saturating_duration_since(t).as_secs_f64())
+}
+
+fn repaired(now: Instant, r: &Option<Repair>) -> Option<String> {
+    r.as_ref()
+        .map(|r| format!("{}: {}", ago(now, r.at), r.what))
 }
 
 impl Health {
@@ -57,131 +118,238 @@ impl Health {
         self.with(|s| s.source_ready = true);
     }
 
-    /// An overlay pass finished: `waiting` says why nothing was programmed, `ready` whether
-    /// the node network (and the conflist) is in place.
-    pub fn overlay_passed(&self, waiting: Option<String>, ready: bool) {
+    /// Nodes left out because their podCIDR overlaps another's (one line each).
+    pub fn conflicts(&self, conflicts: Vec<String>) {
+        self.with(|s| s.conflicts = conflicts);
+    }
+
+    /// An overlay pass ran to its end.
+    pub fn overlay_passed(&self, p: OverlayPass, now: Instant) {
         self.with(|s| {
-            s.overlay_ok = Some(Instant::now());
-            s.overlay_error = None;
-            s.waiting = waiting;
-            s.network_ready |= ready;
+            s.overlay_done = Some(now);
+            s.waiting = p.waiting;
+            s.network_ready |= p.ready;
+            s.pod_ports = p.pod_ports;
+            match p.failed {
+                Some(why) => {
+                    let since = s.overlay_failing.as_ref().map_or(now, |(t, _)| *t);
+                    s.overlay_failing = Some((since, why));
+                }
+                None => s.overlay_failing = None,
+            }
+            if p.pods_repaired > 0 {
+                s.pods_repaired = Some(Repair {
+                    at: now,
+                    what: format!("{} pod veth(s) put back on tun0", p.pods_repaired),
+                });
+            }
         });
     }
 
-    pub fn overlay_failed(&self, error: String) {
-        self.with(|s| s.overlay_error = Some(error));
-    }
-
-    /// The proxy saw a change it has not yet written.
-    pub fn proxy_pending(&self) {
+    /// An overlay pass failed before its end.
+    pub fn overlay_failed(&self, error: String, now: Instant) {
         self.with(|s| {
-            s.proxy_pending_since.get_or_insert_with(Instant::now);
+            let since = s.overlay_failing.as_ref().map_or(now, |(t, _)| *t);
+            s.overlay_failing = Some((since, error));
         });
     }
 
-    pub fn proxy_synced(&self) {
+    /// The engine saw a change (or drift) it has not yet written.
+    pub fn iptables_pending(&self, now: Instant) {
         self.with(|s| {
-            s.proxy_pending_since = None;
-            s.proxy_error = None;
+            s.iptables_pending.get_or_insert(now);
         });
     }
 
-    /// The netfilter engine's state after a round: drift found and not yet rewritten.
-    pub fn netfilter_status(&self, status: crate::netfilter::engine::Status) {
-        self.with(|s| s.iptables_drift = status.drift);
-    }
-
-    pub fn proxy_failed(&self, error: String) {
+    pub fn iptables_synced(&self) {
         self.with(|s| {
-            s.proxy_pending_since.get_or_insert_with(Instant::now);
-            s.proxy_error = Some(error);
+            s.iptables_pending = None;
+            s.iptables_error = None;
         });
     }
 
-    /// `/healthz`: the loops are alive and keeping the kernel in line with the cluster.
+    pub fn iptables_failed(&self, error: String, now: Instant) {
+        self.with(|s| {
+            s.iptables_pending.get_or_insert(now);
+            s.iptables_error = Some(error);
+        });
+    }
+
+    /// Drift found and not yet rewritten (None: none), after a round of the engine.
+    pub fn iptables_drift(&self, drift: Option<(Instant, usize)>) {
+        self.with(|s| {
+            s.iptables_drift = drift;
+            if let Some((since, _)) = drift {
+                // Drift is a change the kernel does not hold yet.
+                let pending = s.iptables_pending.get_or_insert(since);
+                *pending = (*pending).min(since);
+            }
+        });
+    }
+
+    /// Something of the rules was put back (jumps after a flush, drifted chains).
+    pub fn iptables_repaired(&self, what: String, now: Instant) {
+        self.with(|s| s.iptables_repaired = Some(Repair { at: now, what }));
+    }
+
+    /// `/healthz` (and `/livez`): the loops are alive and keeping the kernel in line with the
+    /// cluster; a repair that keeps failing for `STALE` is unhealthy.
     pub fn healthz(&self, now: Instant) -> Answer {
         self.with(|s| {
-            let mut stale = Vec::new();
-            let mut fine = Vec::new();
-            if !s.source_ready {
-                stale.push(format!(
-                    "cluster source: initial lists not received after {}s",
-                    now.duration_since(self.started).as_secs()
-                ));
+            let mut checks = Vec::new();
+            checks.push(Check {
+                name: "source",
+                ok: s.source_ready,
+                detail: if s.source_ready {
+                    "initial state received".into()
+                } else {
+                    format!(
+                        "initial lists not received after {}s",
+                        now.saturating_duration_since(self.started).as_secs()
+                    )
+                },
+                repaired: None,
+            });
+            let (ok, detail) = match (s.overlay_done, &s.overlay_failing) {
+                (_, Some((since, why))) if now.saturating_duration_since(*since) > STALE => (
+                    false,
+                    format!(
+                        "passes failing for {}s (limit {}s): {why}",
+                        now.saturating_duration_since(*since).as_secs(),
+                        STALE.as_secs()
+                    ),
+                ),
+                (Some(t), _) if now.saturating_duration_since(t) > self.overlay_stale => (
+                    false,
+                    format!(
+                        "last pass {} (limit {}s){}",
+                        ago(now, t),
+                        self.overlay_stale.as_secs(),
+                        s.overlay_failing
+                            .as_ref()
+                            .map(|(_, e)| format!(": {e}"))
+                            .unwrap_or_default()
+                    ),
+                ),
+                (Some(t), Some((since, why))) => (
+                    true,
+                    format!(
+                        "last pass {}; failing for {}s, retrying: {why}",
+                        ago(now, t),
+                        now.saturating_duration_since(*since).as_secs()
+                    ),
+                ),
+                (Some(t), None) => (
+                    true,
+                    format!("last pass {}, all of it applied", ago(now, t)),
+                ),
+                (None, failing) => (
+                    !s.source_ready,
+                    format!(
+                        "no pass yet{}",
+                        failing
+                            .as_ref()
+                            .map(|(_, e)| format!(": {e}"))
+                            .unwrap_or_default()
+                    ),
+                ),
+            };
+            checks.push(Check {
+                name: "overlay",
+                ok,
+                detail,
+                repaired: None,
+            });
+            checks.push(Check {
+                name: "pods",
+                ok: true,
+                detail: format!("{} pod veth(s) on tun0", s.pod_ports),
+                repaired: repaired(now, &s.pods_repaired),
+            });
+            let drift = s
+                .iptables_drift
+                .map(|(t, n)| format!("; {n} drifted chain(s) found {} to rewrite", ago(now, t)))
+                .unwrap_or_default();
+            let error = s
+                .iptables_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default();
+            let (ok, detail) = match s.iptables_pending {
+                Some(t) if now.saturating_duration_since(t) > STALE => (
+                    false,
+                    format!(
+                        "a change has waited {}s for iptables (limit {}s){drift}{error}",
+                        now.saturating_duration_since(t).as_secs(),
+                        STALE.as_secs()
+                    ),
+                ),
+                Some(t) => (
+                    true,
+                    format!(
+                        "sync pending for {:.1}s{drift}{error}",
+                        now.saturating_duration_since(t).as_secs_f64()
+                    ),
+                ),
+                None => (true, format!("rules up to date{drift}")),
+            };
+            checks.push(Check {
+                name: "iptables",
+                ok,
+                detail,
+                repaired: repaired(now, &s.iptables_repaired),
+            });
+            checks.push(Check {
+                name: "nodes",
+                ok: true,
+                detail: if s.conflicts.is_empty() {
+                    "no podCIDR conflicts".into()
+                } else {
+                    format!(
+                        "{} Node(s) left out for podCIDR conflicts: {}",
+                        s.conflicts.len(),
+                        s.conflicts.join("; ")
+                    )
+                },
+                repaired: None,
+            });
+            Answer {
+                ok: checks.iter().all(|c| c.ok),
+                checks,
+                notes: s.waiting.iter().cloned().collect(),
             }
-            match s.overlay_ok {
-                Some(t) if now.duration_since(t) <= self.overlay_stale => fine.push(format!(
-                    "overlay: last successful pass {:.1}s ago",
-                    now.duration_since(t).as_secs_f64()
-                )),
-                Some(t) => stale.push(format!(
-                    "overlay: last successful pass {}s ago (limit {}s){}",
-                    now.duration_since(t).as_secs(),
-                    self.overlay_stale.as_secs(),
-                    s.overlay_error
-                        .as_ref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                )),
-                None if s.source_ready => stale.push(format!(
-                    "overlay: no successful pass yet{}",
-                    s.overlay_error
-                        .as_ref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                )),
-                None => {}
-            }
-            match s.proxy_pending_since {
-                Some(t) if now.duration_since(t) > PROXY_STALE => stale.push(format!(
-                    "proxy: a change has waited {}s for iptables (limit {}s){}",
-                    now.duration_since(t).as_secs(),
-                    PROXY_STALE.as_secs(),
-                    s.proxy_error
-                        .as_ref()
-                        .map(|e| format!(": {e}"))
-                        .unwrap_or_default()
-                )),
-                Some(t) => fine.push(format!(
-                    "proxy: sync pending for {:.1}s",
-                    now.duration_since(t).as_secs_f64()
-                )),
-                None => fine.push("proxy: rules up to date".into()),
-            }
-            if let Some(w) = &s.waiting {
-                fine.push(format!("note: {w}"));
-            }
-            answer(stale, fine)
         })
     }
 
     /// `/readyz`: the initial lists are in and the node network is programmed.
     pub fn readyz(&self) -> Answer {
         self.with(|s| {
-            let mut not = Vec::new();
-            if !s.source_ready {
-                not.push("cluster source: waiting for the initial lists".to_string());
+            let network = Check {
+                name: "network",
+                ok: s.network_ready,
+                detail: match (&s.waiting, s.network_ready) {
+                    (_, true) => "node network programmed, CNI config written".into(),
+                    (Some(w), false) => w.clone(),
+                    (None, false) => "not programmed yet".into(),
+                },
+                repaired: None,
+            };
+            let source = Check {
+                name: "source",
+                ok: s.source_ready,
+                detail: if s.source_ready {
+                    "initial state received".into()
+                } else {
+                    "waiting for the initial lists".into()
+                },
+                repaired: None,
+            };
+            Answer {
+                ok: network.ok && source.ok,
+                checks: vec![source, network],
+                notes: vec![],
             }
-            if !s.network_ready {
-                not.push(match &s.waiting {
-                    Some(w) => format!("node network: {w}"),
-                    None => "node network: not programmed yet".into(),
-                });
-            }
-            answer(
-                not,
-                vec!["ready: node network programmed, CNI config written".into()],
-            )
         })
-    }
-}
-
-fn answer(bad: Vec<String>, good: Vec<String>) -> Answer {
-    let ok = bad.is_empty();
-    let lines = if ok { good } else { bad };
-    Answer {
-        ok,
-        body: lines.join("\n") + "\n",
     }
 }
 
@@ -189,48 +357,143 @@ fn answer(bad: Vec<String>, good: Vec<String>) -> Answer {
 mod tests {
     use super::*;
 
+    fn check<'a>(a: &'a Answer, name: &str) -> &'a Check {
+        a.checks.iter().find(|c| c.name == name).unwrap()
+    }
+
     #[test]
     fn unhealthy_until_the_source_is_ready_then_while_stale() {
         let h = Health::new(Duration::from_secs(5));
         let t0 = Instant::now();
         let a = h.healthz(t0);
-        assert!(!a.ok && a.body.contains("initial lists"), "{a:?}");
+        assert!(
+            !a.ok && check(&a, "source").detail.contains("initial lists"),
+            "{a:?}"
+        );
         assert!(!h.readyz().ok);
         h.source_ready();
-        assert!(h
-            .healthz(Instant::now())
-            .body
-            .contains("no successful pass"));
-        h.overlay_passed(Some("waiting for Node/a".into()), false);
-        let a = h.healthz(Instant::now());
-        assert!(a.ok && a.body.contains("waiting for Node/a"), "{a:?}");
+        let a = h.healthz(t0);
+        assert!(
+            !a.ok && check(&a, "overlay").detail.contains("no pass"),
+            "{a:?}"
+        );
+        let waiting = OverlayPass {
+            waiting: Some("waiting for Node/a".into()),
+            ..Default::default()
+        };
+        h.overlay_passed(waiting, t0);
+        let a = h.healthz(t0);
+        assert!(a.ok && a.notes == ["waiting for Node/a"], "{a:?}");
         let r = h.readyz();
-        assert!(!r.ok && r.body.contains("waiting for Node/a"), "{r:?}");
-        h.overlay_passed(None, true);
+        assert!(!r.ok && r.body().contains("waiting for Node/a"), "{r:?}");
+        h.overlay_passed(
+            OverlayPass {
+                ready: true,
+                ..Default::default()
+            },
+            t0,
+        );
         assert!(h.readyz().ok);
-
         // The overlay stops passing: stale after 30 s, with the last error.
-        h.overlay_failed("netlink: EPERM".into());
-        let later = Instant::now() + Duration::from_secs(31);
-        let a = h.healthz(later);
-        assert!(!a.ok && a.body.contains("netlink: EPERM"), "{a:?}");
+        h.overlay_failed("netlink: EPERM".into(), t0);
+        let a = h.healthz(t0 + Duration::from_secs(31));
+        assert!(
+            !a.ok && check(&a, "overlay").detail.contains("netlink: EPERM"),
+            "{a:?}"
+        );
         // Readiness does not flap back once the network was programmed.
         assert!(h.readyz().ok);
     }
 
     #[test]
-    fn a_pending_proxy_change_is_stale_after_a_minute() {
-        // A long resync keeps the overlay fresh throughout: only the proxy goes stale.
+    fn an_overlay_repair_that_keeps_failing_is_unhealthy() {
+        // Passes keep running (fresh), but the kernel keeps refusing a request.
+        let h = Health::new(Duration::from_secs(5));
+        h.source_ready();
+        let t0 = Instant::now();
+        let failing = |t| {
+            h.overlay_passed(
+                OverlayPass {
+                    failed: Some("route replace 10.128.4.0/23 ...: EINVAL".into()),
+                    ..Default::default()
+                },
+                t,
+            )
+        };
+        failing(t0);
+        failing(t0 + Duration::from_secs(30));
+        let a = h.healthz(t0 + Duration::from_secs(30));
+        assert!(
+            a.ok && check(&a, "overlay").detail.contains("retrying"),
+            "{a:?}"
+        );
+        failing(t0 + Duration::from_secs(61));
+        let a = h.healthz(t0 + Duration::from_secs(61));
+        assert!(
+            !a.ok && check(&a, "overlay").detail.contains("EINVAL"),
+            "{a:?}"
+        );
+        // It goes through: healthy again at once.
+        h.overlay_passed(OverlayPass::default(), t0 + Duration::from_secs(62));
+        assert!(h.healthz(t0 + Duration::from_secs(62)).ok);
+    }
+
+    #[test]
+    fn repairs_show_and_drift_not_rewritten_in_time_is_unhealthy() {
         let h = Health::new(Duration::from_secs(100));
         h.source_ready();
-        h.overlay_passed(None, true);
-        h.proxy_failed("iptables-restore: line 7 failed".into());
-        let a = h.healthz(Instant::now() + Duration::from_secs(2));
-        assert!(a.ok && a.body.contains("sync pending"), "{a:?}");
-        let late = Instant::now() + PROXY_STALE + Duration::from_secs(1);
-        let a = h.healthz(late);
-        assert!(!a.ok && a.body.contains("line 7 failed"), "{a:?}");
-        h.proxy_synced();
-        assert!(h.healthz(Instant::now()).ok);
+        let t0 = Instant::now();
+        h.overlay_passed(
+            OverlayPass {
+                pod_ports: 4,
+                pods_repaired: 4,
+                ..Default::default()
+            },
+            t0,
+        );
+        h.iptables_repaired("jumps put back in filter/FORWARD".into(), t0);
+        let a = h.healthz(t0 + Duration::from_secs(2));
+        assert!(a.ok);
+        assert_eq!(
+            check(&a, "pods").repaired.as_deref(),
+            Some("2.0s ago: 4 pod veth(s) put back on tun0")
+        );
+        assert!(
+            a.body().contains("jumps put back in filter/FORWARD"),
+            "{}",
+            a.body()
+        );
+        // Drift found and its rewrite keeps failing.
+        h.iptables_drift(Some((t0, 2)));
+        h.iptables_failed(
+            "iptables-restore: line 7 failed".into(),
+            t0 + Duration::from_secs(1),
+        );
+        let a = h.healthz(t0 + Duration::from_secs(10));
+        assert!(
+            a.ok && check(&a, "iptables").detail.contains("2 drifted chain(s)"),
+            "{a:?}"
+        );
+        let a = h.healthz(t0 + STALE + Duration::from_secs(1));
+        assert!(
+            !a.ok && check(&a, "iptables").detail.contains("line 7 failed"),
+            "{a:?}"
+        );
+        h.iptables_drift(None);
+        h.iptables_synced();
+        assert!(h.healthz(t0 + STALE + Duration::from_secs(2)).ok);
+    }
+
+    #[test]
+    fn conflicts_show_without_making_the_node_unhealthy() {
+        let h = Health::new(Duration::from_secs(5));
+        h.source_ready();
+        h.overlay_passed(OverlayPass::default(), Instant::now());
+        h.conflicts(vec![
+            "Node/zzz-new: podCIDR 10.128.2.0/23 overlaps node2's".into()
+        ]);
+        let a = h.healthz(Instant::now());
+        assert!(a.ok);
+        assert!(check(&a, "nodes").detail.contains("Node/zzz-new"), "{a:?}");
     }
 }

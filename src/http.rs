@@ -33,7 +33,7 @@ fn probe(a: Answer) -> Response<Full<Bytes>> {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    reply(status, "text/plain; charset=utf-8", a.body)
+    reply(status, "application/json", a.body())
 }
 
 /// Answers one request; everything is read-only.

@@ -71,8 +71,14 @@ fn served_retried_while_taken_and_closed_with_the_service() {
                 let (code, body) = get().await.expect("an answer once the port is free");
                 assert_eq!((code, &body["serviceProxyHealthy"]), (503, &false.into()));
                 health.source_ready();
-                health.overlay_passed(None, true);
-                health.proxy_synced();
+                health.overlay_passed(
+                    rsdn::health::OverlayPass {
+                        ready: true,
+                        ..Default::default()
+                    },
+                    std::time::Instant::now(),
+                );
+                health.iptables_synced();
                 let (code, body) = get().await.unwrap();
                 assert_eq!(code, 200);
                 assert_eq!(

@@ -176,8 +176,14 @@ async fn flood_then_probe() {
     // With the cap full of idle connections, probes are still answered, and correctly.
     assert_eq!(probe(port, "/healthz").await, Some(503), "not healthy yet");
     health.source_ready();
-    health.overlay_passed(None, true);
-    health.proxy_synced();
+    health.overlay_passed(
+        rsdn::health::OverlayPass {
+            ready: true,
+            ..Default::default()
+        },
+        std::time::Instant::now(),
+    );
+    health.iptables_synced();
     assert_eq!(probe(port, "/healthz").await, Some(200));
     assert_eq!(probe(port, "/readyz").await, Some(200));
 

@@ -296,6 +296,14 @@ impl<I: Iptables> Engine<I> {
         if full {
             self.last_full = Some(now);
         }
+        // Reading back starts a period after the first sync.
+        self.next_probe
+            .get_or_insert(now + self.settings.probe_every);
+        for t in TableName::ALL {
+            self.next_verify
+                .entry(t)
+                .or_insert(now + self.settings.verify_every);
+        }
         Ok(report)
     }
 

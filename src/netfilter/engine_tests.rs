@@ -108,6 +108,21 @@ fn first_sync_is_full_then_partial_writes_only_changed_chains() {
 }
 
 #[test]
+fn reading_back_is_scheduled_by_the_first_sync() {
+    let f = FakeIptables::new();
+    let mut e = engine(&f);
+    assert_eq!(e.next_check(), None, "nothing to read back before a sync");
+    let t0 = Instant::now();
+    e.sync(desired(&["10.128.0.5:80"]), t0).unwrap();
+    assert_eq!(e.next_check(), Some(t0 + Duration::from_secs(5)));
+    let r = e.check(t0 + Duration::from_secs(5));
+    assert!(r.probed && r.verified.is_empty(), "{r:?}");
+    assert_eq!(e.next_check(), Some(t0 + Duration::from_secs(10)));
+    let r = e.check(t0 + Duration::from_secs(10));
+    assert_eq!(r.verified, [TableName::Nat, TableName::Filter]);
+}
+
+#[test]
 fn backoff_doubles_up_to_its_limit_and_resets_on_success() {
     let f = FakeIptables::new();
     let mut e = engine(&f);
@@ -229,7 +244,7 @@ fn the_probe_puts_a_removed_jump_back_in_order_without_a_sync() {
         pre.remove(0);
         pre.insert(0, "-j ACCEPT".into());
     });
-    let r = e.check(t0);
+    let r = e.check(t0 + Duration::from_secs(5));
     assert!(r.probed);
     assert_eq!(r.jumps_fixed, ["nat/PREROUTING"]);
     assert_eq!(
@@ -242,9 +257,9 @@ fn the_probe_puts_a_removed_jump_back_in_order_without_a_sync() {
     );
     // The probe is not run again before its period.
     let (_, lists) = f.reads();
-    assert!(!e.check(t0 + Duration::from_secs(1)).probed);
+    assert!(!e.check(t0 + Duration::from_secs(6)).probed);
     assert_eq!(f.reads().1, lists);
-    assert!(e.check(t0 + Duration::from_secs(6)).probed);
+    assert!(e.check(t0 + Duration::from_secs(11)).probed);
 }
 
 #[test]
@@ -320,7 +335,7 @@ fn a_deleted_chain_that_also_leaves_the_ruleset_is_not_deleted_twice() {
         t.get_mut("KUBE-SVC-1").unwrap().clear();
         t.remove("KUBE-SEP-1");
     });
-    assert_eq!(e.check(t0).drift.len(), 2);
+    assert_eq!(e.check(t0 + Duration::from_secs(10)).drift.len(), 2);
     // Meanwhile Service 1 is deleted: its chains go, the missing one is not -X'ed.
     let s = e.sync(cached(&d, &["10.128.0.5:80"]), t0).unwrap();
     assert!(!s.full, "{s:?}");

@@ -47,24 +47,40 @@ pub async fn run<I: Iptables>(
                 let joined = tokio::task::spawn_blocking(move || {
                     let mut round = Round::default();
                     if check {
-                        round.check = Some(engine.check(now));
+                        let c = engine.check(now);
+                        if !c.jumps_fixed.is_empty() {
+                            h.iptables_repaired(
+                                format!(
+                                    "jumps put back in {} (a flush?)",
+                                    c.jumps_fixed.join(", ")
+                                ),
+                                now,
+                            );
+                        }
+                        round.check = Some(c);
                     }
                     if !backing_off && (changed || engine.pending(now)) {
-                        h.proxy_pending();
+                        h.iptables_pending(now);
                         let desired = combine(&mut producers, &m);
                         let r = engine.sync(desired, now);
                         match &r {
-                            Ok(_) => {
+                            Ok(r) => {
                                 for p in producers.iter_mut() {
                                     p.synced(&m);
                                 }
-                                h.proxy_synced();
+                                if r.repaired > 0 {
+                                    h.iptables_repaired(
+                                        format!("{} drifted chain(s) rewritten", r.repaired),
+                                        Instant::now(),
+                                    );
+                                }
+                                h.iptables_synced();
                             }
-                            Err(e) => h.proxy_failed(e.to_string()),
+                            Err(e) => h.iptables_failed(e.to_string(), Instant::now()),
                         }
                         round.sync = Some(r);
                     }
-                    h.netfilter_status(engine.status());
+                    h.iptables_drift(engine.status().drift);
                     (engine, producers, round)
                 })
                 .await;

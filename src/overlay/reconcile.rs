@@ -18,7 +18,7 @@ use super::ports::{self, PortRepair};
 use super::{Action, BRIDGE};
 use crate::cniconf::{conflist, ConflistOptions};
 use crate::config::{NodeConfig, VXLAN_OVERHEAD};
-use crate::health::Health;
+use crate::health::{Health, OverlayPass};
 use crate::model::{ClusterModel, ClusterNode};
 use crate::overlay;
 
@@ -47,6 +47,26 @@ impl Pass {
     /// Everything it tried, it did.
     pub fn clean(&self) -> bool {
         self.failures.is_empty() && self.port_failures.is_empty()
+    }
+
+    /// What the kernel refused, in one line (None: nothing).
+    pub fn failure_summary(&self) -> Option<String> {
+        let mut all: Vec<String> = self
+            .failures
+            .iter()
+            .map(|(a, e)| format!("{a}: {e}"))
+            .chain(self.port_failures.iter().map(|(r, e)| format!("{r}: {e}")))
+            .collect();
+        let n = all.len();
+        all.truncate(3);
+        (n > 0).then(|| {
+            let more = if n > 3 {
+                format!(" (and {} more)", n - 3)
+            } else {
+                String::new()
+            };
+            format!("{n} request(s) refused: {}{more}", all.join("; "))
+        })
     }
 }
 
@@ -226,6 +246,12 @@ pub async fn run<K: OverlayKernel>(
         let model = Arc::clone(&model_rx.borrow_and_update());
         if !programmed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model)) {
             overlay_metrics.model(&model);
+            health.conflicts(
+                model
+                    .conflicts()
+                    .map(|s| format!("{}: {}", s.object, s.reason))
+                    .collect(),
+            );
         }
         let started = Instant::now();
         let next = match reconciler.reconcile(&model).await {
@@ -244,8 +270,14 @@ pub async fn run<K: OverlayKernel>(
                 });
                 let clean = pass.clean();
                 health.overlay_passed(
-                    pass.waiting.clone(),
-                    clean && pass.waiting.is_none() && reconciler.ready(),
+                    OverlayPass {
+                        waiting: pass.waiting.clone(),
+                        ready: clean && pass.waiting.is_none() && reconciler.ready(),
+                        failed: pass.failure_summary(),
+                        pod_ports: pass.pod_ports,
+                        pods_repaired: pass.port_repairs.len(),
+                    },
+                    Instant::now(),
                 );
                 programmed = (clean && pass.waiting.is_none()).then(|| Arc::clone(&model));
                 tokio::time::Instant::now() + if clean { resync } else { RETRY }
@@ -253,7 +285,7 @@ pub async fn run<K: OverlayKernel>(
             Err(e) => {
                 error!(error = %e, "reconcile failed; retrying");
                 overlay_metrics.pass_failed();
-                health.overlay_failed(e.to_string());
+                health.overlay_failed(e.to_string(), Instant::now());
                 programmed = None;
                 tokio::time::Instant::now() + RETRY
             }

@@ -91,7 +91,7 @@ check "node3 without a podCIDR: its daemon says why" eventually 5 \
   grep -q 'Node/node3 is not usable yet: .*podCIDR' "$LAB/node3/rsdn.log"
 # Still 200: waiting for the cluster is not a fault a liveness restart would cure.
 check "node3's /healthz says it waits" eventually 5 \
-  eval "status_is 192.168.77.13 /healthz 200 && grep -q 'note: .*podCIDR' $T/body"
+  eval "status_is 192.168.77.13 /healthz 200 && grep -q '"notes"' $T/body && grep -q 'podCIDR' $T/body"
 
 # SIGTERM: the daemon stops watching and exits 0 (run in the foreground here to see its status).
 kill -TERM "$(cat $LAB/node3/rsdn.pid)"
