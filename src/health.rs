@@ -40,7 +40,8 @@ struct State {
     iptables_error: Option<String>,
     /// Chains found drifted and not yet rewritten: since when, how many.
     iptables_drift: Option<(Instant, usize)>,
-    iptables_repaired: Option<Repair>,
+    /// The last repair of each kind (jumps put back, chains rewritten).
+    iptables_repaired: std::collections::BTreeMap<&'static str, Repair>,
     conflicts: Vec<String>,
 }
 
@@ -187,9 +188,12 @@ impl Health {
         });
     }
 
-    /// Something of the rules was put back (jumps after a flush, drifted chains).
-    pub fn iptables_repaired(&self, what: String, now: Instant) {
-        self.with(|s| s.iptables_repaired = Some(Repair { at: now, what }));
+    /// Something of the rules was put back: `kind` keeps the last repair of each kind (jumps
+    /// after a flush, drifted chains) in view.
+    pub fn iptables_repaired(&self, kind: &'static str, what: String, now: Instant) {
+        self.with(|s| {
+            s.iptables_repaired.insert(kind, Repair { at: now, what });
+        });
     }
 
     /// `/healthz` (and `/livez`): the loops are alive and keeping the kernel in line with the
@@ -297,7 +301,13 @@ impl Health {
                 name: "iptables",
                 ok,
                 detail,
-                repaired: repaired(now, &s.iptables_repaired),
+                repaired: (!s.iptables_repaired.is_empty()).then(|| {
+                    s.iptables_repaired
+                        .values()
+                        .map(|r| format!("{}: {}", ago(now, r.at), r.what))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                }),
             });
             checks.push(Check {
                 name: "nodes",
@@ -451,7 +461,8 @@ mod tests {
             },
             t0,
         );
-        h.iptables_repaired("jumps put back in filter/FORWARD".into(), t0);
+        h.iptables_repaired("jumps", "jumps put back in filter/FORWARD".into(), t0);
+        h.iptables_repaired("chains", "2 drifted chain(s) rewritten".into(), t0);
         let a = h.healthz(t0 + Duration::from_secs(2));
         assert!(a.ok);
         assert_eq!(

@@ -345,13 +345,17 @@ impl<I: Iptables> Engine<I> {
             let ipt = &self.ipt;
             let mut errors = Vec::new();
             let (fix, fixed) = jumps::repair_all(&self.jumps, |t, c| match ipt.list(t, c) {
-                Ok(text) => Some(
-                    text.unwrap_or_default()
-                        .lines()
+                Ok(Some(text)) => Some(
+                    text.lines()
                         .filter(|l| l.starts_with("-A "))
                         .map(str::to_string)
                         .collect(),
                 ),
+                // A built-in chain always exists: a listing without it tells nothing.
+                Ok(None) => {
+                    errors.push(format!("listing {t}/{c} showed no chain"));
+                    None
+                }
                 Err(e) => {
                     errors.push(e.to_string());
                     None

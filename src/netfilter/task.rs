@@ -50,6 +50,7 @@ pub async fn run<I: Iptables>(
                         let c = engine.check(now);
                         if !c.jumps_fixed.is_empty() {
                             h.iptables_repaired(
+                                "jumps",
                                 format!(
                                     "jumps put back in {} (a flush?)",
                                     c.jumps_fixed.join(", ")
@@ -70,6 +71,7 @@ pub async fn run<I: Iptables>(
                                 }
                                 if r.repaired > 0 {
                                     h.iptables_repaired(
+                                        "chains",
                                         format!("{} drifted chain(s) rewritten", r.repaired),
                                         Instant::now(),
                                     );

@@ -107,7 +107,8 @@ impl Tools {
             },
             has_check: true,
             has_wait: true,
-            is_numeric: true,
+            // `-S` prints numbers anyway, and refuses `-n`.
+            is_numeric: false,
         }
     }
 }
