@@ -2,33 +2,11 @@
 //! network namespace, against the real kernel. State is checked with iproute2.
 
 use rsdn::config::NodeConfig;
-use rsdn::model::{ClusterModel, ClusterNode, NodeSubnet};
+use rsdn::model::testing::{model, three};
+use rsdn::model::{ClusterModel, NodeSubnet};
 use rsdn::overlay::kernel::Kernel;
 use rsdn::overlay::reconcile::{Pass, Reconciler};
 use rsdn_testkit::{need_root, Netns};
-
-fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
-    ClusterNode {
-        name: name.into(),
-        ip: ip.parse().unwrap(),
-        subnet: NodeSubnet(subnet.parse().unwrap()),
-    }
-}
-
-fn model(nodes: &[ClusterNode]) -> ClusterModel {
-    ClusterModel {
-        nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
-        ..Default::default()
-    }
-}
-
-fn three() -> Vec<ClusterNode> {
-    vec![
-        node("a", "192.168.1.11", "10.128.0.0/23"),
-        node("b", "192.168.1.12", "10.128.2.0/23"),
-        node("c", "192.168.1.13", "10.128.4.0/23"),
-    ]
-}
 
 /// A node namespace with an underlay interface holding the node IP (MTU 1500).
 fn node_ns() -> (Netns, tempfile::TempDir) {

@@ -383,7 +383,10 @@ fn damaged_and_repaired(
         // The first read back learns how the kernel spells what was written.
         let first = e.check(t0 + Duration::from_secs(10));
         assert_eq!(first.verified.len(), 2, "{name}: {first:?}");
-        assert!(first.probed && first.jumps_fixed.is_empty() && first.errors.is_empty(), "{name} {backend:?}: an untouched kernel needs no repair: {first:?}");
+        assert!(
+            first.probed && first.jumps_fixed.is_empty() && first.errors.is_empty(),
+            "{name} {backend:?}: an untouched kernel needs no repair: {first:?}"
+        );
         assert!(
             first.drift.is_empty(),
             "{name} {backend:?}: the kernel's own spelling read as drift: {:?}",

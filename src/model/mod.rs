@@ -259,17 +259,34 @@ fn object_name(
     )
 }
 
-/// Shorthands for tests elsewhere in the crate.
-#[cfg(test)]
-pub(crate) mod testing {
+/// Shorthands for tests, here and in the kernel tiers.
+pub mod testing {
     use super::*;
 
+    /// A node from text; panics on text that does not parse.
     pub fn node(name: &str, ip: &str, subnet: &str) -> ClusterNode {
         ClusterNode {
             name: name.into(),
-            ip: ip.parse().unwrap(),
-            subnet: NodeSubnet(subnet.parse().unwrap()),
+            ip: ip.parse().expect("an IPv4 address"),
+            subnet: NodeSubnet(subnet.parse().expect("an IPv4 CIDR")),
         }
+    }
+
+    /// A model of just these nodes.
+    pub fn model(nodes: &[ClusterNode]) -> ClusterModel {
+        ClusterModel {
+            nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// Three nodes a, b, c: 192.168.1.11-13, 10.128.0.0/23, 10.128.2.0/23, 10.128.4.0/23.
+    pub fn three() -> Vec<ClusterNode> {
+        vec![
+            node("a", "192.168.1.11", "10.128.0.0/23"),
+            node("b", "192.168.1.12", "10.128.2.0/23"),
+            node("c", "192.168.1.13", "10.128.4.0/23"),
+        ]
     }
 }
 

@@ -383,23 +383,8 @@ fn report(pass: &Pass, model: &ClusterModel, took: Duration, last_waiting: &mut 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::testing::node;
+    use crate::model::testing::{model, three};
     use crate::overlay::fake::FakeKernel;
-
-    fn model(nodes: &[ClusterNode]) -> ClusterModel {
-        ClusterModel {
-            nodes: nodes.iter().map(|n| (n.name.clone(), n.clone())).collect(),
-            ..Default::default()
-        }
-    }
-
-    fn three() -> Vec<ClusterNode> {
-        vec![
-            node("a", "192.168.1.11", "10.128.0.0/23"),
-            node("b", "192.168.1.12", "10.128.2.0/23"),
-            node("c", "192.168.1.13", "10.128.4.0/23"),
-        ]
-    }
 
     fn setup() -> (Reconciler<FakeKernel>, FakeKernel, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();

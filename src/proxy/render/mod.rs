@@ -3,7 +3,8 @@
 //! kube-proxy's iptables mode builds (same chain names, comments, matches and order).
 //!
 //! Each Service port is rendered on its own (`port`, in stages: `capture` of its addresses,
-//! `external` traffic and the load-balancer `firewall`, its `endpoints`) into rules for the
+//! `external` traffic and the load-balancer `firewall`, its `endpoints`, chosen by `select`
+//! as kube-proxy chooses them) into rules for the
 //! shared chains (KUBE-SERVICES, ...) and a group of chains it owns alone (KUBE-SVC/SVL/EXT/
 //! FW/SEP). A port whose inputs did not change is not rendered again (`RenderCache`), and its
 //! group keeps the same `Arc`, which is how the engine's diff skips it unread.
@@ -12,6 +13,7 @@ mod capture;
 mod endpoints;
 mod external;
 mod port;
+mod select;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::endpoints::{categorize, Categorized};
+use super::select::{categorize, Categorized};
 use super::{split, Dst, PortRules, ProxyScope};
 use crate::model::service::{Endpoint, ServicePort, ServicePortName};
 use crate::netfilter::ruleset::{Table, Tables};
