@@ -4,18 +4,25 @@
 //! of YAML, the API server) produces this model; invalid objects are skipped with a reason and
 //! counted, never fatal.
 
+pub mod namespace;
 pub mod node;
+pub mod pod;
+pub mod policy;
 pub mod service;
 
+pub use namespace::{namespace_from_k8s, Namespace};
 pub use node::{node_from_k8s, ClusterNode, NodeSubnet};
+pub use pod::{pod_from_k8s, Pod};
+pub use policy::{policy_from_k8s, Policy};
 pub use service::{Endpoint, EndpointsBuilder, Protocol, ServicePort, ServicePortName, Services};
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 
 use self::service as svc;
 
@@ -34,6 +41,11 @@ pub struct Skipped {
 pub struct ClusterModel {
     pub nodes: BTreeMap<String, ClusterNode>,
     pub services: Services,
+    /// Pods with an address of the pod network, by (namespace, name).
+    pub pods: BTreeMap<(String, String), Pod>,
+    pub namespaces: BTreeMap<String, Namespace>,
+    /// NetworkPolicies by (namespace, name).
+    pub policies: BTreeMap<(String, String), Policy>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -72,6 +84,9 @@ pub struct ModelBuilder {
     candidates: Vec<(Option<String>, ClusterNode)>,
     services: Vec<(ServicePortName, ServicePort)>,
     endpoints: EndpointsBuilder,
+    pods: Vec<Pod>,
+    namespaces: Vec<Namespace>,
+    policies: Vec<Policy>,
     skipped: Vec<Skipped>,
 }
 
@@ -81,7 +96,45 @@ impl ModelBuilder {
         self.candidates.extend(other.candidates.iter().cloned());
         self.services.extend(other.services.iter().cloned());
         self.endpoints.absorb(&other.endpoints);
+        self.pods.extend(other.pods.iter().cloned());
+        self.namespaces.extend(other.namespaces.iter().cloned());
+        self.policies.extend(other.policies.iter().cloned());
         self.skipped.extend(other.skipped.iter().cloned());
+    }
+
+    /// A Pod with an address of the pod network (others are not NetworkPolicy's business).
+    pub fn add_pod(&mut self, pod: &K8sPod) {
+        match pod_from_k8s(pod) {
+            Ok(Some(p)) => self.pods.push(p),
+            Ok(None) => {}
+            Err(reason) => self.skip(object_name("Pod", &pod.metadata), reason),
+        }
+    }
+
+    pub fn add_namespace(&mut self, ns: &K8sNamespace) {
+        match namespace_from_k8s(ns) {
+            Ok(n) => self.namespaces.push(n),
+            Err(reason) => self.skip(
+                format!("Namespace/{}", ns.metadata.name.as_deref().unwrap_or("")),
+                reason,
+            ),
+        }
+    }
+
+    /// A NetworkPolicy: kept unless the pods it selects cannot be known; its invalid parts are
+    /// left out (failing closed) and recorded as a skip of the policy.
+    pub fn add_policy(&mut self, np: &NetworkPolicy) {
+        let object = object_name("NetworkPolicy", &np.metadata);
+        match policy_from_k8s(np) {
+            Ok(p) => {
+                if !p.problems.is_empty() {
+                    let reason = p.problems.join("; ");
+                    self.skip(object, reason);
+                }
+                self.policies.push(p);
+            }
+            Err(reason) => self.skip(object, reason),
+        }
     }
 
     pub fn skip(&mut self, object: impl Into<String>, reason: impl Into<String>) {
@@ -174,8 +227,29 @@ impl ModelBuilder {
         let mut model = ClusterModel {
             nodes: BTreeMap::new(),
             services: Services::default(),
+            pods: BTreeMap::new(),
+            namespaces: BTreeMap::new(),
+            policies: BTreeMap::new(),
             skipped: self.skipped,
         };
+        for p in self.pods {
+            let key = (p.namespace.clone(), p.name.clone());
+            if model.pods.insert(key, p).is_some() {
+                model.skipped.push(Skipped {
+                    object: "Pod".into(),
+                    reason: "duplicate pod name".into(),
+                    conflicts_with: None,
+                });
+            }
+        }
+        for n in self.namespaces {
+            model.namespaces.insert(n.name.clone(), n);
+        }
+        for p in self.policies {
+            model
+                .policies
+                .insert((p.namespace.clone(), p.name.clone()), p);
+        }
         model.services.endpoints = self.endpoints.finish(&scope.local_node);
         for (spn, port) in self.services {
             if model.services.ports.contains_key(&spn) {

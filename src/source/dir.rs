@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod as K8sPod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use notify::{RecursiveMode, Watcher};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -211,8 +212,24 @@ fn add_object(builder: &mut ModelBuilder, origin: &str, doc: Value) {
                 format!("not a valid EndpointSlice: {e}"),
             ),
         },
+        "Pod" => match serde_json::from_value::<K8sPod>(doc) {
+            Ok(pod) => builder.add_pod(&pod),
+            Err(e) => builder.skip(origin.to_string(), format!("not a valid Pod: {e}")),
+        },
+        "Namespace" => match serde_json::from_value::<Namespace>(doc) {
+            Ok(ns) => builder.add_namespace(&ns),
+            Err(e) => builder.skip(origin.to_string(), format!("not a valid Namespace: {e}")),
+        },
+        "NetworkPolicy" => match serde_json::from_value::<NetworkPolicy>(doc) {
+            Ok(np) => builder.add_policy(&np),
+            Err(e) => builder.skip(
+                origin.to_string(),
+                format!("not a valid NetworkPolicy: {e}"),
+            ),
+        },
         // `kubectl get -o yaml` output.
-        "List" | "NodeList" | "ServiceList" | "EndpointSliceList" => {
+        "List" | "NodeList" | "ServiceList" | "EndpointSliceList" | "PodList" | "NamespaceList"
+        | "NetworkPolicyList" => {
             if let Some(Value::Array(items)) = doc.get("items").cloned() {
                 for (i, item) in items.into_iter().enumerate() {
                     add_object(builder, &format!("{origin}.items[{i}]"), item);
