@@ -23,6 +23,7 @@ RSDN=$PWD/target/dist/rsdn
 W=$(mktemp -d /tmp/rsdn-bench-overlay.XXXXXX)
 HB=rsdn-hb   # prefix of the hand-built topology's namespaces
 CV=rsdn-cv   # prefix of the convergence namespaces
+NSP=${RSDN_LAB:-rsdn-lab}-   # the lab's namespaces (RSDN_LAB names the lab)
 
 cleanup() {
   "$RSDN" lab down >/dev/null 2>&1 || true
@@ -76,7 +77,7 @@ ip -n $HB-node2 neigh add 10.128.0.0 lladdr 0a:58:c0:a8:58:11 dev vxlan0 nud per
 bridge -n $HB-node2 fdb append 0a:58:c0:a8:58:11 dev vxlan0 dst 192.168.88.11 self permanent
 
 # iperf3 servers: lab pod on node2, hand-built pod2, lab node2 on the underlay.
-ip netns exec rsdn-lab-node2-pod1 iperf3 -s -D -1 >/dev/null 2>&1 || true
+ip netns exec ${NSP}node2-pod1 iperf3 -s -D -1 >/dev/null 2>&1 || true
 run_iperf() { # run_iperf CLIENT-NS SERVER-NS SERVER-IP -> Gbit/s
   ip netns exec "$2" iperf3 -s -D --one-off >/dev/null
   sleep 0.2
@@ -84,9 +85,9 @@ run_iperf() { # run_iperf CLIENT-NS SERVER-NS SERVER-IP -> Gbit/s
 }
 : >"$W/lab"; : >"$W/hand"; : >"$W/underlay"
 for r in $(seq 1 "$ROUNDS"); do
-  run_iperf rsdn-lab-node1-pod1 rsdn-lab-node2-pod1 "$lab_server" >>"$W/lab"
+  run_iperf ${NSP}node1-pod1 ${NSP}node2-pod1 "$lab_server" >>"$W/lab"
   run_iperf $HB-pod1 $HB-pod2 10.128.2.2 >>"$W/hand"
-  run_iperf rsdn-lab-node1 rsdn-lab-node2 192.168.77.12 >>"$W/underlay"
+  run_iperf ${NSP}node1 ${NSP}node2 192.168.77.12 >>"$W/underlay"
   printf '  round %d: lab %.2f, hand-built %.2f, underlay %.2f Gbit/s\n' "$r" \
     "$(tail -1 "$W/lab")" "$(tail -1 "$W/hand")" "$(tail -1 "$W/underlay")"
 done

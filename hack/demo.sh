@@ -12,6 +12,7 @@ source hack/lib.sh
 require_root
 
 RSDN=target/dist/rsdn   # `rsdn lab` runs target/dist/rsdn-lab, built by --lab
+LAB_NAME=${RSDN_LAB:-rsdn-lab}   # the lab's name (RSDN_LAB); several labs can run side by side
 if [ "${1:-}" = down ]; then
   [ -x "$RSDN" ] && [ -x target/dist/rsdn-lab ] || hack/build.sh --lab
   exec "$RSDN" lab down
@@ -44,9 +45,9 @@ Explore:
   $RSDN lab exec node1 -- iptables-save -t nat      Service (KUBE-*) and egress (RSDN-*) NAT chains
   $RSDN lab exec node1-pod1 -- ping 10.128.4.2      a pod on node1 to a pod on node3
   $RSDN lab exec node1 -- $PWD/$RSDN tunnel list -o json
-  tail -f /run/rsdn-lab/node1/rsdn.log              one line per change the daemon applies
-  ls /run/rsdn-lab/cluster                          the objects the daemons read (Node, Service,
-                                                    EndpointSlice); add or edit them (docs/proxy.md)
+  tail -f /run/$LAB_NAME/node1/rsdn.log              one line per change the daemon applies
+  ls /run/$LAB_NAME/cluster                          the objects the daemons read (Node, Service,
+                                                    EndpointSlice, Pod, Namespace); add or edit them (docs/proxy.md)
 Tear down:
   hack/demo.sh down
 EOF

@@ -26,7 +26,7 @@ hack/build.sh --lab >/dev/null || exit 1   # the lab (rsdn-lab) plays the cluste
 RSDN=$PWD/target/dist/rsdn
 T=$(mktemp -d /tmp/rsdn-image-check.XXXXXX)
 source tests/e2e/lib.sh
-NS=/run/netns/rsdn-lab-node2
+NS=/run/netns/${NSP}node2
 NAME=rsdn-image-check
 # runc with cgroupfs and no default ulimits: what works inside a namespace here (docs/testing.md)
 printf '[containers]\ndefault_ulimits = []\n' >"$T/containers.conf"
@@ -58,7 +58,7 @@ check "init container: install-cni --prepare-host copies the plugin" eval "
   [ -x $T/opt-cni-bin/rsdn-cni ] && CNI_COMMAND=VERSION $T/opt-cni-bin/rsdn-cni"
 
 # The API server as a pod sees it: HTTPS on the outside host, its CA and a token mounted.
-ip netns exec rsdn-lab-ext "$RSDN" lab apiserver --listen 192.168.77.250:6444 --dir "$LAB/cluster" \
+ip netns exec ${NSP}ext "$RSDN" lab apiserver --listen 192.168.77.250:6444 --dir "$LAB/cluster" \
   --bookmark-seconds 1 --service-account-dir "$T/sa" >"$T/apiserver-tls.log" 2>&1 &
 SERVERS+=($!)
 eventually 10 test -s "$T/sa/token" || { cat "$T/apiserver-tls.log"; exit 1; }
@@ -80,7 +80,7 @@ check "image daemon: vxlan0 and node1's FDB entry are back" eval \
   "inns node2 bridge fdb show dev vxlan0 | grep -q 'dst 192.168.77.11'"
 check "image daemon: pods reach each other across nodes again (matrix)" eventually 10 lab matrix
 check "image daemon: /healthz answers 200 from outside" eventually 10 \
-  bash -c "[ \"\$(ip netns exec rsdn-lab-ext curl -s -o /dev/null -w '%{http_code}' http://192.168.77.12:10256/healthz)\" = 200 ]"
+  bash -c "[ \"\$(ip netns exec ${NSP}ext curl -s -o /dev/null -w '%{http_code}' http://192.168.77.12:10256/healthz)\" = 200 ]"
 
 cat >"$LAB/cluster/.svc.tmp" <<'EOF'
 apiVersion: v1
@@ -99,7 +99,7 @@ endpoints: [{addresses: [10.128.0.2], nodeName: node1}]
 EOF
 mv "$LAB/cluster/.svc.tmp" "$LAB/cluster/svc-web.yaml"
 check "image daemon: a new Service reaches node2's nat table" eventually 10 \
-  bash -c "ip netns exec rsdn-lab-node2 iptables-save -t nat | grep -q 'image/web:http cluster IP'"
+  bash -c "ip netns exec ${NSP}node2 iptables-save -t nat | grep -q 'image/web:http cluster IP'"
 
 state() { podman inspect -f '{{.State.Status}}' "$NAME"; }
 check "image daemon: SIGTERM exits 0" eval "[ \"\$(state)\" = running ] &&

@@ -1,5 +1,5 @@
-//! A stand-in Kubernetes API server for the lab and the tests: serves Nodes, Services and
-//! EndpointSlices over plain HTTP with the real protocol as kube-rs uses it (lists with a
+//! A stand-in Kubernetes API server for the lab and the tests: serves Nodes, Services,
+//! EndpointSlices, Pods, Namespaces and NetworkPolicies (cluster-wide) over plain HTTP with the real protocol as kube-rs uses it (lists with a
 //! resourceVersion, `limit`/`continue` paging, watch streams from a resourceVersion, bookmarks,
 //! `410 Gone` for a version that is too old) and can be told to expire its history or to cut
 //! every open watch, so relists and reconnects are tested without a cluster. Its objects come
@@ -20,8 +20,9 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -29,62 +30,148 @@ use tokio::sync::{mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-/// The kinds served.
+/// The kinds served: what the daemon watches (Node, Service, EndpointSlice) and what
+/// NetworkPolicy needs (Pod, Namespace, NetworkPolicy). Each is described once in `KINDS`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
     Node,
     Service,
     EndpointSlice,
+    Pod,
+    Namespace,
+    NetworkPolicy,
 }
 
+/// How the API serves a kind.
+struct KindInfo {
+    kind: Kind,
+    name: &'static str,
+    /// API group ("" for the core group) and version.
+    group: &'static str,
+    version: &'static str,
+    /// The resource, as RBAC rules and URLs name it.
+    resource: &'static str,
+    namespaced: bool,
+    /// A real API server validates objects: only what parses as the typed object is stored.
+    check: fn(&Value) -> Result<(), String>,
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: &Value) -> Result<(), String> {
+    serde_json::from_value::<T>(v.clone())
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+const KINDS: [KindInfo; 6] = [
+    KindInfo {
+        kind: Kind::Node,
+        name: "Node",
+        group: "",
+        version: "v1",
+        resource: "nodes",
+        namespaced: false,
+        check: typed::<Node>,
+    },
+    KindInfo {
+        kind: Kind::Service,
+        name: "Service",
+        group: "",
+        version: "v1",
+        resource: "services",
+        namespaced: true,
+        check: typed::<Service>,
+    },
+    KindInfo {
+        kind: Kind::EndpointSlice,
+        name: "EndpointSlice",
+        group: "discovery.k8s.io",
+        version: "v1",
+        resource: "endpointslices",
+        namespaced: true,
+        check: typed::<EndpointSlice>,
+    },
+    KindInfo {
+        kind: Kind::Pod,
+        name: "Pod",
+        group: "",
+        version: "v1",
+        resource: "pods",
+        namespaced: true,
+        check: typed::<Pod>,
+    },
+    KindInfo {
+        kind: Kind::Namespace,
+        name: "Namespace",
+        group: "",
+        version: "v1",
+        resource: "namespaces",
+        namespaced: false,
+        check: typed::<Namespace>,
+    },
+    KindInfo {
+        kind: Kind::NetworkPolicy,
+        name: "NetworkPolicy",
+        group: "networking.k8s.io",
+        version: "v1",
+        resource: "networkpolicies",
+        namespaced: true,
+        check: typed::<NetworkPolicy>,
+    },
+];
+
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Node, Kind::Service, Kind::EndpointSlice];
+    pub const ALL: [Kind; 6] = [
+        Kind::Node,
+        Kind::Service,
+        Kind::EndpointSlice,
+        Kind::Pod,
+        Kind::Namespace,
+        Kind::NetworkPolicy,
+    ];
+
+    fn info(self) -> &'static KindInfo {
+        KINDS
+            .iter()
+            .find(|i| i.kind == self)
+            .expect("every kind is in KINDS")
+    }
 
     fn of(kind: &str) -> Option<Kind> {
-        Kind::ALL.into_iter().find(|k| k.name() == kind)
+        KINDS.iter().find(|i| i.name == kind).map(|i| i.kind)
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Kind::Node => "Node",
-            Kind::Service => "Service",
-            Kind::EndpointSlice => "EndpointSlice",
-        }
+        self.info().name
     }
 
-    /// The cluster-wide collection path.
-    fn path(self) -> &'static str {
-        match self {
-            Kind::Node => "/api/v1/nodes",
-            Kind::Service => "/api/v1/services",
-            Kind::EndpointSlice => "/apis/discovery.k8s.io/v1/endpointslices",
+    /// The cluster-wide collection path: /api/v1/pods, /apis/networking.k8s.io/v1/networkpolicies.
+    fn path(self) -> String {
+        let i = self.info();
+        match i.group {
+            "" => format!("/api/{}/{}", i.version, i.resource),
+            g => format!("/apis/{g}/{}/{}", i.version, i.resource),
         }
     }
 
     /// (API group, resource), as RBAC rules name them.
     pub fn resource(self) -> (&'static str, &'static str) {
-        match self {
-            Kind::Node => ("", "nodes"),
-            Kind::Service => ("", "services"),
-            Kind::EndpointSlice => ("discovery.k8s.io", "endpointslices"),
+        (self.info().group, self.info().resource)
+    }
+
+    fn api_version(self) -> String {
+        let i = self.info();
+        match i.group {
+            "" => i.version.to_string(),
+            g => format!("{g}/{}", i.version),
         }
     }
 
-    fn api_version(self) -> &'static str {
-        match self {
-            Kind::EndpointSlice => "discovery.k8s.io/v1",
-            _ => "v1",
-        }
+    fn namespaced(self) -> bool {
+        self.info().namespaced
     }
 
-    /// A real API server validates objects: only what parses as the typed object is stored.
     fn check(self, v: &Value) -> Result<(), String> {
-        let r = match self {
-            Kind::Node => serde_json::from_value::<Node>(v.clone()).map(drop),
-            Kind::Service => serde_json::from_value::<Service>(v.clone()).map(drop),
-            Kind::EndpointSlice => serde_json::from_value::<EndpointSlice>(v.clone()).map(drop),
-        };
-        r.map_err(|e| e.to_string())
+        (self.info().check)(v)
     }
 }
 
@@ -107,7 +194,7 @@ pub struct Requests {
     pub last_watch_from: HashMap<Kind, u64>,
     pub bookmarks_sent: usize,
     pub gone_sent: usize,
-    /// Requests for anything but a list or watch of the three kinds (a get, a write, another
+    /// Requests for anything but a list or watch of the served kinds (a get, a write, another
     /// resource): answered 404 or 405, as an API server would to a client without RBAC for them.
     pub refused: Vec<String>,
 }
@@ -161,11 +248,9 @@ fn key_of(v: &Value) -> Result<Key, String> {
     let name = meta["name"].as_str().filter(|n| !n.is_empty());
     let name = name.ok_or("metadata.name is missing")?.to_string();
     let ns = meta["namespace"].as_str().unwrap_or_default().to_string();
-    match (kind, ns.is_empty()) {
-        (Kind::Node, false) => return Err("a Node has no namespace".into()),
-        (Kind::Service | Kind::EndpointSlice, true) => {
-            return Err("metadata.namespace is missing".into())
-        }
+    match (kind.namespaced(), ns.is_empty()) {
+        (false, false) => return Err(format!("a {} has no namespace", kind.name())),
+        (true, true) => return Err("metadata.namespace is missing".into()),
         _ => {}
     }
     kind.check(v)?;
@@ -220,8 +305,8 @@ impl ApiServer {
         self.tick.send_modify(|t| t.rv = rv);
     }
 
-    /// Creates or updates an object (an error if it is not a valid Node, Service or
-    /// EndpointSlice). Returns false when nothing changed.
+    /// Creates or updates an object (an error if it is not a valid object of a served kind).
+    /// Returns false when nothing changed.
     pub fn apply(&self, mut object: Value) -> Result<bool, String> {
         let key = key_of(&object)?;
         let mut st = self.lock();
@@ -229,8 +314,11 @@ impl ApiServer {
         if old.is_some_and(|o| content(o) == content(&object)) {
             return Ok(false);
         }
-        let uid = old
-            .and_then(|o| o["metadata"]["uid"].as_str().map(String::from))
+        // The object's own uid (a stored object's, as the lab's Pods carry), else the one it
+        // was given when created here.
+        let given = object["metadata"]["uid"].as_str().map(String::from);
+        let uid = given
+            .or_else(|| old.and_then(|o| o["metadata"]["uid"].as_str().map(String::from)))
             .unwrap_or_else(|| format!("uid-{}-{}", st.rv + 1, key.2));
         let event = if old.is_some() { "MODIFIED" } else { "ADDED" };
         st.rv += 1;
@@ -702,5 +790,95 @@ pub async fn run_dir(
             _ = term.recv() => return Ok(()),
             _ = int.recv() => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_at_its_api_path() {
+        let paths: Vec<(String, String, (&str, &str))> = Kind::ALL
+            .iter()
+            .map(|k| (k.path(), k.api_version(), k.resource()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("/api/v1/nodes".into(), "v1".into(), ("", "nodes")),
+                ("/api/v1/services".into(), "v1".into(), ("", "services")),
+                (
+                    "/apis/discovery.k8s.io/v1/endpointslices".into(),
+                    "discovery.k8s.io/v1".into(),
+                    ("discovery.k8s.io", "endpointslices")
+                ),
+                ("/api/v1/pods".into(), "v1".into(), ("", "pods")),
+                ("/api/v1/namespaces".into(), "v1".into(), ("", "namespaces")),
+                (
+                    "/apis/networking.k8s.io/v1/networkpolicies".into(),
+                    "networking.k8s.io/v1".into(),
+                    ("networking.k8s.io", "networkpolicies")
+                ),
+            ]
+        );
+        for k in Kind::ALL {
+            assert_eq!(Kind::of(k.name()), Some(k));
+        }
+    }
+
+    #[test]
+    fn pods_namespaces_and_policies_are_served_and_validated() {
+        let server = ApiServer::new(Duration::from_secs(1));
+        let pod = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "a", "namespace": "x", "uid": "given-uid", "labels": {"pod": "a"}},
+            "spec": {"nodeName": "node1", "containers": [{"name": "c",
+                "ports": [{"name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP"}]}]},
+            "status": {"phase": "Running", "podIP": "10.128.0.5"}});
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": "x", "labels": {"kubernetes.io/metadata.name": "x"}}});
+        let np = json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "deny", "namespace": "x"},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+        let skipped = server.sync_objects(vec![
+            pod,
+            ns,
+            np,
+            json!({"kind": "Pod", "metadata": {"name": "no-namespace"}}),
+            json!({"kind": "Namespace", "metadata": {"name": "y", "namespace": "x"}}),
+            json!({"kind": "NetworkPolicy", "metadata": {"name": "bad", "namespace": "x"},
+                   "spec": {"podSelector": "everything"}}),
+            json!({"kind": "ConfigMap", "metadata": {"name": "c", "namespace": "x"}}),
+        ]);
+        assert_eq!(skipped.len(), 4, "{skipped:?}");
+        assert!(skipped[0].contains("Pod no-namespace: metadata.namespace is missing"));
+        assert!(skipped[1].contains("Namespace y: a Namespace has no namespace"));
+        assert!(skipped[2].contains("NetworkPolicy bad"));
+        assert!(skipped[3].contains("\"ConfigMap\" is not served"));
+        let none = HashMap::new();
+        for (kind, list, api_version, name) in [
+            (Kind::Pod, "PodList", "v1", "a"),
+            (Kind::Namespace, "NamespaceList", "v1", "x"),
+            (
+                Kind::NetworkPolicy,
+                "NetworkPolicyList",
+                "networking.k8s.io/v1",
+                "deny",
+            ),
+        ] {
+            let (code, body) = server.list(kind, &none);
+            assert_eq!(code, StatusCode::OK);
+            assert_eq!(body["kind"], list);
+            assert_eq!(body["apiVersion"], api_version);
+            assert_eq!(body["items"].as_array().unwrap().len(), 1);
+            assert_eq!(body["items"][0]["metadata"]["name"], name);
+        }
+        let (_, pods) = server.list(Kind::Pod, &none);
+        assert_eq!(
+            pods["items"][0]["metadata"]["uid"], "given-uid",
+            "a stored object's uid is kept"
+        );
+        let (_, nodes) = server.list(Kind::Node, &none);
+        assert!(nodes["items"].as_array().unwrap().is_empty());
     }
 }

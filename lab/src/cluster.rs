@@ -1,67 +1,49 @@
 //! `rsdn lab` (the `rsdn-lab` binary): a simulated cluster on this machine, made only of network
-//! namespaces.
+//! namespaces. With the lab named `L` (`RSDN_LAB`, default `rsdn-lab`):
 //!
 //! ```text
-//!   rsdn-lab-underlay: bridge br0 ─┬─ rsdn-lab-node1 eth0 192.168.77.11  (rsdn node, tun0, vxlan0)
-//!                                  ├─ rsdn-lab-node2 eth0 192.168.77.12     └─ rsdn-lab-node1-pod1 ...
-//!                                  ├─ ...
-//!                                  └─ rsdn-lab-ext   eth0 192.168.77.250 (a host outside the cluster)
+//!   L-underlay: bridge br0 ─┬─ L-node1 eth0 192.168.77.11  (rsdn node, tun0, vxlan0)
+//!                           ├─ L-node2 eth0 192.168.77.12     └─ L-node1-pod1, L-pod.x.a ...
+//!                           ├─ ...
+//!                           └─ L-ext   eth0 192.168.77.250 (a host outside the cluster)
 //! ```
 //! Each node runs the real `rsdn node` (the `rsdn` binary next to `rsdn-lab`) with a `dir`
-//! source the lab writes (one Node object per node under /run/rsdn-lab/cluster), and pods are
-//! attached with the real `rsdn-cni`, called as a runtime calls it, with the conflist the
-//! daemon wrote. The root namespace is never touched.
-//! Everything the lab makes is named `rsdn-lab-*` or lives under /run/rsdn-lab, so `down` can
-//! clean up after a crash half-way.
+//! source the lab writes (a Node object per node, a Pod per pod, a Namespace per namespace
+//! under /run/L/cluster), and pods are attached with the real `rsdn-cni`, called as a runtime
+//! calls it, with the conflist the daemon wrote. The root namespace is never touched; the
+//! addresses are the same in every lab, each lab having its own underlay.
+//! Everything the lab makes is a namespace it owns (`Lab::owns`), a process in one of them or
+//! named in its state directory, or a file under /run/L, so `down` cleans up after a crash
+//! half-way and never touches another lab.
 
-use std::fs::File;
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-pub const STATE_DIR: &str = "/run/rsdn-lab";
-pub const PREFIX: &str = "rsdn-lab-";
-const UNDERLAY: &str = "rsdn-lab-underlay";
-const EXTERNAL: &str = "rsdn-lab-ext";
-const EXTERNAL_IP: &str = "192.168.77.250";
+use crate::lab::Lab;
+use crate::netns::{self, alive, ip};
+use crate::objects::{format_labels, Labels, PodRecord};
+use crate::{check, serve, workloads};
+
+pub const EXTERNAL_IP: &str = "192.168.77.250";
 /// Port of the stand-in API server on the outside host (`lab up --api`).
 const API_PORT: u16 = 6443;
-/// Port the matrix's TCP listeners use inside pods.
-const MATRIX_PORT: u16 = 5001;
 
-/// One node of the lab, by number (1-based).
-fn node_ns(i: u32) -> String {
-    format!("{PREFIX}node{i}")
-}
-fn pod_ns(i: u32, j: u32) -> String {
-    format!("{PREFIX}node{i}-pod{j}")
-}
-fn node_ip(i: u32) -> Ipv4Addr {
+pub fn node_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(192, 168, 77, 10 + i as u8)
 }
 fn node_subnet(i: u32) -> String {
     format!("10.128.{}.0/23", 2 * (i - 1))
 }
-fn node_dir(i: u32) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("node{i}"))
-}
-fn cluster_dir() -> PathBuf {
-    Path::new(STATE_DIR).join("cluster")
-}
-
-/// What `lab status` reports about a pod.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PodRecord {
-    pub name: String,
-    pub namespace: String,
-    pub node: String,
-    pub ip: Ipv4Addr,
+/// `node3` -> 3.
+pub fn node_index(name: &str) -> Option<u32> {
+    name.strip_prefix("node")?.parse().ok().filter(|i| *i > 0)
 }
 
 #[derive(Debug, Serialize)]
@@ -77,64 +59,25 @@ struct NodeStatus {
     log: PathBuf,
 }
 
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("cannot run ip (install iproute2)")?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+/// A pod as `lab status` shows it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatus<'a> {
+    #[serde(flatten)]
+    record: &'a PodRecord,
+    /// `<namespace>/<name>`, what `lab pod ...`, `lab probe` and `lab reach` take.
+    pod: String,
+    serving: bool,
 }
 
-fn netns_exists(name: &str) -> bool {
-    Path::new("/run/netns").join(name).exists()
+#[derive(Debug, Serialize)]
+struct NamespaceStatus {
+    name: String,
+    labels: Labels,
 }
 
-fn ensure_netns(name: &str) -> Result<bool> {
-    if netns_exists(name) {
-        return Ok(false);
-    }
-    ip(&["netns", "add", name])?;
-    ip(&["-n", name, "link", "set", "lo", "up"])?;
-    Ok(true)
-}
-
-/// A command that will run inside the namespace `ns`.
-fn in_ns(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-    let file = File::open(Path::new("/run/netns").join(ns))
-        .with_context(|| format!("no namespace {ns}"))?;
-    let mut cmd = Command::new(program);
-    // SAFETY: only setns (async-signal-safe) between fork and exec; the fd outlives the spawn
-    // because the closure owns the File.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok(cmd)
-}
-
-/// A host on the underlay: a veth into br0 with `addr`.
-fn attach_to_underlay(ns: &str, port: &str, addr: &str) -> Result<()> {
-    ip(&[
-        "-n", UNDERLAY, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
-    ])?;
-    ip(&["-n", UNDERLAY, "link", "set", port, "master", "br0", "up"])?;
-    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
-    ip(&["-n", ns, "link", "set", "eth0", "up"])
-}
-
-/// This binary, for the API server it starts.
-fn lab_exe() -> Result<PathBuf> {
+/// This binary, for the processes it starts (API server, servers in pods).
+pub fn lab_exe() -> Result<PathBuf> {
     std::env::current_exe().context("cannot find the rsdn-lab binary")
 }
 
@@ -163,110 +106,138 @@ fn cni_exe() -> Result<PathBuf> {
     )
 }
 
-fn daemon_pid(i: u32) -> Option<i32> {
-    std::fs::read_to_string(node_dir(i).join("rsdn.pid"))
+fn daemon_pid(lab: &Lab, i: u32) -> Option<i32> {
+    std::fs::read_to_string(lab.node_dir(i).join("rsdn.pid"))
         .ok()?
         .trim()
         .parse()
         .ok()
 }
 
-/// Running, and not a zombie: a daemon whose parent (an earlier `lab up`) is gone may linger
-/// unreaped, and kill(pid, 0) succeeds on zombies.
-fn alive(pid: i32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name, which may itself contain spaces.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    !matches!(state, None | Some("Z") | Some("X"))
+pub fn node_count(lab: &Lab) -> u32 {
+    (1..).take_while(|i| netns::exists(&lab.node(*i))).count() as u32
 }
 
-fn node_count() -> u32 {
-    (1..).take_while(|i| netns_exists(&node_ns(*i))).count() as u32
+/// The lab must be up for this command.
+pub fn require_up(lab: &Lab) -> Result<u32> {
+    let n = node_count(lab);
+    if n == 0 || !lab.state_dir_is_ours() {
+        bail!(
+            "lab {} is not up (rsdn lab up; the lab is named by {})",
+            lab.name(),
+            crate::lab::ENV
+        );
+    }
+    Ok(n)
 }
 
-pub fn up(nodes: u32, pods_per_node: u32, api: bool) -> Result<()> {
+pub fn up(lab: &Lab, nodes: u32, pods_per_node: u32, api: bool) -> Result<()> {
     if nodes == 0 || nodes > 100 {
         bail!("--nodes must be 1..=100");
     }
     // The binaries the nodes run, found before anything is created.
     rsdn_exe()?;
     cni_exe()?;
-    std::fs::create_dir_all(cluster_dir())?;
+    lab.claim_state_dir()?;
+    let _lock = workloads::lock(lab)?;
+    std::fs::create_dir_all(lab.cluster_dir())?;
     if api {
         std::fs::write(
-            kubeconfig_path(),
+            lab.kubeconfig(),
             rsdn_lab::apiserver::kubeconfig(&format!("http://{EXTERNAL_IP}:{API_PORT}")),
         )?;
     }
-    if ensure_netns(UNDERLAY)? {
-        ip(&["-n", UNDERLAY, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", UNDERLAY, "link", "set", "br0", "up"])?;
+    let underlay = lab.underlay();
+    if netns::ensure(&underlay)? {
+        ip(&["-n", &underlay, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &underlay, "link", "set", "br0", "up"])?;
     }
-    if ensure_netns(EXTERNAL)? {
-        attach_to_underlay(EXTERNAL, "ext", &format!("{EXTERNAL_IP}/24"))?;
+    if netns::ensure(&lab.external())? {
+        attach_to_underlay(lab, &lab.external(), "ext", &format!("{EXTERNAL_IP}/24"))?;
     }
-    if kubeconfig_path().exists() {
-        start_apiserver()?;
+    if lab.kubeconfig().exists() {
+        start_apiserver(lab)?;
     }
+    workloads::ensure_default_namespace(lab)?;
     for i in 1..=nodes {
-        let ns = node_ns(i);
-        if ensure_netns(&ns)? {
-            attach_to_underlay(&ns, &format!("n{i}"), &format!("{}/24", node_ip(i)))?;
+        let ns = lab.node(i);
+        if netns::ensure(&ns)? {
+            attach_to_underlay(lab, &ns, &format!("n{i}"), &format!("{}/24", node_ip(i)))?;
             // Like a real node, a default route (the outside host plays the upstream router):
             // traffic to a Service without endpoints must reach the FORWARD chain's REJECT.
             ip(&["-n", &ns, "route", "add", "default", "via", EXTERNAL_IP])?;
         }
-        write_node_object(i)?;
-        start_daemon(i)?;
+        write_node_object(lab, i)?;
+        start_daemon(lab, i)?;
     }
     for i in 1..=nodes {
-        wait_ready(i, Duration::from_secs(30))?;
+        wait_ready(lab, i, Duration::from_secs(30))?;
         for j in 1..=pods_per_node {
-            attach_pod(i, j)?;
+            workloads::ensure_node_pod(lab, i, j)?;
         }
     }
-    wait_converged(node_count(), Duration::from_secs(30))?;
-    status(false)
+    workloads::write_all_objects(lab)?;
+    wait_converged(lab, node_count(lab), Duration::from_secs(30))?;
+    check::verify(lab)?;
+    status(lab, false)
+}
+
+/// A host on the lab's underlay: a veth into br0 with `addr`.
+fn attach_to_underlay(lab: &Lab, ns: &str, port: &str, addr: &str) -> Result<()> {
+    let underlay = lab.underlay();
+    ip(&[
+        "-n", &underlay, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+    ])?;
+    ip(&["-n", &underlay, "link", "set", port, "master", "br0", "up"])?;
+    ip(&["-n", ns, "addr", "add", addr, "dev", "eth0"])?;
+    ip(&["-n", ns, "link", "set", "eth0", "up"])
 }
 
 /// Waits until every node holds a complete tunnel to every other node.
-fn wait_converged(nodes: u32, timeout: Duration) -> Result<()> {
+fn wait_converged(lab: &Lab, nodes: u32, timeout: Duration) -> Result<()> {
     let start = Instant::now();
     let want = format!("{0}/{0}", nodes - 1);
-    while (1..=nodes).any(|i| tunnels(i) != want) {
+    loop {
+        let behind: Vec<String> = (1..=nodes)
+            .filter_map(|i| {
+                let t = tunnels(lab, i);
+                (t != want).then(|| format!("node{i} has {t}"))
+            })
+            .collect();
+        if behind.is_empty() {
+            return Ok(());
+        }
         if start.elapsed() > timeout {
-            bail!("the overlay did not converge within {timeout:?}; see rsdn lab status and the daemon logs");
+            bail!(
+                "the overlay did not converge within {timeout:?} (want {want} complete tunnels: {}); see rsdn lab status and the daemon logs",
+                behind.join(", ")
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    Ok(())
 }
 
-fn write_node_object(i: u32) -> Result<()> {
+fn write_node_object(lab: &Lab, i: u32) -> Result<()> {
     let yaml = format!(
         "apiVersion: v1\nkind: Node\nmetadata:\n  name: node{i}\nspec:\n  podCIDR: {subnet}\n  podCIDRs: [{subnet}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {ip}\n  - type: Hostname\n    address: node{i}\n",
         subnet = node_subnet(i),
         ip = node_ip(i)
     );
-    rsdn::cniconf::write_atomically(&cluster_dir().join(format!("node{i}.yaml")), &yaml)?;
+    rsdn::cniconf::write_atomically(&lab.cluster_dir().join(format!("node{i}.yaml")), &yaml)?;
     Ok(())
 }
 
-fn start_daemon(i: u32) -> Result<()> {
-    if daemon_pid(i).is_some_and(alive) {
+fn start_daemon(lab: &Lab, i: u32) -> Result<()> {
+    if daemon_pid(lab, i).is_some_and(alive) {
         return Ok(());
     }
-    let dir = node_dir(i);
+    let dir = lab.node_dir(i);
     std::fs::create_dir_all(&dir)?;
-    install_cni(i)?;
-    let source = if kubeconfig_path().exists() {
-        format!("kubeconfig: {}", kubeconfig_path().display())
+    install_cni(lab, i)?;
+    let source = if lab.kubeconfig().exists() {
+        format!("kubeconfig: {}", lab.kubeconfig().display())
     } else {
-        format!("clusterDir: {}", cluster_dir().display())
+        format!("clusterDir: {}", lab.cluster_dir().display())
     };
     let config = format!(
         "nodeName: node{i}\n{source}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\nresyncSeconds: 5\n",
@@ -277,7 +248,7 @@ fn start_daemon(i: u32) -> Result<()> {
         .create(true)
         .append(true)
         .open(dir.join("rsdn.log"))?;
-    let mut cmd = in_ns(&node_ns(i), rsdn_exe()?)?;
+    let mut cmd = netns::command(&lab.node(i), rsdn_exe()?)?;
     cmd.arg("node")
         .arg("--config")
         .arg(dir.join("config.yaml"))
@@ -293,17 +264,18 @@ fn start_daemon(i: u32) -> Result<()> {
 /// The DaemonSet's init step, run the same way: `rsdn install-cni --prepare-host` in the node's
 /// namespace copies the plugin into the node's CNI binary directory, which pods are then
 /// attached with, and sets the node's sysctls. Its output goes to install-cni.log.
-fn install_cni(i: u32) -> Result<()> {
+fn install_cni(lab: &Lab, i: u32) -> Result<()> {
+    let log_path = lab.node_dir(i).join("install-cni.log");
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(node_dir(i).join("install-cni.log"))?;
-    let status = in_ns(&node_ns(i), rsdn_exe()?)?
+        .open(&log_path)?;
+    let status = netns::command(&lab.node(i), rsdn_exe()?)?
         .arg("install-cni")
         .arg("--source")
         .arg(cni_exe()?)
         .arg("--bin-dir")
-        .arg(node_cni_bin(i))
+        .arg(node_cni_bin(lab, i))
         .arg("--prepare-host")
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -313,154 +285,70 @@ fn install_cni(i: u32) -> Result<()> {
     if !status.success() {
         bail!(
             "rsdn install-cni failed for node{i}: see {}",
-            node_dir(i).join("install-cni.log").display()
+            log_path.display()
         );
     }
     Ok(())
 }
 
 /// The node's CNI binary directory (its /opt/cni/bin).
-fn node_cni_bin(i: u32) -> PathBuf {
-    node_dir(i).join("bin")
+pub fn node_cni_bin(lab: &Lab, i: u32) -> PathBuf {
+    lab.node_dir(i).join("bin")
 }
 
-/// Present while the lab runs with an API server (`lab up --api`).
-fn kubeconfig_path() -> PathBuf {
-    Path::new(STATE_DIR).join("kubeconfig")
+fn apiserver_pid_file(lab: &Lab) -> PathBuf {
+    lab.state_dir().join("apiserver.pid")
 }
 
 /// The stand-in API server runs on the outside host, serving the cluster directory.
-fn start_apiserver() -> Result<()> {
-    let pid_file = Path::new(STATE_DIR).join("apiserver.pid");
-    let running = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|p| p.trim().parse().ok())
-        .is_some_and(alive);
-    if running {
+fn start_apiserver(lab: &Lab) -> Result<()> {
+    if netns::running_pid(&apiserver_pid_file(lab)).is_some() {
         return Ok(());
     }
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(Path::new(STATE_DIR).join("apiserver.log"))?;
-    let mut cmd = in_ns(EXTERNAL, lab_exe()?)?;
+        .open(lab.state_dir().join("apiserver.log"))?;
+    let mut cmd = netns::command(&lab.external(), lab_exe()?)?;
     cmd.args(["apiserver", "--bookmark-seconds", "1", "--listen"])
         .arg(format!("{EXTERNAL_IP}:{API_PORT}"))
         .arg("--dir")
-        .arg(cluster_dir())
+        .arg(lab.cluster_dir())
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
     let child = cmd.spawn().context("cannot start rsdn-lab apiserver")?;
-    std::fs::write(pid_file, child.id().to_string())?;
+    std::fs::write(apiserver_pid_file(lab), child.id().to_string())?;
     Ok(())
 }
 
-fn conflist_path(i: u32) -> PathBuf {
-    node_dir(i)
+pub fn conflist_path(lab: &Lab, i: u32) -> PathBuf {
+    lab.node_dir(i)
         .join("net.d")
         .join(rsdn::config::DEFAULT_CNI_CONF_FILE)
 }
 
-fn wait_ready(i: u32, timeout: Duration) -> Result<()> {
+fn wait_ready(lab: &Lab, i: u32, timeout: Duration) -> Result<()> {
     let start = Instant::now();
-    while !conflist_path(i).exists() {
+    let log = lab.node_dir(i).join("rsdn.log");
+    while !conflist_path(lab, i).exists() {
         if start.elapsed() > timeout {
             bail!(
                 "node{i}: rsdn node did not write its CNI config within {timeout:?}; see {}",
-                node_dir(i).join("rsdn.log").display()
+                log.display()
             );
         }
-        if !daemon_pid(i).is_some_and(alive) {
-            bail!(
-                "node{i}: rsdn node exited; see {}",
-                node_dir(i).join("rsdn.log").display()
-            );
+        if !daemon_pid(lab, i).is_some_and(alive) {
+            bail!("node{i}: rsdn node exited; see {}", log.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
 }
 
-/// The plugin config a runtime would pass for the first plugin of the node's conflist.
-fn plugin_conf(i: u32) -> Result<serde_json::Value> {
-    let list: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(conflist_path(i))?)?;
-    let mut conf = list["plugins"][0].clone();
-    conf["name"] = list["name"].clone();
-    conf["cniVersion"] = list["cniVersion"].clone();
-    Ok(conf)
-}
-
-fn pod_record_path(i: u32, j: u32) -> PathBuf {
-    node_dir(i).join("pods").join(format!("pod{j}.json"))
-}
-
-fn attach_pod(i: u32, j: u32) -> Result<()> {
-    let ns = pod_ns(i, j);
-    if pod_record_path(i, j).exists() && netns_exists(&ns) {
-        return Ok(());
-    }
-    ensure_netns(&ns)?;
-    let conf = plugin_conf(i)?;
-    let mut cmd = in_ns(&node_ns(i), node_cni_bin(i).join(rsdn::install::PLUGIN))?;
-    cmd.env_clear()
-        .env("CNI_COMMAND", "ADD")
-        .env("CNI_CONTAINERID", format!("lab-node{i}-pod{j}"))
-        .env("CNI_NETNS", Path::new("/run/netns").join(&ns))
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", "/usr/lib/cni")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("cannot run rsdn-cni")?;
-    std::io::Write::write_all(
-        &mut child.stdin.take().expect("piped"),
-        conf.to_string().as_bytes(),
-    )?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "rsdn-cni ADD for {ns} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let addr = result["ips"][0]["address"]
-        .as_str()
-        .context("no address in the result")?;
-    let record = PodRecord {
-        name: format!("node{i}-pod{j}"),
-        namespace: ns,
-        node: format!("node{i}"),
-        ip: addr.split('/').next().unwrap_or_default().parse()?,
-    };
-    std::fs::create_dir_all(node_dir(i).join("pods"))?;
-    std::fs::write(pod_record_path(i, j), serde_json::to_string(&record)?)?;
-    Ok(())
-}
-
-/// Every pod the lab attached, node by node.
-pub fn pods() -> Vec<PodRecord> {
-    let mut out = Vec::new();
-    for i in 1..=node_count() {
-        let Ok(entries) = std::fs::read_dir(node_dir(i).join("pods")) else {
-            continue;
-        };
-        let mut recs: Vec<PodRecord> = entries
-            .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
-            .filter_map(|t| serde_json::from_str(&t).ok())
-            .collect();
-        recs.sort_by(|a, b| a.name.cmp(&b.name));
-        out.extend(recs);
-    }
-    out
-}
-
-fn tunnels(i: u32) -> String {
-    let Ok(mut cmd) = in_ns(&node_ns(i), rsdn_exe().unwrap_or_default()) else {
+fn tunnels(lab: &Lab, i: u32) -> String {
+    let Ok(mut cmd) = netns::command(&lab.node(i), rsdn_exe().unwrap_or_default()) else {
         return "-".into();
     };
     let Ok(out) = cmd.args(["tunnel", "list", "-o", "json"]).output() else {
@@ -476,32 +364,50 @@ fn tunnels(i: u32) -> String {
     )
 }
 
-pub fn status(json: bool) -> Result<()> {
-    let n = node_count();
-    if n == 0 {
-        bail!("no lab is up (rsdn lab up)");
-    }
+pub fn status(lab: &Lab, json: bool) -> Result<()> {
+    let n = require_up(lab)?;
     let nodes: Vec<NodeStatus> = (1..=n)
         .map(|i| {
-            let pid = daemon_pid(i);
+            let pid = daemon_pid(lab, i);
             NodeStatus {
                 name: format!("node{i}"),
-                namespace: node_ns(i),
+                namespace: lab.node(i),
                 ip: node_ip(i),
                 subnet: node_subnet(i),
                 daemon_pid: pid,
                 daemon_running: pid.is_some_and(alive),
-                network_ready: conflist_path(i).exists(),
-                tunnels_complete: tunnels(i),
-                log: node_dir(i).join("rsdn.log"),
+                network_ready: conflist_path(lab, i).exists(),
+                tunnels_complete: tunnels(lab, i),
+                log: lab.node_dir(i).join("rsdn.log"),
             }
         })
         .collect();
-    let pods = pods();
+    let records = workloads::load_pods(lab);
+    let pods: Vec<PodStatus> = records
+        .iter()
+        .map(|r| PodStatus {
+            record: r,
+            pod: r.pod_ref().to_string(),
+            serving: serve::running(lab, r).is_some(),
+        })
+        .collect();
+    let namespaces: Vec<NamespaceStatus> = workloads::load_namespaces(lab)
+        .into_iter()
+        .map(|ns| NamespaceStatus {
+            labels: ns.object_labels(),
+            name: ns.name,
+        })
+        .collect();
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes, "pods": pods }))?
+            serde_json::to_string_pretty(&serde_json::json!({
+                "lab": lab.name(),
+                "stateDir": lab.state_dir(),
+                "nodes": nodes,
+                "pods": pods,
+                "namespaces": namespaces,
+            }))?
         );
         return Ok(());
     }
@@ -528,124 +434,92 @@ pub fn status(json: bool) -> Result<()> {
         );
     }
     println!();
-    println!("{:<14} {:<28} {:<8} IP", "POD", "NAMESPACE", "NODE");
-    for p in &pods {
-        println!("{:<14} {:<28} {:<8} {}", p.name, p.namespace, p.node, p.ip);
-    }
+    let rows: Vec<String> = pods.iter().map(|p| p.pod.clone()).collect();
+    let cols: Vec<String> = ["NODE", "IP", "NETNS", "SERVING", "LABELS"]
+        .map(String::from)
+        .to_vec();
+    print!(
+        "{}",
+        crate::table::grid("POD", &rows, &cols, |r, c| {
+            let p = &pods[r];
+            match c {
+                0 => p.record.node.clone(),
+                1 => p.record.ip.to_string(),
+                2 => p.record.netns.clone(),
+                3 => serving_column(p),
+                _ => format_labels(&p.record.labels),
+            }
+        })
+    );
     println!();
-    println!("outside host: {EXTERNAL} ({EXTERNAL_IP}); underlay: {UNDERLAY} (bridge br0, 192.168.77.0/24)");
+    let rows: Vec<String> = namespaces.iter().map(|n| n.name.clone()).collect();
+    print!(
+        "{}",
+        crate::table::grid("NAMESPACE", &rows, &["LABELS".into()], |r, _| {
+            format_labels(&namespaces[r].labels)
+        })
+    );
+    println!();
+    println!(
+        "lab {}: state in {}; outside host {} ({EXTERNAL_IP}); underlay {} (bridge br0, 192.168.77.0/24)",
+        lab.name(),
+        lab.state_dir().display(),
+        lab.external(),
+        lab.underlay()
+    );
     Ok(())
 }
 
-/// Resolves a short lab name to its namespace.
-fn resolve(name: &str) -> String {
-    match name {
-        "ext" | "external" => EXTERNAL.into(),
-        "underlay" => UNDERLAY.into(),
-        n if n.starts_with(PREFIX) => n.into(),
-        n => format!("{PREFIX}{n}"),
+fn serving_column(p: &PodStatus) -> String {
+    if p.record.ports.is_empty() {
+        return "-".into();
+    }
+    let ports: Vec<String> = p
+        .record
+        .ports
+        .iter()
+        .map(|p| format!("{}/{}", p.container_port, p.protocol))
+        .collect();
+    if p.serving {
+        ports.join(",")
+    } else {
+        "no".into()
     }
 }
 
-pub fn exec(name: &str, command: &[String]) -> Result<()> {
-    let ns = resolve(name);
-    let status = in_ns(&ns, &command[0])?
+/// Resolves a lab name to its namespace: nodeN, nodeN-podM, NS/POD, ext, underlay, or a full
+/// namespace name of this lab.
+pub fn resolve(lab: &Lab, name: &str) -> Result<String> {
+    if let Ok(pod) = name.parse() {
+        return Ok(workloads::find_pod(lab, &pod)?.netns);
+    }
+    let ns = match name {
+        "ext" | "external" => lab.external(),
+        "underlay" => lab.underlay(),
+        n if lab.owns(n) => n.into(),
+        n => format!("{}-{n}", lab.name()),
+    };
+    if !netns::exists(&ns) {
+        bail!("lab {} has no namespace {ns}", lab.name());
+    }
+    Ok(ns)
+}
+
+pub fn exec(lab: &Lab, name: &str, command: &[String]) -> Result<()> {
+    let ns = resolve(lab, name)?;
+    let status = netns::command(&ns, &command[0])?
         .args(&command[1..])
         .status()
         .with_context(|| format!("cannot run {}", command[0]))?;
     std::process::exit(status.code().unwrap_or(1));
 }
 
-pub fn matrix() -> Result<()> {
-    let pods = pods();
-    if pods.len() < 2 {
-        bail!("the matrix needs at least two pods (rsdn lab up)");
-    }
-    // A TCP listener in every pod, for the duration of the matrix.
-    let mut listeners = Vec::new();
-    for p in &pods {
-        let child = in_ns(&p.namespace, "nc")?
-            .args(["-l", "-k", "-p", &MATRIX_PORT.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start nc (install netcat-openbsd)")?;
-        listeners.push(child);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    let probe = |from: &PodRecord, args: &[String]| -> bool {
-        in_ns(&from.namespace, &args[0])
-            .and_then(|mut c| {
-                Ok(c.args(&args[1..])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()?)
-            })
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    let (mut ok, mut failed) = (0, 0);
-    print!("{:<14}", "from \\ to");
-    for p in &pods {
-        print!(" {:<13}", p.name);
-    }
-    println!();
-    for from in &pods {
-        print!("{:<14}", from.name);
-        for to in &pods {
-            if from.name == to.name {
-                print!(" {:<13}", "-");
-                continue;
-            }
-            let ping = probe(
-                from,
-                &["ping".into(), "-c1".into(), "-W2".into(), to.ip.to_string()],
-            );
-            let tcp = probe(
-                from,
-                &[
-                    "nc".into(),
-                    "-z".into(),
-                    "-w".into(),
-                    "2".into(),
-                    to.ip.to_string(),
-                    MATRIX_PORT.to_string(),
-                ],
-            );
-            let cell = match (ping, tcp) {
-                (true, true) => "ok",
-                (false, true) => "PING-FAIL",
-                (true, false) => "TCP-FAIL",
-                (false, false) => "FAIL",
-            };
-            if ping && tcp {
-                ok += 1;
-            } else {
-                failed += 1;
-            }
-            print!(" {cell:<13}");
-        }
-        println!();
-    }
-    for mut l in listeners {
-        let _ = l.kill();
-        let _ = l.wait();
-    }
-    println!(
-        "{ok} of {} pairs reach each other (ping and TCP)",
-        ok + failed
-    );
-    if failed > 0 {
-        bail!("{failed} pairs failed");
-    }
-    Ok(())
-}
-
-pub fn down() -> Result<()> {
-    // Daemons: from pid files, and any `rsdn node` whose config lives under the lab directory
-    // (pid files may be gone after a crash).
-    let mut pids: Vec<i32> = (1..=100).filter_map(daemon_pid).collect();
+/// Every process of this lab: `rsdn node` daemons and API servers whose arguments name a path
+/// in the state directory (also with their pid files gone, after a crash), and whatever runs
+/// in one of the lab's namespaces (pod servers, the tests' own servers).
+fn lab_processes(lab: &Lab, owned: &[String]) -> Vec<i32> {
+    let mut pids: Vec<i32> = (1..=100).filter_map(|i| daemon_pid(lab, i)).collect();
+    pids.extend(netns::running_pid(&apiserver_pid_file(lab)));
     if let Ok(procs) = std::fs::read_dir("/proc") {
         for p in procs.flatten() {
             let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
@@ -654,47 +528,58 @@ pub fn down() -> Result<()> {
             let cmdline = std::fs::read(p.path().join("cmdline")).unwrap_or_default();
             let cmdline = String::from_utf8_lossy(&cmdline);
             let args: Vec<&str> = cmdline.split('\0').collect();
-            // `rsdn node --config ...`, and `rsdn-lab apiserver` however it was started
-            // (directly, or as `rsdn lab apiserver`, which execs rsdn-lab).
-            let ours =
-                args.windows(2).any(|w| w == ["node", "--config"]) || args.contains(&"apiserver");
-            if ours && cmdline.contains(STATE_DIR) {
+            // `rsdn node --config <state>/nodeN/config.yaml`, and `rsdn-lab apiserver --dir
+            // <state>/cluster` however it was started (also as `rsdn lab apiserver`).
+            let ours = args
+                .windows(2)
+                .any(|w| matches!(w[0], "--config" | "--dir") && lab.is_state_path(w[1]))
+                && (args.contains(&"node") || args.contains(&"apiserver"));
+            if ours {
                 pids.push(pid);
             }
         }
     }
+    let inodes: HashSet<u64> = owned.iter().filter_map(|n| netns::inode(n)).collect();
+    pids.extend(netns::processes_in(&inodes));
+    let me = std::process::id() as i32;
+    pids.retain(|p| *p != me && alive(*p));
     pids.sort();
     pids.dedup();
-    for pid in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    for pid in pids.iter().filter(|p| alive(**p)) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    pids
+}
+
+pub fn down(lab: &Lab) -> Result<()> {
+    let owned: Vec<String> = netns::list().into_iter().filter(|n| lab.owns(n)).collect();
+    let pids = lab_processes(lab, &owned);
+    netns::terminate(&pids, Duration::from_secs(5));
+    // Teardown keeps going past errors and reports them at the end.
+    let mut errors = Vec::new();
     let mut removed = 0;
-    if let Ok(entries) = std::fs::read_dir("/run/netns") {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if name.starts_with(PREFIX) {
-                ip(&["netns", "del", &name])?;
-                removed += 1;
-            }
+    for name in &owned {
+        match netns::delete(name) {
+            Ok(()) => removed += 1,
+            Err(e) => errors.push(format!("{e:#}")),
         }
     }
-    let _ = std::fs::remove_dir_all(STATE_DIR);
+    let dir = lab.state_dir();
+    if lab.state_dir_is_ours() {
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            errors.push(format!("cannot remove {}: {e}", dir.display()));
+        }
+    } else if dir.exists() {
+        errors.push(format!(
+            "{} is not lab {}'s state directory: left alone",
+            dir.display(),
+            lab.name()
+        ));
+    }
     println!(
-        "lab down: stopped {} daemon(s), removed {removed} namespace(s)",
+        "lab {} down: stopped {} process(es), removed {removed} namespace(s)",
+        lab.name(),
         pids.len()
     );
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n"));
+    }
     Ok(())
 }

@@ -40,7 +40,7 @@ check "/metrics has overlay and proxy metrics" eval "status_is 192.168.77.11 /me
 
 # A Service and its EndpointSlice, created at the server: DNAT on every node, reachable.
 # (ip netns exec, not the inns function: $! must be socat itself, or it outlives the test)
-ip netns exec rsdn-lab-node2-pod1 socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo node2-pod1' &
+ip netns exec ${NSP}node2-pod1 socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:'echo node2-pod1' &
 SERVERS+=($!)
 pod2=$(pod_ip node2-pod1)
 put svc-web <<EOF
@@ -96,7 +96,7 @@ check "node3's /healthz says it waits" eventually 5 \
 # SIGTERM: the daemon stops watching and exits 0 (run in the foreground here to see its status).
 kill -TERM "$(cat $LAB/node3/rsdn.pid)"
 sleep 0.5
-ip netns exec rsdn-lab-node3 "$RSDN" node --config "$LAB/node3/config.yaml" >"$T/fg.log" 2>&1 &   # (ip execs rsdn: $! is its pid)
+ip netns exec ${NSP}node3 "$RSDN" node --config "$LAB/node3/config.yaml" >"$T/fg.log" 2>&1 &   # (ip execs rsdn: $! is its pid)
 fg=$!
 sleep 1.5
 kill -TERM $fg

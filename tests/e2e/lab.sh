@@ -27,7 +27,7 @@ if ! lab up --nodes 3 --pods-per-node 2 >"$T/up.log" 2>&1; then
 fi
 cat "$T/up.log"
 
-check "all-pairs matrix across 3 nodes (ping and TCP)" lab matrix
+check "all-pairs matrix across 3 nodes (ping, TCP and UDP)" lab matrix
 # The DaemonSet's init step, as the lab runs it in each node's namespace: a fresh namespace has
 # forwarding off, so install-cni (not the daemon) turned it on, and pods were attached with the
 # copy it installed.
@@ -39,7 +39,7 @@ check "install-cni put rsdn-cni into node1's CNI binary directory and prepared t
 
 # A node that leaves the cluster directory loses its entries on every peer.
 mv "$LAB/cluster/node3.yaml" "$T/node3.yaml"
-gone() { [ "$(total node1)" = 1 ] && [ "$(total node2)" = 1 ] && ! ip -n rsdn-lab-node1 route | grep -q 10.128.4.0/23; }
+gone() { [ "$(total node1)" = 1 ] && [ "$(total node2)" = 1 ] && ! ip -n ${NSP}node1 route | grep -q 10.128.4.0/23; }
 check "node3 removed from the directory: its route, neighbour and FDB entry leave node1 and node2" eventually 10 gone
 mv "$T/node3.yaml" "$LAB/cluster/node3.yaml"
 back() { [ "$(complete node1)" = 2 ] && [ "$(complete node2)" = 2 ]; }
@@ -54,7 +54,7 @@ check "4-node matrix" lab matrix
 
 # Restarts lose no packet: SIGKILL node1's and node2's daemons, restart them, then SIGTERM node2's.
 target=$(pod_ip node2-pod1)
-idx_before=$(ip -n rsdn-lab-node1 -o link show vxlan0 | cut -d: -f1)
+idx_before=$(ip -n ${NSP}node1 -o link show vxlan0 | cut -d: -f1)
 lab exec node1-pod1 -- ping -i 0.02 -c 300 -W 1 "$target" >"$T/ping.log" 2>&1 &
 ping_pid=$!
 sleep 1
@@ -82,7 +82,7 @@ check "install-cni on restart: the same plugin is left alone" \
   grep -q "rsdn-cni is already this version; left alone" "$LAB/node2/install-cni.log"
 no_loss() { grep -q " 0% packet loss" "$T/ping.log" && grep -q "300 packets transmitted" "$T/ping.log"; }
 check "daemons killed and restarted while pinging: $(grep -o '[0-9]* received' "$T/ping.log"), 0% loss" no_loss
-same_vxlan() { [ "$(ip -n rsdn-lab-node1 -o link show vxlan0 | cut -d: -f1)" = "$idx_before" ]; }
+same_vxlan() { [ "$(ip -n ${NSP}node1 -o link show vxlan0 | cut -d: -f1)" = "$idx_before" ]; }
 check "restart kept vxlan0 (same ifindex, not recreated)" same_vxlan
 sigterm_clean() { grep -q "datapath stays in place" "$LAB/node2/rsdn.log"; }
 check "SIGTERM: clean shutdown logged" sigterm_clean
@@ -101,10 +101,10 @@ heal() { # heal NAME CMD...: break with CMD, expect healed within 5 s, report th
   fi
 }
 mac2=$(lab exec node1 -- "$RSDN" tunnel list -o json | jq -r '.[] | select(.podSubnet == "10.128.2.0/23") | .vtepMac')
-heal "route deleted by hand" ip -n rsdn-lab-node1 route del 10.128.2.0/23
-heal "neighbour deleted by hand" ip -n rsdn-lab-node1 neigh del 10.128.2.0 dev vxlan0
-heal "FDB entry deleted by hand" bridge -n rsdn-lab-node1 fdb del "$mac2" dev vxlan0 dst 192.168.77.12 self
-heal "vxlan0 deleted by hand" ip -n rsdn-lab-node1 link del vxlan0
+heal "route deleted by hand" ip -n ${NSP}node1 route del 10.128.2.0/23
+heal "neighbour deleted by hand" ip -n ${NSP}node1 neigh del 10.128.2.0 dev vxlan0
+heal "FDB entry deleted by hand" bridge -n ${NSP}node1 fdb del "$mac2" dev vxlan0 dst 192.168.77.12 self
+heal "vxlan0 deleted by hand" ip -n ${NSP}node1 link del vxlan0
 check "after healing: 4-node matrix" lab matrix
 
 # Teardown, also after a crash half-way (daemons SIGKILLed, pid files gone).
@@ -112,7 +112,7 @@ kill -9 "$(daemon_pid node3)" "$(daemon_pid node4)"
 rm -f "$LAB/node1/rsdn.pid" "$LAB/node2/rsdn.pid"
 lab down >"$T/down.log" 2>&1
 all_gone() {
-  ! ls /run/netns | grep -q '^rsdn-lab-' && [ ! -d "$LAB" ] && ! pgrep -f "node --config $LAB" >/dev/null
+  ! lab_namespaces && [ ! -d "$LAB" ] && ! pgrep -f "node --config $LAB/" >/dev/null
 }
 check "lab down after a crash: no namespaces, state or daemons left ($(cat "$T/down.log"))" all_gone
 

@@ -23,9 +23,9 @@ answers() { # answers FROM DST PORT N: who answered N requests, one name per lin
   for _ in $(seq "$4"); do ask "$1" "$2" "$3" | cut -d' ' -f1; done | sort
 }
 serve() { # serve NAMESPACE NAME: TCP 8080 and UDP 5353 servers answering "NAME PEER"
-  ip netns exec "rsdn-lab-$1" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $2 \$SOCAT_PEERADDR" &
+  ip netns exec "$NSP$1" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $2 \$SOCAT_PEERADDR" &
   SERVERS+=($!)
-  ip netns exec "rsdn-lab-$1" socat UDP-RECVFROM:5353,fork,reuseaddr SYSTEM:"echo $2 \$SOCAT_PEERADDR" &
+  ip netns exec "$NSP$1" socat UDP-RECVFROM:5353,fork,reuseaddr SYSTEM:"echo $2 \$SOCAT_PEERADDR" &
   SERVERS+=($!)
 }
 put() { cat >"$LAB/cluster/.$1.tmp" && mv "$LAB/cluster/.$1.tmp" "$LAB/cluster/$1.yaml"; }
@@ -49,10 +49,10 @@ if ! lab up --nodes 3 --pods-per-node 2 >"$T/up.log" 2>&1; then
   cat "$T/up.log"; echo "services: 0 passed, 1 failed"; exit 1
 fi
 for n in 1 2 3; do for p in 1 2; do serve "node$n-pod$p" "node$n-pod$p"; done; done
-ip netns exec rsdn-lab-ext socat TCP-LISTEN:9000,fork,reuseaddr SYSTEM:'echo ext $SOCAT_PEERADDR' &
+ip netns exec ${NSP}ext socat TCP-LISTEN:9000,fork,reuseaddr SYSTEM:'echo ext $SOCAT_PEERADDR' &
 SERVERS+=($!)
 # An external IP is routed to node1 by the network, as an operator would arrange.
-ip -n rsdn-lab-ext route add 192.168.77.200/32 via 192.168.77.11
+ip -n ${NSP}ext route add 192.168.77.200/32 via 192.168.77.11
 
 service web 172.30.0.10 "type: NodePort" "externalIPs: [192.168.77.200]"
 sed -i 's/port: 80, targetPort: http}/port: 80, targetPort: http, nodePort: 30080}/' "$LAB/cluster/svc-web.yaml"
