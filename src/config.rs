@@ -18,6 +18,8 @@ pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
 pub const DEFAULT_RESYNC_SECONDS: u64 = 5;
 /// kube-proxy's full-sync period: a full sync rewrites every chain, which takes seconds at scale.
 pub const DEFAULT_PROXY_FULL_SYNC_SECONDS: u64 = 3600;
+/// The packet mark bit NetworkPolicy uses while it judges a packet (0x20000).
+pub const POLICY_MARK_BIT: u8 = 17;
 /// VXLAN over IPv4 costs 50 bytes: outer IPv4 (20) + UDP (8) + VXLAN (8) + inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
@@ -328,6 +330,12 @@ impl NodeConfig {
                 format!("{masquerade_bit} is not a bit of a 32-bit mark (0-31)"),
             ));
         }
+        if masquerade_bit == POLICY_MARK_BIT {
+            return Err(bad(
+                "masqueradeBit",
+                format!("bit {POLICY_MARK_BIT} is NetworkPolicy's (its allow mark)"),
+            ));
+        }
         let proxy_full_sync_seconds = defaulted(f.proxy_full_sync_seconds);
         if proxy_full_sync_seconds == 0 {
             return Err(bad("proxyFullSyncSeconds", "must be at least 1"));
@@ -450,6 +458,7 @@ mod tests {
             ("clusterDir: /c\ncniConfFile: rsdn.conf\n", "cniConfFile"),
             ("clusterDir: /c\nresyncSeconds: 0\n", "resyncSeconds"),
             ("clusterDir: /c\nmasqueradeBit: 32\n", "masqueradeBit"),
+            ("clusterDir: /c\nmasqueradeBit: 17\n", "masqueradeBit"),
             (
                 "clusterDir: /c\nproxyFullSyncSeconds: 0\n",
                 "proxyFullSyncSeconds",

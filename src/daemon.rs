@@ -23,6 +23,8 @@ use crate::netfilter::tools::Tools;
 use crate::overlay::kernel::Kernel;
 use crate::overlay::metrics::OverlayMetrics;
 use crate::overlay::reconcile::{self, programmed_claims, Reconciler};
+use crate::policy::metrics::PolicyMetrics;
+use crate::policy::NetworkPolicies;
 use crate::proxy::metrics::ProxyMetrics;
 use crate::proxy::{conntrack, healthcheck, Proxy, ProxySettings};
 
@@ -42,12 +44,16 @@ pub fn model_scope(config: &NodeConfig) -> ModelScope {
 }
 
 /// The producers of iptables rules for this configuration, in the order their jumps stand:
-/// the Service proxy (unless kube-proxy does it), then egress masquerade.
+/// NetworkPolicy (it must judge a packet before the proxy's forwarding rules accept it), the
+/// Service proxy (unless kube-proxy does it), then egress masquerade.
 pub fn producers(
     config: &NodeConfig,
     registry: &mut prometheus_client::registry::Registry,
 ) -> Vec<Box<dyn Producer>> {
-    let mut out: Vec<Box<dyn Producer>> = Vec::new();
+    let mut out: Vec<Box<dyn Producer>> = vec![Box::new(NetworkPolicies::new(
+        config.node_name.clone(),
+        PolicyMetrics::register(registry),
+    ))];
     if config.proxy {
         let settings = ProxySettings {
             cluster_network: config.cluster_network,

@@ -11,6 +11,7 @@ pub mod logging;
 pub mod model;
 pub mod netfilter;
 pub mod overlay;
+pub mod policy;
 pub mod proxy;
 pub mod source;
 pub mod tunnel;

@@ -12,7 +12,7 @@
 //!   next (partial) sync. Both run on periods that grow with their cost, so that at most
 //!   `budget` of one CPU goes to reading back, whatever the size of the tables.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,6 +23,7 @@ use super::metrics::{EngineMetrics, Synced};
 use super::payload::{self, ChainSet, Context, Scope};
 use super::ruleset::{Ruleset, TableName};
 use super::save::Saved;
+use super::sets;
 use super::tools::{Iptables, IptablesError};
 use super::verify::{verify, Baseline, Drift, DriftKind};
 
@@ -79,8 +80,10 @@ pub struct SyncReport {
     pub jumps_fixed: Vec<String>,
     /// Chains deleted (stale, or gone from the ruleset).
     pub deleted: usize,
-    /// Chains rewritten because they had drifted.
+    /// Chains (and sets) rewritten because they had drifted.
     pub repaired: usize,
+    /// ipsets written.
+    pub sets: usize,
 }
 
 /// What a check found and did.
@@ -113,6 +116,8 @@ pub struct Engine<I: Iptables> {
     /// Chains found drifted (written by the next sync) and, of those, the ones missing.
     dirty: ChainSet,
     missing: ChainSet,
+    /// Sets found drifted (rewritten by the next sync).
+    dirty_sets: BTreeSet<String>,
     full_reason: Option<&'static str>,
     last_full: Option<Instant>,
     failures: u32,
@@ -134,6 +139,7 @@ impl<I: Iptables> Engine<I> {
             owned: None,
             dirty: ChainSet::new(),
             missing: ChainSet::new(),
+            dirty_sets: BTreeSet::new(),
             full_reason: None,
             last_full: None,
             failures: 0,
@@ -171,7 +177,9 @@ impl<I: Iptables> Engine<I> {
 
     /// Whether a sync is due even if nothing the producers render changed.
     pub fn pending(&self, now: Instant) -> bool {
-        self.full_due(now) || self.dirty.values().any(|d| !d.is_empty())
+        self.full_due(now)
+            || self.dirty.values().any(|d| !d.is_empty())
+            || !self.dirty_sets.is_empty()
     }
 
     /// When `check` next has something to do (None: never synced yet).
@@ -186,9 +194,12 @@ impl<I: Iptables> Engine<I> {
 
     pub fn status(&self) -> Status {
         Status {
-            drift: self
-                .drift_since
-                .map(|t| (t, self.dirty.values().map(|d| d.len()).sum())),
+            drift: self.drift_since.map(|t| {
+                (
+                    t,
+                    self.dirty.values().map(|d| d.len()).sum::<usize>() + self.dirty_sets.len(),
+                )
+            }),
             failures: self.failures,
         }
     }
@@ -214,6 +225,20 @@ impl<I: Iptables> Engine<I> {
                 }
             }
         }
+        // The sets too, when any producer has sets or the kernel may hold stale ones of ours.
+        let kernel_sets: Option<BTreeSet<String>> = if full {
+            match self.ipt.ipset_save() {
+                Ok(text) => Some(sets::parse_save(&text).into_keys().collect()),
+                Err(e) if desired.ruleset.sets.is_empty() => {
+                    // No set needed: a missing ipset tool is no reason to fail.
+                    tracing::debug!(error = %e, "cannot list ipsets");
+                    None
+                }
+                Err(e) => return Err(self.fail(full, e, now)),
+            }
+        } else {
+            None
+        };
         let saved: Vec<(TableName, Saved)> =
             saves.iter().map(|(t, s)| (*t, Saved::parse(s))).collect();
         let kernel: ChainSet = saved
@@ -232,17 +257,43 @@ impl<I: Iptables> Engine<I> {
         };
         let scope = if full { Scope::Full } else { Scope::Partial };
         let p = payload::payload(self.applied.as_ref(), &desired.ruleset, scope, cx);
+        let sp = sets::payload(
+            if full {
+                None
+            } else {
+                self.applied.as_ref().map(|a| &a.sets)
+            },
+            &desired.ruleset.sets,
+            &self.dirty_sets,
+            kernel_sets.as_ref(),
+            &|n| n.starts_with(sets::PREFIX),
+        );
         report.compute = started.elapsed();
-        report.lines = p.lines();
-        report.deleted = p.deleted.values().map(|d| d.len()).sum();
-        report.repaired = self.dirty.values().map(|d| d.len()).sum();
+        report.lines = p.lines() + sp.before.lines().count() + sp.after.lines().count();
+        report.deleted = p.deleted.values().map(|d| d.len()).sum::<usize>() + sp.destroyed.len();
+        report.repaired =
+            self.dirty.values().map(|d| d.len()).sum::<usize>() + self.dirty_sets.len();
 
         let restore_started = Instant::now();
+        // Sets first (the rules refer to them), rules, then the sets no rule needs any more.
+        if !sp.before.is_empty() {
+            if let Err(e) = self.ipt.ipset_restore(&sp.before) {
+                return Err(self.fail(full, e, now));
+            }
+        }
         if !p.is_empty() {
             if let Err(e) = self.ipt.restore(&p.text) {
                 return Err(self.fail(full, e, now));
             }
         }
+        if !sp.after.is_empty() {
+            // A set some foreign rule still uses cannot go: that is the other rule's owner's
+            // business, and no reason to fail the sync (a full sync tries again).
+            if let Err(e) = self.ipt.ipset_restore(&sp.after) {
+                warn!(error = %e, "a stale ipset of rsdn's could not be destroyed");
+            }
+        }
+        report.sets = sp.written.len();
         report.restore = restore_started.elapsed();
 
         let checks_started = Instant::now();
@@ -288,6 +339,7 @@ impl<I: Iptables> Engine<I> {
         }
         self.applied = Some(desired.ruleset);
         self.dirty.clear();
+        self.dirty_sets.clear();
         self.missing.clear();
         self.drift_since = None;
         self.full_reason = None;
@@ -417,6 +469,9 @@ impl<I: Iptables> Engine<I> {
                 self.drift_since.get_or_insert(now);
                 r.drift.extend(drift);
             }
+            if t == TableName::Filter {
+                self.verify_sets(now, &mut r);
+            }
             let took = started.elapsed();
             self.metrics.verified(t, took);
             r.verified.push(t);
@@ -424,6 +479,41 @@ impl<I: Iptables> Engine<I> {
                 .insert(t, now + self.period(self.settings.verify_every, took));
         }
         r
+    }
+
+    /// Compares the sets of the last sync with the kernel's, as part of reading back filter
+    /// (the table whose rules use them).
+    fn verify_sets(&mut self, now: Instant, r: &mut CheckReport) {
+        let Some(applied) = self.applied.as_ref().filter(|a| !a.sets.is_empty()) else {
+            return;
+        };
+        let kernel = match self.ipt.ipset_save() {
+            Ok(text) => sets::parse_save(&text),
+            Err(e) => {
+                r.errors.push(e.to_string());
+                return;
+            }
+        };
+        let drifted: Vec<String> = applied
+            .sets
+            .iter()
+            .filter(|(name, set)| kernel.get(*name).is_none_or(|k| k != &***set))
+            .map(|(name, _)| name.clone())
+            .collect();
+        if drifted.is_empty() {
+            return;
+        }
+        warn!(sets = drifted.len(), first = %drifted[0], "ipsets of rsdn changed by someone else; rewriting them");
+        self.metrics.drift_sets(drifted.len());
+        self.drift_since.get_or_insert(now);
+        for name in drifted {
+            r.drift.push(Drift {
+                table: TableName::Filter,
+                chain: format!("ipset {name}"),
+                kind: DriftKind::Changed,
+            });
+            self.dirty_sets.insert(name);
+        }
     }
 
     fn put_back_jumps(&mut self, fix: &str, fixed: &[String], r: &mut CheckReport) {

@@ -341,3 +341,71 @@ fn a_deleted_chain_that_also_leaves_the_ruleset_is_not_deleted_twice() {
     assert!(!s.full, "{s:?}");
     assert!(f.rules(TableName::Nat, "KUBE-SVC-1").is_none());
 }
+
+/// A filter chain matching a set of pods, and the set.
+fn with_set(members: &[&str]) -> Desired {
+    use crate::netfilter::sets::{IpSet, SetKind};
+    let mut d = desired(&["10.128.0.5:80"]);
+    let mut set = IpSet::new(SetKind::HashIp);
+    set.members.extend(members.iter().map(|m| m.to_string()));
+    d.ruleset.sets.insert("RSDN-P-WEB".into(), Arc::new(set));
+    d.ruleset.tables.filter.add(
+        "RSDN-NI-X",
+        format_args!("-m set --match-set RSDN-P-WEB src -j MARK --or-mark 0x20000"),
+    );
+    d
+}
+
+#[test]
+fn sets_are_written_before_the_rules_using_them_and_destroyed_after() {
+    let f = FakeIptables::new();
+    let mut e = engine(&f);
+    let t0 = Instant::now();
+    // The fake refuses a rule whose set does not exist yet: the order matters.
+    let r = e.sync(with_set(&["10.128.0.5"]), t0).unwrap();
+    assert_eq!(r.sets, 1);
+    assert_eq!(f.sets()["RSDN-P-WEB"].members.len(), 1);
+    // A member joins: only the set is written, swapped in.
+    let r = e.sync(with_set(&["10.128.0.5", "10.128.2.5"]), t0).unwrap();
+    assert!(!r.full && r.sets == 1, "{r:?}");
+    let last = f.restores().last().unwrap().clone();
+    assert!(
+        last.contains("swap RSDN-P-WEB-t RSDN-P-WEB") && !last.contains("*filter"),
+        "{last}"
+    );
+    assert!(
+        !f.sets().contains_key("RSDN-P-WEB-t"),
+        "the temporary set is gone"
+    );
+    // The policy goes: its rule first, then its set.
+    e.sync(desired(&["10.128.0.5:80"]), t0).unwrap();
+    assert!(f.rules(TableName::Filter, "RSDN-NI-X").is_none());
+    assert!(f.sets().is_empty(), "{:?}", f.sets());
+}
+
+#[test]
+fn a_tampered_set_is_rewritten_and_a_stale_set_of_ours_destroyed_on_a_full_sync() {
+    let f = FakeIptables::new();
+    f.ipset_restore(
+        "create RSDN-P-STALE hash:ip family inet\ncreate FOREIGN hash:ip family inet\n",
+    )
+    .unwrap();
+    let mut e = engine(&f);
+    let t0 = Instant::now();
+    e.sync(with_set(&["10.128.0.5"]), t0).unwrap();
+    let kept: Vec<String> = f.sets().into_keys().collect();
+    assert_eq!(kept, ["FOREIGN", "RSDN-P-WEB"]);
+    f.tamper_sets(|s| {
+        s.get_mut("RSDN-P-WEB").unwrap().members.clear();
+    });
+    let c = e.check(t0 + Duration::from_secs(10));
+    assert!(
+        c.drift.iter().any(|d| d.chain == "ipset RSDN-P-WEB"),
+        "{c:?}"
+    );
+    let r = e
+        .sync(with_set(&["10.128.0.5"]), t0 + Duration::from_secs(10))
+        .unwrap();
+    assert_eq!((r.full, r.repaired), (false, 1));
+    assert_eq!(f.sets()["RSDN-P-WEB"].members.len(), 1);
+}

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use super::backend::Backend;
 use super::ruleset::{target, TableName};
+use super::sets::{IpSet, SetKind};
 use super::tools::{Iptables, IptablesError};
 
 type Chains = BTreeMap<String, Vec<String>>;
@@ -25,6 +26,9 @@ struct State {
     lists: usize,
     /// A payload line containing this is refused.
     refuse: Option<String>,
+    sets: BTreeMap<String, IpSet>,
+    /// Packet counters set by tests, per (table, chain).
+    counters: BTreeMap<(TableName, String), Vec<u64>>,
 }
 
 /// Shared by the test (which looks and does damage) and the engine (which owns a clone).
@@ -94,6 +98,83 @@ impl FakeIptables {
         self.with(|s| s.tables.get(&table)?.get(chain).cloned())
     }
 
+    /// The sets as the kernel holds them.
+    pub fn sets(&self) -> BTreeMap<String, IpSet> {
+        self.with(|s| s.sets.clone())
+    }
+
+    /// Damage by hand: `f` gets the sets.
+    pub fn tamper_sets(&self, f: impl FnOnce(&mut BTreeMap<String, IpSet>)) {
+        self.with(|s| f(&mut s.sets));
+    }
+
+    /// Sets a chain's packet counters, as traffic would.
+    pub fn count(&self, table: TableName, chain: &str, packets: Vec<u64>) {
+        self.with(|s| {
+            s.counters.insert((table, chain.to_string()), packets);
+        });
+    }
+
+    fn apply_sets(state: &mut State, payload: &str) -> Result<(), (usize, String)> {
+        for (i, line) in payload.lines().enumerate() {
+            let fail = |why: &str| Err((i + 1, format!("{why}: {line}")));
+            if state.refuse.as_deref().is_some_and(|p| line.contains(p)) {
+                return fail("refused");
+            }
+            let w: Vec<&str> = line.split(' ').collect();
+            let sets = &mut state.sets;
+            match w.as_slice() {
+                ["create", name, kind, ..] => {
+                    let kind = match *kind {
+                        "hash:net" => SetKind::HashNet,
+                        "hash:ip,port" => SetKind::HashIpPort,
+                        _ => SetKind::HashIp,
+                    };
+                    match sets.get(*name) {
+                        Some(s) if s.kind != kind => return fail("set exists with another type"),
+                        Some(_) if !line.ends_with("-exist") => return fail("set exists"),
+                        Some(_) => {}
+                        None => {
+                            sets.insert(name.to_string(), IpSet::new(kind));
+                        }
+                    }
+                }
+                ["flush", name] => match sets.get_mut(*name) {
+                    Some(s) => s.members.clear(),
+                    None => return fail("no such set"),
+                },
+                ["add", name, member @ ..] => match sets.get_mut(*name) {
+                    Some(s) => {
+                        s.members.insert(member.join(" "));
+                    }
+                    None => return fail("no such set"),
+                },
+                ["swap", a, b] => {
+                    let (Some(x), Some(y)) = (sets.remove(*a), sets.remove(*b)) else {
+                        return fail("no such set");
+                    };
+                    sets.insert(a.to_string(), y);
+                    sets.insert(b.to_string(), x);
+                }
+                ["destroy", name] => {
+                    let used = state
+                        .tables
+                        .values()
+                        .flat_map(|t| t.values().flatten())
+                        .any(|r| r.contains(&format!("--match-set {name} ")));
+                    if used {
+                        return fail("set in use");
+                    }
+                    if state.sets.remove(*name).is_none() {
+                        return fail("no such set");
+                    }
+                }
+                _ => return fail("cannot parse"),
+            }
+        }
+        Ok(())
+    }
+
     /// Damage by hand: `f` gets the table's chains.
     pub fn tamper(&self, table: TableName, f: impl FnOnce(&mut BTreeMap<String, Vec<String>>)) {
         self.with(|s| f(s.tables.entry(table).or_insert_with(|| builtin(table))));
@@ -140,6 +221,12 @@ impl FakeIptables {
                     if let Some(to) = target(&rule) {
                         if !is_extension(to) && !chains.contains_key(to) {
                             return fail("no chain/target by that name");
+                        }
+                    }
+                    if let Some(at) = rule.find("--match-set ") {
+                        let set = rule[at + 12..].split(' ').next().unwrap_or_default();
+                        if !state.sets.contains_key(set) {
+                            return fail("set does not exist");
                         }
                     }
                     let Some(rules) = chains.get_mut(*chain) else {
@@ -224,6 +311,53 @@ impl Iptables for FakeIptables {
                 stderr: why,
                 line: payload.lines().nth(n - 1).map(|l| (n, l.to_string())),
             })
+        })
+    }
+
+    fn ipset_save(&self) -> Result<String, IptablesError> {
+        self.with(|s| {
+            let mut out = String::new();
+            for (name, set) in &s.sets {
+                let _ = writeln!(
+                    out,
+                    "create {name} {} family inet hashsize 1024 maxelem 1048576",
+                    set.kind.as_str()
+                );
+                for m in &set.members {
+                    let _ = writeln!(out, "add {name} {m}");
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn ipset_restore(&self, payload: &str) -> Result<(), IptablesError> {
+        self.with(|s| {
+            s.restores.push(payload.to_string());
+            FakeIptables::apply_sets(s, payload).map_err(|(n, why)| IptablesError::Restore {
+                tool: "fake-ipset".into(),
+                stderr: why,
+                line: payload.lines().nth(n - 1).map(|l| (n, l.to_string())),
+            })
+        })
+    }
+
+    fn packets(&self, table: TableName, chain: &str) -> Result<Option<Vec<u64>>, IptablesError> {
+        self.with(|s| {
+            let n = s
+                .tables
+                .get(&table)
+                .and_then(|t| t.get(chain))
+                .map(Vec::len);
+            Ok(n.map(|n| {
+                let mut c = s
+                    .counters
+                    .get(&(table, chain.to_string()))
+                    .cloned()
+                    .unwrap_or_default();
+                c.resize(n, 0);
+                c
+            }))
         })
     }
 

@@ -162,6 +162,13 @@ impl EngineMetrics {
             .inc_by(chains as u64);
     }
 
+    /// ipsets found changed by someone else.
+    pub fn drift_sets(&self, sets: usize) {
+        self.drift
+            .get_or_create(&vec![("table", "ipset")])
+            .inc_by(sets as u64);
+    }
+
     pub fn jumps_repaired(&self) {
         self.jump_repairs.inc();
     }

@@ -20,6 +20,7 @@ pub mod payload;
 pub mod producer;
 pub mod ruleset;
 pub mod save;
+pub mod sets;
 pub mod task;
 pub mod tools;
 pub mod verify;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::error;
 
-use super::engine::Desired;
+use super::engine::{Desired, SyncReport};
 use super::jumps::Jump;
 use super::ruleset::{Ruleset, TableName};
 use crate::model::ClusterModel;
@@ -22,7 +22,10 @@ pub trait Producer: Send {
     /// Which chains are its own: stale ones found in the kernel are deleted.
     fn owner(&self) -> Owner;
     /// The kernel now holds what `render` returned for `model`.
-    fn synced(&mut self, _model: &Arc<ClusterModel>) {}
+    fn synced(&mut self, _model: &Arc<ClusterModel>, _report: &SyncReport) {}
+    /// A look at the kernel's packet counters (every read back round): `packets(table, chain)`
+    /// gives a chain's rules' counters.
+    fn counters(&mut self, _packets: &dyn Fn(TableName, &str) -> Option<Vec<u64>>) {}
 }
 
 /// What every producer renders for `model`, together. Producers come in the order their jumps

@@ -148,6 +148,8 @@ pub type GroupKey = (&'static str, String);
 pub struct Ruleset {
     pub tables: Tables,
     pub groups: BTreeMap<GroupKey, Arc<Tables>>,
+    /// ipsets the rules match against, by name.
+    pub sets: BTreeMap<String, Arc<super::sets::IpSet>>,
 }
 
 /// Two producers claimed the same chain or group: a programming error, reported rather than
@@ -182,6 +184,15 @@ impl Ruleset {
                 continue;
             }
             self.groups.insert(key, group);
+        }
+        for (name, set) in other.sets {
+            if self.sets.contains_key(&name) {
+                clash.get_or_insert_with(|| Clash {
+                    what: format!("ipset {name}"),
+                });
+                continue;
+            }
+            self.sets.insert(name, set);
         }
         clash.map_or(Ok(()), Err)
     }
@@ -238,6 +249,18 @@ impl<T: fmt::Display> fmt::Display for Plain<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "-m comment --comment {}", self.0)
     }
+}
+
+/// The first 16 base32 characters of the SHA-256 of the parts, concatenated: those are the
+/// encoding of the first 10 bytes (base32 turns each 5 bytes into 8 characters). kube-proxy
+/// names its chains so; rsdn names its own chains and sets the same way.
+pub fn hash16(parts: &[&str]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut sha = Sha256::new();
+    for part in parts {
+        sha.update(part.as_bytes());
+    }
+    data_encoding::BASE32.encode(&sha.finalize()[..10])
 }
 
 /// The target of a rule as restore input or iptables-save prints it: the word after the last

@@ -59,6 +59,10 @@ pub async fn run<I: Iptables>(
                             );
                         }
                         round.check = Some(c);
+                        let packets = |t, c: &str| engine.iptables().packets(t, c).ok().flatten();
+                        for p in producers.iter_mut() {
+                            p.counters(&packets);
+                        }
                     }
                     if !backing_off && (changed || engine.pending(now)) {
                         h.iptables_pending(now);
@@ -67,7 +71,7 @@ pub async fn run<I: Iptables>(
                         match &r {
                             Ok(r) => {
                                 for p in producers.iter_mut() {
-                                    p.synced(&m);
+                                    p.synced(&m, r);
                                 }
                                 if r.repaired > 0 {
                                     h.iptables_repaired(

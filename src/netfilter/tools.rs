@@ -58,6 +58,12 @@ pub trait Iptables: Send + 'static {
     /// `iptables -t TABLE -S CHAIN` (None: no such chain). Cheap on a large table for a short
     /// chain: how the engine probes the built-in chains for a flush.
     fn list(&self, table: TableName, chain: &str) -> Result<Option<String>, IptablesError>;
+    /// `ipset save`: every set of the namespace (ipsets are shared by both backends).
+    fn ipset_save(&self) -> Result<String, IptablesError>;
+    /// `ipset restore`: runs the commands in order, stopping at the first that fails.
+    fn ipset_restore(&self, payload: &str) -> Result<(), IptablesError>;
+    /// The packet counters of a chain's rules, in order (None: no such chain).
+    fn packets(&self, table: TableName, chain: &str) -> Result<Option<Vec<u64>>, IptablesError>;
 }
 
 /// The iptables tools of one backend.
@@ -156,6 +162,67 @@ impl Iptables for Tools {
             return Ok(None);
         }
         Ok(Some(lines.join("\n") + "\n"))
+    }
+
+    fn ipset_save(&self) -> Result<String, IptablesError> {
+        let (ok, text, stderr) = run("ipset", &["save"], None)?;
+        if !ok {
+            return Err(IptablesError::Save {
+                tool: "ipset save".into(),
+                stderr,
+            });
+        }
+        Ok(text)
+    }
+
+    fn ipset_restore(&self, payload: &str) -> Result<(), IptablesError> {
+        let (ok, _, stderr) = run("ipset", &["restore"], Some(payload))?;
+        if ok {
+            return Ok(());
+        }
+        let line = failed_line(&stderr).and_then(|n| {
+            payload
+                .lines()
+                .nth(n.checked_sub(1)?)
+                .map(|l| (n, l.to_string()))
+        });
+        Err(IptablesError::Restore {
+            tool: "ipset restore".into(),
+            stderr,
+            line,
+        })
+    }
+
+    fn packets(&self, table: TableName, chain: &str) -> Result<Option<Vec<u64>>, IptablesError> {
+        let tool = self.backend.tool("");
+        let (ok, text, stderr) = run(
+            &tool,
+            &[
+                "-w",
+                "5",
+                "-t",
+                table.as_str(),
+                "-L",
+                chain,
+                "-v",
+                "-x",
+                "-n",
+            ],
+            None,
+        )?;
+        if !ok {
+            if stderr.contains("No chain") || stderr.contains("does not exist") {
+                return Ok(None);
+            }
+            return Err(IptablesError::Save { tool, stderr });
+        }
+        // Two header lines, then "pkts bytes target ..." per rule.
+        Ok(Some(
+            text.lines()
+                .skip(2)
+                .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+                .collect(),
+        ))
     }
 }
 

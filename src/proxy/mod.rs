@@ -15,6 +15,7 @@ use std::sync::Arc;
 use ipnet::Ipv4Net;
 
 use crate::model::ClusterModel;
+use crate::netfilter::engine::SyncReport;
 use crate::netfilter::jumps::Jump;
 use crate::netfilter::producer::{Owner, Producer};
 use crate::netfilter::ruleset::Ruleset;
@@ -99,7 +100,7 @@ impl Producer for Proxy {
         render::owns
     }
 
-    fn synced(&mut self, model: &Arc<ClusterModel>) {
+    fn synced(&mut self, model: &Arc<ClusterModel>, _report: &SyncReport) {
         if let Some(old) = &self.synced {
             conntrack::clear_stale_udp(&*self.conntrack, &old.services, &model.services);
         }

@@ -2,9 +2,6 @@
 //! base32 (standard alphabet) SHA-256 of the Service port name and the lower-case protocol (and
 //! for KUBE-SEP-, the endpoint's `ip:port`). The same Service gets the same chains in both.
 
-use data_encoding::BASE32;
-use sha2::{Digest, Sha256};
-
 use crate::model::service::{Endpoint, ServicePortName};
 
 pub const KUBE_SERVICES: &str = "KUBE-SERVICES";
@@ -28,15 +25,7 @@ pub fn is_service_chain(name: &str) -> bool {
     SERVICE_CHAIN_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-/// The first 16 base32 characters of the SHA-256 of the parts, concatenated: those are the
-/// encoding of the first 10 bytes (base32 turns each 5 bytes into 8 characters).
-fn hash16(parts: &[&str]) -> String {
-    let mut sha = Sha256::new();
-    for part in parts {
-        sha.update(part.as_bytes());
-    }
-    BASE32.encode(&sha.finalize()[..10])
-}
+use crate::netfilter::ruleset::hash16;
 
 fn port_proto_hash(spn: &ServicePortName) -> String {
     hash16(&[&spn.to_string(), spn.protocol.as_str()])

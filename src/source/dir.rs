@@ -169,12 +169,15 @@ pub fn read_documents(text: &str) -> Result<Vec<Value>, String> {
     // The parser's default budget (1024 documents, 250k nodes) guards against hostile input;
     // a cluster directory is written by the operator and may hold a large cluster's objects,
     // so the limits are sized for 100k objects instead of removed.
+    // YAML 1.2 booleans only (true, false): under YAML 1.1's, a namespace named `y` (the
+    // upstream NetworkPolicy tests' x, y, z) or `on` would read as a boolean.
     let options = serde_saphyr::options! {
         budget: serde_saphyr::budget! {
             max_documents: 100_000,
             max_nodes: 20_000_000,
             max_events: 50_000_000,
         },
+        strict_booleans: true,
     };
     serde_saphyr::from_multiple_with_options::<Value>(text, options).map_err(|e| e.to_string())
 }
@@ -357,6 +360,20 @@ mod tests {
     }
 
     const N1: &str = "apiVersion: v1\nkind: Node\nmetadata:\n  name: n1\nspec:\n  podCIDR: 10.128.0.0/23\nstatus:\n  addresses:\n  - type: InternalIP\n    address: 192.168.77.11\n";
+
+    #[test]
+    fn names_that_yaml_1_1_calls_booleans_are_strings() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("ns.yaml"),
+            "kind: Namespace\nmetadata: {name: y, labels: {on: yes}}\n---\nkind: Namespace\nmetadata: {name: n}\n",
+        )
+        .unwrap();
+        let m = read_cluster_dir(d.path(), &scope()).unwrap();
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+        assert_eq!(m.namespaces.keys().collect::<Vec<_>>(), ["n", "y"]);
+        assert_eq!(m.namespaces["y"].labels["on"], "yes");
+    }
 
     #[test]
     fn reads_yaml_json_multi_document_and_lists() {

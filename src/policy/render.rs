@@ -1,0 +1,504 @@
+//! NetworkPolicy as chains and sets in the filter table, for the pods of one node: ingress is
+//! enforced on the destination's node, egress on the source's.
+//!
+//! ```text
+//! FORWARD -m conntrack --ctstate NEW -j RSDN-POLICY          (replies are never judged)
+//! RSDN-POLICY   -m set --match-set RSDN-ISOLATED-INGRESS dst -j RSDN-INGRESS
+//!               -m set --match-set RSDN-ISOLATED-EGRESS src  -j RSDN-EGRESS
+//! RSDN-INGRESS  -d <pod> -j RSDN-PI-<pod>                      (one per isolated local pod)
+//! RSDN-PI-<pod> -j MARK --set-xmark 0x0/0x20000
+//!               -j RSDN-NI-<policy>; -m mark --mark 0x20000/0x20000 -j RETURN   (per policy)
+//!               -j RSDN-DENY-INGRESS                           (nothing allowed it: DROP)
+//! RSDN-NI-<policy>  <peer set> <ports> -j MARK --or-mark 0x20000   (per peer and port of a rule)
+//! ```
+//! A pod no policy selects costs one set lookup per direction. Peers are ipsets (pods: hash:ip;
+//! ipBlocks: hash:net with `nomatch` for `except`; named ports: hash:ip,port), named by what
+//! they stand for, so that a pod coming, going or being relabelled changes set members and not
+//! chains, and policies with the same peer share its set.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use super::select::{named, peer_has, selected};
+use crate::model::policy::{Peer, Policy, PortMatch, PortSpec, Rule};
+use crate::model::service::Protocol;
+use crate::model::{ClusterModel, Pod};
+use crate::netfilter::ruleset::{hash16, Quoted, Ruleset, Table, Tables};
+use crate::netfilter::sets::{IpSet, SetKind};
+
+pub const PRODUCER: &str = "policy";
+pub const RSDN_POLICY: &str = "RSDN-POLICY";
+pub const RSDN_INGRESS: &str = "RSDN-INGRESS";
+pub const RSDN_EGRESS: &str = "RSDN-EGRESS";
+/// Where denied packets go: one DROP rule per direction, whose counters say how many.
+pub const DENY_INGRESS: &str = "RSDN-DENY-INGRESS";
+pub const DENY_EGRESS: &str = "RSDN-DENY-EGRESS";
+pub const ISOLATED_INGRESS: &str = "RSDN-ISOLATED-INGRESS";
+pub const ISOLATED_EGRESS: &str = "RSDN-ISOLATED-EGRESS";
+/// The packet mark bit a policy sets when it allows a packet (`config::POLICY_MARK_BIT`; cleared
+/// before each pod's turn; kube-proxy uses bits 14 and 15, OpenShift SDN's masquerade bit 0).
+pub const MARK: &str = "0x20000";
+
+/// Prefixes of the chains named per pod and per policy.
+pub const PER_POD: [&str; 2] = ["RSDN-PI-", "RSDN-PE-"];
+pub const PER_POLICY: [&str; 2] = ["RSDN-NI-", "RSDN-NE-"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    /// Which end of a packet a peer is at.
+    fn peer_end(self) -> &'static str {
+        match self {
+            Direction::Ingress => "src",
+            Direction::Egress => "dst",
+        }
+    }
+
+    /// Which end of a packet the policy's own pod is at.
+    fn own_end(self) -> &'static str {
+        match self {
+            Direction::Ingress => "dst",
+            Direction::Egress => "src",
+        }
+    }
+
+    fn rules(self, p: &Policy) -> Option<&Vec<Rule>> {
+        match self {
+            Direction::Ingress => p.ingress.as_ref(),
+            Direction::Egress => p.egress.as_ref(),
+        }
+    }
+
+    fn pod_chain(self, pod: &Pod) -> String {
+        let prefix = match self {
+            Direction::Ingress => PER_POD[0],
+            Direction::Egress => PER_POD[1],
+        };
+        format!("{prefix}{}", hash16(&[&pod.namespace, "/", &pod.name]))
+    }
+
+    fn policy_chain(self, p: &Policy) -> String {
+        let prefix = match self {
+            Direction::Ingress => PER_POLICY[0],
+            Direction::Egress => PER_POLICY[1],
+        };
+        format!("{prefix}{}", hash16(&[&p.namespace, "/", &p.name]))
+    }
+}
+
+/// What the metrics report about a render.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub policies: usize,
+    pub isolated_ingress: usize,
+    pub isolated_egress: usize,
+    pub sets: usize,
+}
+
+/// A comment that fits iptables' 256 bytes.
+fn comment(text: &str) -> Quoted<&str> {
+    let mut end = text.len().min(200);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Quoted(&text[..end])
+}
+
+/// Adds a set (shared by name: the same members under the same name) and returns its name.
+fn set(
+    sets: &mut BTreeMap<String, Arc<IpSet>>,
+    prefix: &str,
+    key: &str,
+    fill: impl FnOnce(&mut IpSet),
+    kind: SetKind,
+) -> String {
+    let name = format!("{prefix}{}", hash16(&[key]));
+    if !sets.contains_key(&name) {
+        let mut s = IpSet::new(kind);
+        fill(&mut s);
+        sets.insert(name.clone(), Arc::new(s));
+    }
+    name
+}
+
+/// The set matching a peer's addresses.
+fn peer_set(model: &ClusterModel, peer: &Peer, sets: &mut BTreeMap<String, Arc<IpSet>>) -> String {
+    match peer {
+        Peer::Pods { .. } => set(
+            sets,
+            "RSDN-P-",
+            &format!("{peer:?}"),
+            |s| {
+                for p in model.pods.values().filter(|p| peer_has(model, peer, p)) {
+                    s.members.insert(p.ip.to_string());
+                }
+            },
+            SetKind::HashIp,
+        ),
+        Peer::Block { cidr, except } => set(
+            sets,
+            "RSDN-B-",
+            &format!("{peer:?}"),
+            |s| {
+                s.add_net(*cidr, false);
+                for e in except {
+                    s.add_net(*e, true);
+                }
+            },
+            SetKind::HashNet,
+        ),
+    }
+}
+
+fn port_match(m: &PortMatch) -> String {
+    let proto = m.protocol.as_str();
+    match &m.port {
+        PortSpec::Any => format!("-p {proto}"),
+        PortSpec::Range(a, b) if a == b => format!("-p {proto} -m {proto} --dport {a}"),
+        PortSpec::Range(a, b) => format!("-p {proto} -m {proto} --dport {a}:{b}"),
+        PortSpec::Named(_) => unreachable!("named ports are matched by set"),
+    }
+}
+
+fn port_desc(m: &PortMatch) -> String {
+    let proto = m.protocol.as_str().to_uppercase();
+    match &m.port {
+        PortSpec::Any => proto,
+        PortSpec::Range(a, b) if a == b => format!("{proto} {a}"),
+        PortSpec::Range(a, b) => format!("{proto} {a}-{b}"),
+        PortSpec::Named(n) => format!("{proto} {n}"),
+    }
+}
+
+fn member(ip: std::net::Ipv4Addr, protocol: Protocol, port: u16) -> String {
+    format!("{ip},{}:{port}", protocol.as_str())
+}
+
+/// One policy's chain for one direction: a MARK rule per (peer, port) of every rule.
+fn policy_chain(
+    model: &ClusterModel,
+    policy: &Policy,
+    dir: Direction,
+    local: &[&Pod],
+    sets: &mut BTreeMap<String, Arc<IpSet>>,
+) -> Table {
+    let mut t = Table::default();
+    let chain = dir.policy_chain(policy);
+    t.chain(&chain);
+    let who = format!("{}/{}", policy.namespace, policy.name);
+    let end = dir.peer_end();
+    for (i, rule) in dir.rules(policy).into_iter().flatten().enumerate() {
+        let what = format!("{who} {} rule {i}", dir.name());
+        let numbered: Vec<&PortMatch> = rule
+            .ports
+            .iter()
+            .filter(|p| !matches!(p.port, PortSpec::Named(_)))
+            .collect();
+        // Peers (None is everyone), as sets: needed unless every port is an egress named port,
+        // whose set holds the peers already.
+        let peer_sets_needed = rule.ports.is_empty()
+            || !numbered.is_empty()
+            || (dir == Direction::Ingress && numbered.len() < rule.ports.len());
+        let peers: Vec<(String, Option<String>)> = match &rule.peers {
+            None => vec![("anyone".into(), None)],
+            Some(list) if peer_sets_needed => list
+                .iter()
+                .map(|p| {
+                    let s = peer_set(model, p, sets);
+                    (p.to_string(), Some(format!("-m set --match-set {s} {end}")))
+                })
+                .collect(),
+            Some(list) => list.iter().map(|p| (p.to_string(), None)).collect(),
+        };
+        let mut out = t.open(&chain);
+        if rule.ports.is_empty() || !numbered.is_empty() {
+            let ports: Vec<(String, Option<String>)> = if rule.ports.is_empty() {
+                vec![("every port".into(), None)]
+            } else {
+                numbered
+                    .iter()
+                    .map(|m| (port_desc(m), Some(port_match(m))))
+                    .collect()
+            };
+            for (pd, pm) in &peers {
+                for (qd, qm) in &ports {
+                    let mut args = format!("{}", comment(&format!("{what}: {pd}, {qd}")));
+                    for m in [pm, qm].into_iter().flatten() {
+                        let _ = write!(args, " {m}");
+                    }
+                    out.add(format_args!("{args} -j MARK --or-mark {MARK}"));
+                }
+            }
+        }
+        for m in rule
+            .ports
+            .iter()
+            .filter(|p| matches!(p.port, PortSpec::Named(_)))
+        {
+            let PortSpec::Named(name) = &m.port else {
+                continue;
+            };
+            match dir {
+                // The selected pod's own number for the name: a set of (pod, port) of the
+                // policy's local pods, matched on the destination, with each peer.
+                Direction::Ingress => {
+                    let key = format!("{who} in {name} {}", m.protocol.as_str());
+                    let s = set(
+                        sets,
+                        "RSDN-N-",
+                        &key,
+                        |s| {
+                            for (ip, proto, port) in named(local.iter().copied(), name, m.protocol)
+                            {
+                                s.members.insert(member(ip, proto, port));
+                            }
+                        },
+                        SetKind::HashIpPort,
+                    );
+                    for (pd, pm) in &peers {
+                        let mut args =
+                            format!("{}", comment(&format!("{what}: {pd}, {}", port_desc(m))));
+                        if let Some(pm) = pm {
+                            let _ = write!(args, " {pm}");
+                        }
+                        out.add(format_args!(
+                            "{args} -m set --match-set {s} dst,dst -j MARK --or-mark {MARK}"
+                        ));
+                    }
+                }
+                // The peer's number for the name: one set of (peer pod, port) for the rule's
+                // peers together.
+                Direction::Egress => {
+                    let key = format!("{:?} {name} {}", rule.peers, m.protocol.as_str());
+                    let s = set(
+                        sets,
+                        "RSDN-N-",
+                        &key,
+                        |s| {
+                            let pods = model.pods.values().filter(|p| match &rule.peers {
+                                None => true,
+                                Some(list) => list.iter().any(|peer| peer_has(model, peer, p)),
+                            });
+                            for (ip, proto, port) in named(pods, name, m.protocol) {
+                                s.members.insert(member(ip, proto, port));
+                            }
+                        },
+                        SetKind::HashIpPort,
+                    );
+                    let peers_desc = peers
+                        .iter()
+                        .map(|(d, _)| d.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" or ");
+                    out.add(format_args!(
+                        "{} -m set --match-set {s} dst,dst -j MARK --or-mark {MARK}",
+                        comment(&format!("{what}: {peers_desc}, {}", port_desc(m)))
+                    ));
+                }
+            }
+        }
+    }
+    t
+}
+
+/// Every chain and set NetworkPolicy needs on `node`.
+pub fn render(model: &ClusterModel, node: &str) -> (Ruleset, Stats) {
+    let mut r = Ruleset::default();
+    let mut stats = Stats {
+        policies: model.policies.len(),
+        ..Default::default()
+    };
+    // The policies that select each local pod, per direction, and each policy's local pods.
+    type Selecting<'a> = Vec<(&'a (String, String), &'a Policy)>;
+    let mut isolated: BTreeMap<(Direction, &(String, String)), Selecting> = BTreeMap::new();
+    let mut local_of: BTreeMap<&(String, String), Vec<&Pod>> = BTreeMap::new();
+    let pod_keys: BTreeMap<(&str, &str), &(String, String)> = model
+        .pods
+        .keys()
+        .map(|k| ((k.0.as_str(), k.1.as_str()), k))
+        .collect();
+    for (pkey, policy) in &model.policies {
+        for pod in selected(model, policy).filter(|p| p.node == node) {
+            let key = pod_keys[&(pod.namespace.as_str(), pod.name.as_str())];
+            local_of.entry(pkey).or_default().push(pod);
+            for dir in [Direction::Ingress, Direction::Egress] {
+                if dir.rules(policy).is_some() {
+                    isolated.entry((dir, key)).or_default().push((pkey, policy));
+                }
+            }
+        }
+    }
+    r.tables.filter.chain(RSDN_POLICY);
+    for (dir, chain, deny, set_name) in [
+        (
+            Direction::Ingress,
+            RSDN_INGRESS,
+            DENY_INGRESS,
+            ISOLATED_INGRESS,
+        ),
+        (Direction::Egress, RSDN_EGRESS, DENY_EGRESS, ISOLATED_EGRESS),
+    ] {
+        r.tables.filter.add(
+            deny,
+            format_args!(
+                "{} -j DROP",
+                comment(&format!("no NetworkPolicy allows this {}", dir.name()))
+            ),
+        );
+        let pods: Vec<(&Pod, &Selecting)> = isolated
+            .iter()
+            .filter(|((d, _), _)| *d == dir)
+            .map(|((_, key), policies)| (&model.pods[*key], policies))
+            .collect();
+        match dir {
+            Direction::Ingress => stats.isolated_ingress = pods.len(),
+            Direction::Egress => stats.isolated_egress = pods.len(),
+        }
+        if pods.is_empty() {
+            continue;
+        }
+        let mut members = IpSet::new(SetKind::HashIp);
+        r.tables.filter.chain(chain);
+        for (pod, policies) in &pods {
+            members.members.insert(pod.ip.to_string());
+            let end = if dir == Direction::Ingress {
+                "-d"
+            } else {
+                "-s"
+            };
+            let pod_chain = dir.pod_chain(pod);
+            r.tables.filter.add(
+                chain,
+                format_args!(
+                    "{} {end} {} -j {pod_chain}",
+                    comment(&format!("{}/{}", pod.namespace, pod.name)),
+                    pod.ip
+                ),
+            );
+            let mut own = Tables::default();
+            let mut c = own.filter.open(&pod_chain);
+            c.add(format_args!("-j MARK --set-xmark 0x0/{MARK}"));
+            for (_, p) in policies.iter() {
+                c.add(format_args!(
+                    "{} -j {}",
+                    comment(&format!("{}/{}", p.namespace, p.name)),
+                    dir.policy_chain(p)
+                ));
+                c.add(format_args!("-m mark --mark {MARK}/{MARK} -j RETURN"));
+            }
+            c.add(format_args!(
+                "{} -j {deny}",
+                comment(&format!(
+                    "{}/{}: no NetworkPolicy allows this {}",
+                    pod.namespace,
+                    pod.name,
+                    dir.name()
+                ))
+            ));
+            r.groups.insert(
+                (
+                    PRODUCER,
+                    format!("{} {}/{}", dir.name(), pod.namespace, pod.name),
+                ),
+                Arc::new(own),
+            );
+        }
+        r.tables.filter.add(
+            RSDN_POLICY,
+            format_args!(
+                "{} -m set --match-set {set_name} {} -j {chain}",
+                comment(&format!("pods isolated for {}", dir.name())),
+                dir.own_end()
+            ),
+        );
+        r.sets.insert(set_name.to_string(), Arc::new(members));
+    }
+    // One chain per policy and direction that selects local pods.
+    let mut done: BTreeSet<(Direction, &(String, String))> = BTreeSet::new();
+    for ((dir, _), policies) in &isolated {
+        for (pkey, p) in policies {
+            if !done.insert((*dir, pkey)) {
+                continue;
+            }
+            let local = local_of.get(pkey).cloned().unwrap_or_default();
+            let own = Tables {
+                filter: policy_chain(model, p, *dir, &local, &mut r.sets),
+                ..Default::default()
+            };
+            r.groups.insert(
+                (
+                    PRODUCER,
+                    format!("policy {} {}/{}", dir.name(), p.namespace, p.name),
+                ),
+                Arc::new(own),
+            );
+        }
+    }
+    stats.sets = r.sets.len();
+    (r, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModelBuilder, ModelScope};
+    use crate::netfilter::payload::{payload, Context, Scope};
+
+    fn model(yaml: &str) -> ClusterModel {
+        let mut b = ModelBuilder::default();
+        crate::source::dir::add_documents(&mut b, "test.yaml", yaml);
+        let m = b.finish(&ModelScope {
+            cluster_network: "10.128.0.0/14".parse().unwrap(),
+            local_node: "n1".into(),
+            programmed: Default::default(),
+        });
+        assert!(m.skipped.is_empty(), "{:?}", m.skipped);
+        m
+    }
+
+    /// The chains as restore input, then each set with its members.
+    fn text(r: &Ruleset) -> String {
+        let mut out = payload(None, r, Scope::Full, Context::default()).text;
+        for (name, set) in &r.sets {
+            let _ = writeln!(out, "set {name} {}", set.kind.as_str());
+            for m in &set.members {
+                let _ = writeln!(out, "  {m}");
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_chains_and_sets_match_the_golden_file() {
+        let (r, stats) = render(&model(include_str!("testdata/cluster.yaml")), "n1");
+        let got = text(&r);
+        let want = include_str!("testdata/cluster.golden");
+        if got != want {
+            std::fs::write("/tmp/policy.golden", &got).unwrap();
+            for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+                assert_eq!(g, w, "line {}", i + 1);
+            }
+            assert_eq!(got.lines().count(), want.lines().count(), "{got}");
+        }
+        assert_eq!(
+            (
+                stats.isolated_ingress,
+                stats.isolated_egress,
+                stats.policies
+            ),
+            (2, 1, 3)
+        );
+    }
+}
