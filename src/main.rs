@@ -73,9 +73,16 @@ enum TunnelCommand {
 #[derive(Subcommand)]
 enum ProxyCommand {
     /// Print the iptables-restore payload a full sync would apply for this configuration,
-    /// cluster directory and node, without touching the kernel. The jumps from the built-in
-    /// chains, which are ensured one by one, follow as comments.
-    Render(NodeArgs),
+    /// cluster directory and node (the Service proxy's, NetworkPolicy's and egress rules),
+    /// without touching the kernel. The jumps from the built-in chains, which are ensured one
+    /// by one, follow as comments.
+    Render {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Print the `ipset restore` input of the sets the rules use instead.
+        #[arg(long)]
+        ipset: bool,
+    },
 }
 
 #[derive(Args)]
@@ -247,10 +254,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Proxy {
-            command: ProxyCommand::Render(args),
+            command: ProxyCommand::Render { node, ipset },
         } => {
-            let config = args.into_config()?;
-            print!("{}", proxy_render(&config)?);
+            let config = node.into_config()?;
+            print!("{}", proxy_render(&config, ipset)?);
             Ok(())
         }
         Command::Lab { args } => lab(cli.log_format, args),
@@ -260,7 +267,7 @@ fn main() -> Result<()> {
 /// `rsdn proxy render`: the full payload a first sync of this node would write for the
 /// cluster directory, with the skipped objects and the jumps as comments. Built by the same
 /// producers, from the same scopes, as the daemon's.
-fn proxy_render(config: &NodeConfig) -> Result<String> {
+fn proxy_render(config: &NodeConfig, ipset: bool) -> Result<String> {
     use rsdn::netfilter::payload::{payload, Context, Scope};
     use std::fmt::Write as _;
     let rsdn::config::SourceConfig::Dir(dir) = &config.source else {
@@ -278,6 +285,16 @@ fn proxy_render(config: &NodeConfig) -> Result<String> {
     let mut registry = prometheus_client::registry::Registry::default();
     let mut producers = rsdn::daemon::producers(config, &mut registry);
     let desired = rsdn::netfilter::producer::combine(&mut producers, &model);
+    if ipset {
+        let sets = rsdn::netfilter::sets::payload(
+            None,
+            &desired.ruleset.sets,
+            &Default::default(),
+            None,
+            &|_| false,
+        );
+        return Ok(sets.before);
+    }
     let mut out = String::new();
     for s in &model.skipped {
         let _ = writeln!(out, "# skipped {}: {}", s.object, s.reason);
@@ -363,7 +380,10 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Proxy {
-                command: ProxyCommand::Render(NodeArgs { config: None, .. })
+                command: ProxyCommand::Render {
+                    node: NodeArgs { config: None, .. },
+                    ipset: false
+                }
             }
         ));
     }
