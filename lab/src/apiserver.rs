@@ -1,7 +1,8 @@
 //! A stand-in Kubernetes API server for the lab and the tests: serves Nodes, Services,
-//! EndpointSlices, Pods, Namespaces and NetworkPolicies (cluster-wide) over plain HTTP with the real protocol as kube-rs uses it (lists with a
-//! resourceVersion, `limit`/`continue` paging, watch streams from a resourceVersion, bookmarks,
-//! `410 Gone` for a version that is too old) and can be told to expire its history or to cut
+//! EndpointSlices, Pods, Namespaces and NetworkPolicies (cluster-wide) over plain HTTP with the
+//! real protocol as kube-rs uses it (lists with a resourceVersion, `limit`/`continue` paging,
+//! field selectors, watch streams from a resourceVersion, bookmarks, `410 Gone` for a version
+//! that is too old) and can be told to expire its history or to cut
 //! every open watch, so relists and reconnects are tested without a cluster. Its objects come
 //! from a directory of YAML (the lab's cluster directory) or from calls in tests. It can also
 //! serve HTTPS and require a bearer token, writing the CA certificate and the token where a
@@ -183,6 +184,109 @@ struct Event {
     kind: Kind,
     kind_of_event: &'static str,
     object: Value,
+    /// The object before a MODIFIED event: a watch with a field selector reports an object
+    /// that starts or stops matching as ADDED or DELETED.
+    previous: Option<Value>,
+}
+
+/// A field selector (`spec.hostNetwork=false,status.phase!=Failed`): every term must hold.
+/// Fields are the ones the real API server can select on; any other is refused (400), as the
+/// real one refuses it, so a selector the daemon sends is checked here too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldSelector(Vec<(String, bool, String)>);
+
+impl FieldSelector {
+    /// Parses the (URL-decoded) `fieldSelector` of a request for `kind`.
+    pub fn parse(kind: Kind, text: &str) -> Result<FieldSelector, String> {
+        let mut terms = Vec::new();
+        for term in text.split(',').filter(|t| !t.is_empty()) {
+            let (field, equal, value) = if let Some((f, v)) = term.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = term.split_once("==") {
+                (f, true, v)
+            } else if let Some((f, v)) = term.split_once('=') {
+                (f, true, v)
+            } else {
+                return Err(format!("invalid field selector term {term:?}"));
+            };
+            if field_value(kind, &Value::Null, field).is_none() {
+                return Err(format!("field label not supported: {field}"));
+            }
+            terms.push((field.to_string(), equal, value.to_string()));
+        }
+        Ok(FieldSelector(terms))
+    }
+
+    pub fn matches(&self, kind: Kind, object: &Value) -> bool {
+        self.0.iter().all(|(field, equal, value)| {
+            (field_value(kind, object, field).as_deref() == Some(value.as_str())) == *equal
+        })
+    }
+
+    /// What a watch with this selector reports of `e`: the API server's watch cache turns a
+    /// modification into ADDED when the object starts matching and DELETED when it stops.
+    fn event<'e>(&self, e: &'e Event) -> Option<(&'static str, &'e Value)> {
+        let now = self.matches(e.kind, &e.object);
+        let was = e.previous.as_ref().map(|p| self.matches(e.kind, p));
+        let kind_of_event = match (e.kind_of_event, was, now) {
+            ("MODIFIED", Some(true), true) => "MODIFIED",
+            ("MODIFIED", Some(false), true) => "ADDED",
+            ("MODIFIED", Some(true), false) => "DELETED",
+            (other, None, true) => other,
+            _ => return None,
+        };
+        Some((kind_of_event, &e.object))
+    }
+}
+
+/// The value of a selectable field of an object of `kind` (None: not selectable). Every kind
+/// selects on its name and namespace; Pods on the fields of the API server's
+/// `pod.ToSelectableFields`.
+fn field_value(kind: Kind, o: &Value, field: &str) -> Option<String> {
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    Some(match (kind, field) {
+        (_, "metadata.name") => text(&o["metadata"]["name"]),
+        (_, "metadata.namespace") => text(&o["metadata"]["namespace"]),
+        (Kind::Pod, "spec.nodeName" | "spec.restartPolicy" | "spec.schedulerName") => {
+            text(&o["spec"][&field["spec.".len()..]])
+        }
+        (Kind::Pod, "spec.serviceAccountName") => text(&o["spec"]["serviceAccountName"]),
+        (Kind::Pod, "spec.hostNetwork") => o["spec"]["hostNetwork"]
+            .as_bool()
+            .unwrap_or(false)
+            .to_string(),
+        (Kind::Pod, "status.phase") => text(&o["status"]["phase"]),
+        (Kind::Pod, "status.podIP") => text(&o["status"]["podIPs"][0]["ip"]),
+        (Kind::Pod, "status.nominatedNodeName") => text(&o["status"]["nominatedNodeName"]),
+        _ => return None,
+    })
+}
+
+/// A query parameter's value, URL-decoded.
+fn decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (b[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What the server was asked, for tests to check how the client behaved.
@@ -192,6 +296,8 @@ pub struct Requests {
     pub watches: HashMap<Kind, usize>,
     /// The resourceVersion of the last watch request of each kind.
     pub last_watch_from: HashMap<Kind, u64>,
+    /// The field selector of the last list or watch of each kind ("" for none).
+    pub field_selectors: HashMap<Kind, String>,
     pub bookmarks_sent: usize,
     pub gone_sent: usize,
     /// Requests for anything but a list or watch of the served kinds (a get, a write, another
@@ -289,12 +395,20 @@ impl ApiServer {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, st: &mut State, kind: Kind, kind_of_event: &'static str, object: Value) {
+    fn record(
+        &self,
+        st: &mut State,
+        kind: Kind,
+        kind_of_event: &'static str,
+        object: Value,
+        previous: Option<Value>,
+    ) {
         st.history.push_back(Event {
             rv: st.rv,
             kind,
             kind_of_event,
             object,
+            previous,
         });
         while st.history.len() > HISTORY {
             if let Some(e) = st.history.pop_front() {
@@ -320,12 +434,17 @@ impl ApiServer {
         let uid = given
             .or_else(|| old.and_then(|o| o["metadata"]["uid"].as_str().map(String::from)))
             .unwrap_or_else(|| format!("uid-{}-{}", st.rv + 1, key.2));
-        let event = if old.is_some() { "MODIFIED" } else { "ADDED" };
+        let previous = old.cloned();
+        let event = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
         st.rv += 1;
         object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
         object["metadata"]["uid"] = json!(uid);
         st.objects.insert(key.clone(), object.clone());
-        self.record(&mut st, key.0, event, object);
+        self.record(&mut st, key.0, event, object, previous);
         Ok(true)
     }
 
@@ -336,7 +455,7 @@ impl ApiServer {
         };
         st.rv += 1;
         object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-        self.record(&mut st, key.0, "DELETED", object);
+        self.record(&mut st, key.0, "DELETED", object, None);
         true
     }
 
@@ -436,7 +555,12 @@ impl ApiServer {
         self.lock().rv
     }
 
-    fn list(&self, kind: Kind, query: &HashMap<&str, &str>) -> (StatusCode, Value) {
+    fn list(
+        &self,
+        kind: Kind,
+        query: &HashMap<&str, &str>,
+        fields: &FieldSelector,
+    ) -> (StatusCode, Value) {
         let mut st = self.lock();
         *st.requests.lists.entry(kind).or_default() += 1;
         let limit: usize = query
@@ -460,7 +584,7 @@ impl ApiServer {
         let items: Vec<&Value> = st
             .objects
             .iter()
-            .filter(|(k, _)| k.0 == kind)
+            .filter(|(k, v)| k.0 == kind && fields.matches(kind, v))
             .map(|(_, v)| v)
             .skip(offset)
             .collect();
@@ -477,7 +601,12 @@ impl ApiServer {
 
     /// A watch: the events after `from`, then new ones as they come, bookmarks if asked,
     /// until the timeout, an expiry (410 in the stream) or a drop (connection cut).
-    fn watch(self: &Arc<Self>, kind: Kind, query: &HashMap<&str, &str>) -> Body {
+    fn watch(
+        self: &Arc<Self>,
+        kind: Kind,
+        query: &HashMap<&str, &str>,
+        fields: FieldSelector,
+    ) -> Body {
         let from: u64 = query
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())
@@ -508,7 +637,10 @@ impl ApiServer {
             if from == 0 {
                 let (rv, current): (u64, Vec<Value>) = {
                     let st = me.lock();
-                    let objects = st.objects.iter().filter(|(k, _)| k.0 == kind);
+                    let objects = st
+                        .objects
+                        .iter()
+                        .filter(|(k, v)| k.0 == kind && fields.matches(kind, v));
                     (st.rv, objects.map(|(_, v)| v.clone()).collect())
                 };
                 for o in current {
@@ -531,7 +663,8 @@ impl ApiServer {
                         let events = st.history.iter().filter(|e| e.rv > sent);
                         let out = events
                             .filter(|e| e.kind == kind)
-                            .map(|e| json!({"type": e.kind_of_event, "object": e.object}))
+                            .filter_map(|e| fields.event(e))
+                            .map(|(event, o)| json!({"type": event, "object": o}))
                             .collect();
                         sent = st.rv;
                         Ok(out)
@@ -618,11 +751,26 @@ impl ApiServer {
             let s = status(405, "MethodNotAllowed", "read-only".into());
             return reply(StatusCode::METHOD_NOT_ALLOWED, full(&s));
         }
+        let selector = query
+            .get("fieldSelector")
+            .map_or(String::new(), |f| decode(f));
+        let fields = match FieldSelector::parse(kind, &selector) {
+            Ok(f) => f,
+            Err(e) => {
+                self.refused(format!(
+                    "{} {path}?fieldSelector={selector} ({e})",
+                    req.method()
+                ));
+                let s = status(400, "BadRequest", e);
+                return reply(StatusCode::BAD_REQUEST, full(&s));
+            }
+        };
+        self.lock().requests.field_selectors.insert(kind, selector);
         if matches!(query.get("watch"), Some(&("true" | "1"))) {
             debug!(kind = kind.name(), query = ?query, "watch");
-            reply(StatusCode::OK, self.watch(kind, &query))
+            reply(StatusCode::OK, self.watch(kind, &query, fields))
         } else {
-            let (code, body) = self.list(kind, &query);
+            let (code, body) = self.list(kind, &query, &fields);
             info!(kind = kind.name(), status = code.as_u16(), resource_version = %body["metadata"]["resourceVersion"], "list");
             reply(code, full(&body))
         }
@@ -866,19 +1014,63 @@ mod tests {
                 "deny",
             ),
         ] {
-            let (code, body) = server.list(kind, &none);
+            let (code, body) = server.list(kind, &none, &FieldSelector::default());
             assert_eq!(code, StatusCode::OK);
             assert_eq!(body["kind"], list);
             assert_eq!(body["apiVersion"], api_version);
             assert_eq!(body["items"].as_array().unwrap().len(), 1);
             assert_eq!(body["items"][0]["metadata"]["name"], name);
         }
-        let (_, pods) = server.list(Kind::Pod, &none);
+        let (_, pods) = server.list(Kind::Pod, &none, &FieldSelector::default());
         assert_eq!(
             pods["items"][0]["metadata"]["uid"], "given-uid",
             "a stored object's uid is kept"
         );
-        let (_, nodes) = server.list(Kind::Node, &none);
+        let (_, nodes) = server.list(Kind::Node, &none, &FieldSelector::default());
         assert!(nodes["items"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn field_selectors_filter_lists_and_turn_changes_into_added_and_deleted() {
+        let selector = decode("spec.hostNetwork%3Dfalse%2Cstatus.phase%21%3DSucceeded");
+        assert_eq!(selector, "spec.hostNetwork=false,status.phase!=Succeeded");
+        let fields = FieldSelector::parse(Kind::Pod, &selector).unwrap();
+        let pod = |name: &str, host: bool, phase: &str| {
+            json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "x"},
+                "spec": {"hostNetwork": host, "containers": []}, "status": {"phase": phase}})
+        };
+        let server = ApiServer::new(Duration::from_secs(1));
+        server.apply(pod("runs", false, "Running")).unwrap();
+        server.apply(pod("host", true, "Running")).unwrap();
+        server.apply(pod("done", false, "Succeeded")).unwrap();
+        let (_, list) = server.list(Kind::Pod, &HashMap::new(), &fields);
+        let names: Vec<&str> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["runs"]);
+        // The pod finishes, then (as a new object of the same name) runs again.
+        server.apply(pod("runs", false, "Succeeded")).unwrap();
+        server.apply(pod("runs", false, "Running")).unwrap();
+        server.apply(pod("host", true, "Pending")).unwrap();
+        let st = server.lock();
+        let seen: Vec<(&str, &str)> = st
+            .history
+            .iter()
+            .filter_map(|e| fields.event(e))
+            .map(|(ev, o)| (ev, o["metadata"]["name"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            seen,
+            [("ADDED", "runs"), ("DELETED", "runs"), ("ADDED", "runs")]
+        );
+        for bad in ["spec.hostNetwork", "status.hostIP=10.0.0.1"] {
+            assert!(FieldSelector::parse(Kind::Pod, bad).is_err(), "{bad}");
+        }
+        assert!(FieldSelector::parse(Kind::Node, "status.phase=Running").is_err());
+        assert!(FieldSelector::parse(Kind::Node, "metadata.name=n1").is_ok());
     }
 }

@@ -1,7 +1,8 @@
 //! rsdn's `kube` cluster source against the lab's stand-in API server (`rsdn_lab::apiserver`),
-//! over real HTTP on the loopback of a fresh network namespace: the same objects give the same
-//! model as the `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged
-//! lists are handled the way kube-rs's watcher handles them against a real API server.
+//! over real HTTP on the loopback of a fresh network namespace: the same objects (Nodes,
+//! Services, EndpointSlices, Pods, Namespaces, NetworkPolicies) give the same model as the
+//! `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged lists are
+//! handled the way kube-rs's watcher handles them against a real API server.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,134 @@ fn node(name: &str, ip: &str, cidr: Option<&str>, created: &str) -> Value {
         n["spec"] = json!({"podCIDR": c, "podCIDRs": [c]});
     }
     n
+}
+
+/// A Pod: `ip` None for one not given an address yet, `phase` Succeeded or Failed for one that
+/// finished. Every pod carries the fields the source drops (annotations, managedFields, env,
+/// volumes, container statuses), as the API server serves them.
+fn pod(ns: &str, name: &str, node: &str, labels: Value, ip: Option<&str>, phase: &str) -> Value {
+    let mut p = json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels,
+            "annotations": {"prometheus.io/scrape": "true"},
+            "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:phase": {}}}}]},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "registry.example/app:1",
+            "env": [{"name": "LOG_LEVEL", "value": "info"}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]},
+        "status": {"phase": phase,
+            "containerStatuses": [{"name": "c", "image": "registry.example/app:1", "imageID": "",
+                "ready": true, "restartCount": 0}]}});
+    if let Some(ip) = ip {
+        p["status"]["podIP"] = json!(ip);
+        p["status"]["podIPs"] = json!([{ "ip": ip }]);
+    }
+    p
+}
+
+fn host_network_pod(name: &str, node: &str, ip: &str) -> Value {
+    let mut p = pod(
+        "kube-system",
+        name,
+        node,
+        json!({"app": "agent"}),
+        Some(ip),
+        "Running",
+    );
+    p["spec"]["hostNetwork"] = json!(true);
+    p
+}
+
+fn namespace(name: &str, labels: Value) -> Value {
+    let mut labels = labels;
+    labels["kubernetes.io/metadata.name"] = json!(name);
+    json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": name, "labels": labels,
+            "annotations": {"owner": "team@example.com"}},
+        "spec": {"finalizers": ["kubernetes"]}, "status": {"phase": "Active"}})
+}
+
+fn policy(ns: &str, name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": ns}, "spec": spec})
+}
+
+/// Pods, Namespaces and NetworkPolicies of every shape the model treats differently.
+fn policy_objects() -> Vec<Value> {
+    vec![
+        namespace("shop", json!({"team": "payments"})),
+        namespace("db", json!({"team": "data"})),
+        namespace("kube-system", json!({})),
+        pod(
+            "shop",
+            "web-1",
+            "n1",
+            json!({"app": "web"}),
+            Some("10.128.0.5"),
+            "Running",
+        ),
+        pod(
+            "shop",
+            "web-2",
+            "n2",
+            json!({"app": "web"}),
+            Some("10.128.2.5"),
+            "Running",
+        ),
+        pod(
+            "db",
+            "pg-0",
+            "n2",
+            json!({"app": "pg"}),
+            Some("10.128.2.9"),
+            "Running",
+        ),
+        pod("db", "pg-1", "n2", json!({"app": "pg"}), None, "Pending"),
+        pod(
+            "shop",
+            "job-1",
+            "n1",
+            json!({"app": "job"}),
+            Some("10.128.0.30"),
+            "Succeeded",
+        ),
+        pod(
+            "shop",
+            "job-2",
+            "n1",
+            json!({"app": "job"}),
+            Some("10.128.0.31"),
+            "Failed",
+        ),
+        host_network_pod("agent-n1", "n1", "192.168.1.11"),
+        policy("db", "deny-all", json!({"podSelector": {}})),
+        policy(
+            "db",
+            "pg-from-shop",
+            json!({"podSelector": {"matchLabels": {"app": "pg"}},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "payments"}},
+                                   "podSelector": {"matchLabels": {"app": "web"}}}],
+                         "ports": [{"port": 5432}]}]}),
+        ),
+        policy(
+            "shop",
+            "web-egress",
+            json!({"podSelector": {"matchExpressions": [
+                {"key": "app", "operator": "In", "values": ["web", "api"]}]},
+            "policyTypes": ["Egress"],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.128.0.0/14", "except": ["10.128.4.0/23"]}}],
+                        "ports": [{"port": "http"}, {"protocol": "UDP", "port": 53}]}]}),
+        ),
+        // An invalid peer: left out, the policy kept and recorded as skipped.
+        policy(
+            "shop",
+            "bad-peer",
+            json!({"podSelector": {},
+            "ingress": [{"from": [{"ipBlock": {"cidr": "not-a-cidr"}},
+                                  {"podSelector": {"matchLabels": {"app": "web"}}}]}]}),
+        ),
+    ]
 }
 
 /// Runs `f` with a server and a kube source feeding a model channel, inside a fresh netns
@@ -142,7 +271,7 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
     need_root!();
     // Service shapes of the golden test, and nodes the model accepts and refuses.
     let mut yaml = include_str!("../../src/proxy/testdata/cluster.yaml").to_string();
-    for n in [
+    let nodes = [
         node(
             "n1",
             "192.168.1.11",
@@ -168,7 +297,8 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
             Some("10.200.0.0/23"),
             "2025-01-05T00:00:00Z",
         ),
-    ] {
+    ];
+    for n in nodes.into_iter().chain(policy_objects()) {
         yaml.push_str("---\n");
         yaml.push_str(&serde_json::to_string(&n).unwrap());
         yaml.push('\n');
@@ -178,7 +308,11 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
     let from_dir = rsdn::source::dir::read_cluster_dir(dir.path(), &scope()).unwrap();
     assert_eq!(from_dir.nodes.len(), 2, "{:?}", from_dir.skipped);
     assert!(from_dir.services.ports.len() >= 7);
-    assert_eq!(from_dir.skipped.len(), 3, "{:?}", from_dir.skipped);
+    assert_eq!(from_dir.skipped.len(), 4, "{:?}", from_dir.skipped);
+    // Of the pods, those with an address of the pod network that run (or will).
+    let pods: Vec<&str> = from_dir.pods.keys().map(|(_, n)| n.as_str()).collect();
+    assert_eq!(pods, ["pg-0", "web-1", "web-2"]);
+    assert_eq!((from_dir.namespaces.len(), from_dir.policies.len()), (3, 4));
 
     let docs = rsdn::source::dir::read_documents(&yaml).unwrap();
     with_source("kubeeq", move |server, mut rx| async move {
@@ -186,11 +320,95 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
         let from_api = model_where(&mut rx, "the nodes", |m| !m.nodes.is_empty()).await;
         assert_eq!(from_api.nodes, from_dir.nodes);
         assert_eq!(from_api.services, from_dir.services);
+        assert_eq!(from_api.pods, from_dir.pods);
+        assert_eq!(from_api.namespaces, from_dir.namespaces);
+        assert_eq!(from_api.policies, from_dir.policies);
         let mut a = from_api.skipped.clone();
         let mut d = from_dir.skipped.clone();
         a.sort_by(|x, y| x.object.cmp(&y.object));
         d.sort_by(|x, y| x.object.cmp(&y.object));
         assert_eq!(a, d);
+        // The finished and hostNetwork pods never came: the API server left them out.
+        let r = server.requests();
+        assert_eq!(
+            r.field_selectors[&Kind::Pod],
+            rsdn::source::kube::POD_FIELD_SELECTOR
+        );
+    });
+}
+
+/// One of `policy_objects()`, changed by `change`.
+fn changed(name: &str, change: impl FnOnce(&mut Value)) -> Value {
+    let mut o = policy_objects()
+        .into_iter()
+        .find(|o| o["metadata"]["name"] == name)
+        .unwrap();
+    change(&mut o);
+    o
+}
+
+/// Pods, Namespaces and NetworkPolicies that change reach the model: a pod relabelled, a pod
+/// that finishes (the API server's watch reports it deleted: it no longer matches the field
+/// selector), a namespace relabelled, a policy deleted, a pod that gets its address.
+#[test]
+fn pod_namespace_and_policy_changes_reach_the_model() {
+    need_root!();
+    with_source("kubepods", |server, mut rx| async move {
+        assert!(server.sync_objects(policy_objects()).is_empty());
+        let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
+        let label = |m: &ClusterModel, ns: &str, pod: &str| {
+            let p = m.pods.get(&key(ns, pod));
+            p.and_then(|p| p.labels.get("app").cloned())
+        };
+        model_where(&mut rx, "the pods and policies", |m| {
+            m.pods.len() == 3 && m.policies.len() == 4 && m.namespaces.len() == 3
+        })
+        .await;
+
+        let relabelled = changed("web-1", |p| p["metadata"]["labels"]["app"] = json!("api"));
+        server.apply(relabelled).unwrap();
+        model_where(&mut rx, "web-1 relabelled", |m| {
+            label(m, "shop", "web-1").as_deref() == Some("api")
+        })
+        .await;
+
+        server.delete(&(Kind::NetworkPolicy, "db".into(), "deny-all".into()));
+        let m = model_where(&mut rx, "deny-all gone", |m| m.policies.len() == 3).await;
+        assert!(!m.policies.contains_key(&key("db", "deny-all")));
+
+        // web-2 finishes: a modification on the API server, a deletion for the daemon.
+        let watches = server.requests().watches[&Kind::Pod];
+        let done = changed("web-2", |p| p["status"]["phase"] = json!("Succeeded"));
+        server.apply(done).unwrap();
+        model_where(&mut rx, "web-2 gone", |m| {
+            label(m, "shop", "web-2").is_none()
+        })
+        .await;
+        assert_eq!(
+            server.requests().watches[&Kind::Pod],
+            watches,
+            "over the open watch, not by a relist"
+        );
+
+        // pg-1 gets its address; the db namespace a new label.
+        let started = changed("pg-1", |p| {
+            p["status"]["phase"] = json!("Running");
+            p["status"]["podIP"] = json!("10.128.2.10");
+            p["status"]["podIPs"] = json!([{"ip": "10.128.2.10"}]);
+        });
+        server.apply(started).unwrap();
+        let relabelled = changed("db", |n| {
+            n["metadata"]["labels"]["team"] = json!("payments")
+        });
+        server.apply(relabelled).unwrap();
+        let m = model_where(&mut rx, "pg-1 and db's label", |m| {
+            let team = m.namespaces["db"].labels.get("team");
+            label(m, "db", "pg-1").is_some() && team.map(String::as_str) == Some("payments")
+        })
+        .await;
+        assert_eq!(m.pods[&key("db", "pg-1")].ip.to_string(), "10.128.2.10");
+        let pods: Vec<&str> = m.pods.keys().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(pods, ["pg-0", "pg-1", "web-1"]);
     });
 }
 

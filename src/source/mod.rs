@@ -13,6 +13,7 @@ use crate::model::{ClusterModel, Skipped};
 
 pub mod dir;
 pub mod kube;
+pub mod slim;
 
 /// A source's side of the model channel: publishes models that changed, and logs each
 /// skipped object once (see `SkipLog`).
@@ -46,6 +47,8 @@ impl Publisher {
         info!(
             nodes = model.nodes.len(),
             service_ports = model.services.ports.len(),
+            pods = model.pods.len(),
+            policies = model.policies.len(),
             skipped = model.skipped.len(),
             took_ms = took.as_millis() as u64,
             "{what}"
