@@ -24,6 +24,20 @@ lab_namespaces() {
     grep -E "^${1:-$RSDN_LAB}-(underlay|ext|node[1-9][0-9]*(-pod[1-9][0-9]*)?|pod\.[a-z0-9-]+\.[a-z0-9-]+)\$"
 }
 
+# netpol_pods: the pods of the upstream NetworkPolicy tests, in namespaces x, y, z (lab ns add):
+# a, b, c in each, on node1, node2, node3, labelled pod=NAME, serving TCP and UDP on 80 and 81
+# (container ports serve-80-tcp, serve-80-udp, serve-81-tcp, serve-81-udp).
+netpol_pods() {
+  local ns p n
+  for ns in x y z; do
+    n=1
+    for p in a b c; do
+      lab pod add "$ns/$p" --node $n --labels "pod=$p" --port 80 --port 81 --serve
+      n=$((n + 1))
+    done
+  done
+}
+
 check() { # check NAME CMD... : runs CMD, counts, shows its output's tail on failure
   local name=$1; shift
   if "$@" >"$T/last.log" 2>&1; then

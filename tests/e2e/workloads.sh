@@ -40,13 +40,7 @@ if ! lab up --api --nodes 3 --pods-per-node 0 >"$T/up.log" 2>&1; then
 fi
 for ns in x y z; do lab ns add "$ns" --labels "ns=$ns" >>"$T/add.log" 2>&1; done
 start=$(ms)
-for ns in x y z; do
-  n=1
-  for p in a b c; do
-    lab pod add "$ns/$p" --node $n --labels "pod=$p" --port 80 --port 81 --serve >>"$T/add.log" 2>&1
-    n=$((n + 1))
-  done
-done
+netpol_pods >>"$T/add.log" 2>&1
 took=$(( $(ms) - start ))
 cat "$T/add.log"
 check "9 pods added and serving in ${took} ms" eval \
@@ -95,7 +89,7 @@ policy_served() {
   api /apis/networking.k8s.io/v1/networkpolicies | jq -e '[.items[] | .metadata.namespace + "/" + .metadata.name] == ["x/deny-all"]'
 }
 check "a NetworkPolicy copied into the cluster directory is served (/apis/networking.k8s.io/v1/networkpolicies)" eventually 5 policy_served
-rm "$LAB/cluster/np-deny-all.yaml"   # (the daemons do not enforce policies yet)
+rm "$LAB/cluster/np-deny-all.yaml"   # (enforcement is tests/e2e/policy.sh's)
 check "lab up again checks the 9 pods: attached and reachable" lab up --api --nodes 3 --pods-per-node 0
 
 tables all >"$T/all.txt"
