@@ -199,8 +199,8 @@ fn policy_chain(
     t.chain(&chain);
     let who = format!("{}/{}", policy.namespace, policy.name);
     let end = dir.peer_end();
-    for (i, rule) in dir.rules(policy).into_iter().flatten().enumerate() {
-        let what = format!("{who} {} rule {i}", dir.name());
+    for rule in dir.rules(policy).into_iter().flatten() {
+        let what = format!("{who} {} rule {}", dir.name(), rule.index);
         let numbered: Vec<&PortMatch> = rule
             .ports
             .iter()
