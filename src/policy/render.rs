@@ -334,7 +334,8 @@ pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -
     let mut isolated: BTreeMap<(Direction, &(String, String)), Selecting> = BTreeMap::new();
     let mut local_of: BTreeMap<&(String, String), Vec<&Pod>> = BTreeMap::new();
     // This node's pods by namespace: a policy selects among its namespace's.
-    let mut local_pods: BTreeMap<&str, Vec<(&(String, String), &Pod)>> = BTreeMap::new();
+    type Keyed<'a> = Vec<(&'a (String, String), &'a Pod)>;
+    let mut local_pods: BTreeMap<&str, Keyed> = BTreeMap::new();
     for (key, pod) in model.pods.iter().filter(|(_, p)| p.node == node) {
         local_pods.entry(&key.0).or_default().push((key, pod));
     }
