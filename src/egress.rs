@@ -55,7 +55,7 @@ impl Producer for Egress {
         "egress"
     }
 
-    fn render(&mut self, _model: &ClusterModel) -> Ruleset {
+    fn render(&mut self, _model: &std::sync::Arc<ClusterModel>) -> Ruleset {
         self.ruleset()
     }
 

@@ -284,7 +284,8 @@ fn proxy_render(config: &NodeConfig, ipset: bool) -> Result<String> {
     }
     let mut registry = prometheus_client::registry::Registry::default();
     let mut producers = rsdn::daemon::producers(config, &mut registry);
-    let desired = rsdn::netfilter::producer::combine(&mut producers, &model);
+    let desired =
+        rsdn::netfilter::producer::combine(&mut producers, &std::sync::Arc::new(model.clone()));
     if ipset {
         let sets = rsdn::netfilter::sets::payload(
             None,

@@ -202,6 +202,9 @@ pub struct PortMatch {
 /// One rule: traffic from (ingress) or to (egress) any of the peers, on any of the ports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    /// Its position in the policy as written (rules left out as invalid leave gaps), so that
+    /// the rules' comments and the log speak of the same rule.
+    pub index: usize,
     /// None: every peer (the list is missing or empty).
     pub peers: Option<Vec<Peer>>,
     /// Empty: every port and protocol.
@@ -299,6 +302,7 @@ fn port(p: &NetworkPolicyPort) -> Result<PortMatch, String> {
 
 /// One rule of a direction, or None when it is left out whole (see the module's doc).
 fn rule(
+    index: usize,
     peers: Option<&Vec<NetworkPolicyPeer>>,
     ports: Option<&Vec<NetworkPolicyPort>>,
     namespace: &str,
@@ -339,6 +343,7 @@ fn rule(
     valid_ports.sort();
     valid_ports.dedup();
     Some(Rule {
+        index,
         // An IPv6-only peer list matches no IPv4 peer: keep it as an empty list that allows
         // nobody, not as "everyone".
         peers: if had_peers { Some(valid_peers) } else { None },
@@ -365,6 +370,7 @@ fn rules<'a, R>(
         .filter_map(|(i, r)| {
             let (peers, ports) = parts(r);
             rule(
+                i,
                 peers,
                 ports,
                 namespace,
@@ -536,6 +542,7 @@ mod tests {
         assert_eq!(
             rules[0],
             Rule {
+                index: 0,
                 peers: None,
                 ports: vec![]
             },
@@ -544,6 +551,7 @@ mod tests {
         assert_eq!(
             rules[1],
             Rule {
+                index: 1,
                 peers: None,
                 ports: vec![]
             },
@@ -599,6 +607,11 @@ mod tests {
         assert_eq!(
             p.ingress.as_ref().unwrap()[0].peers.as_ref().unwrap().len(),
             1
+        );
+        assert_eq!(
+            p.ingress.as_ref().unwrap()[0].index,
+            2,
+            "the rule as written is rule 2"
         );
         // An except that does not parse would open traffic if dropped: the peer goes.
         let p = policy("  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.0.0.0/8, except: [bogus]}}]\n").unwrap();

@@ -16,7 +16,7 @@ pub type Owner = fn(TableName, &str) -> bool;
 pub trait Producer: Send {
     fn name(&self) -> &'static str;
     /// This producer's chains for `model`. Cheap when little changed: producers cache.
-    fn render(&mut self, model: &ClusterModel) -> Ruleset;
+    fn render(&mut self, model: &Arc<ClusterModel>) -> Ruleset;
     /// Its jumps from the built-in chains, in the order they must stand.
     fn jumps(&self) -> Vec<Jump>;
     /// Which chains are its own: stale ones found in the kernel are deleted.
@@ -31,7 +31,7 @@ pub trait Producer: Send {
 /// What every producer renders for `model`, together. Producers come in the order their jumps
 /// must stand in a built-in chain they share (NetworkPolicy before the proxy's forwarding
 /// rules, for example). A chain two producers both render is a bug: logged, the first kept.
-pub fn combine(producers: &mut [Box<dyn Producer>], model: &ClusterModel) -> Desired {
+pub fn combine(producers: &mut [Box<dyn Producer>], model: &Arc<ClusterModel>) -> Desired {
     let mut ruleset = Ruleset::default();
     let mut jumps = Vec::new();
     let mut owners: Vec<Owner> = Vec::new();

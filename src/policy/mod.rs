@@ -20,6 +20,8 @@ use render::*;
 pub struct NetworkPolicies {
     node: String,
     metrics: PolicyMetrics,
+    /// Set members kept from one render to the next.
+    cache: select::Cache,
     /// The last render, to tell whether a sync carried policy changes.
     last: Option<Ruleset>,
     changed: bool,
@@ -30,6 +32,7 @@ impl NetworkPolicies {
         NetworkPolicies {
             node,
             metrics,
+            cache: select::Cache::default(),
             last: None,
             changed: false,
         }
@@ -58,9 +61,9 @@ impl Producer for NetworkPolicies {
         PRODUCER
     }
 
-    fn render(&mut self, model: &ClusterModel) -> Ruleset {
+    fn render(&mut self, model: &Arc<ClusterModel>) -> Ruleset {
         let started = std::time::Instant::now();
-        let (r, stats) = render(model, &self.node);
+        let (r, stats) = render_cached(model, &self.node, &mut self.cache);
         self.metrics.rendered(&stats, started.elapsed());
         self.changed = self.last.as_ref() != Some(&r);
         self.last = Some(r.clone());

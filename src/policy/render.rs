@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use super::select::{named, peer_has, selected};
+use super::select::{named, Cache, Membership};
 use crate::model::policy::{Peer, Policy, PortMatch, PortSpec, Rule};
 use crate::model::service::Protocol;
 use crate::model::{ClusterModel, Pod};
@@ -134,16 +134,19 @@ fn set(
 }
 
 /// The set matching a peer's addresses.
-fn peer_set(model: &ClusterModel, peer: &Peer, sets: &mut BTreeMap<String, Arc<IpSet>>) -> String {
+fn peer_set(
+    model: &ClusterModel,
+    peer: &Peer,
+    sets: &mut BTreeMap<String, Arc<IpSet>>,
+    cache: &mut Cache,
+) -> String {
     match peer {
         Peer::Pods { .. } => set(
             sets,
             "RSDN-P-",
             &format!("{peer:?}"),
             |s| {
-                for p in model.pods.values().filter(|p| peer_has(model, peer, p)) {
-                    s.members.insert(p.ip.to_string());
-                }
+                s.members = cache.members(model, Membership::Peer(peer.clone())).clone();
             },
             SetKind::HashIp,
         ),
@@ -193,14 +196,15 @@ fn policy_chain(
     dir: Direction,
     local: &[&Pod],
     sets: &mut BTreeMap<String, Arc<IpSet>>,
+    cache: &mut Cache,
 ) -> Table {
     let mut t = Table::default();
     let chain = dir.policy_chain(policy);
     t.chain(&chain);
     let who = format!("{}/{}", policy.namespace, policy.name);
     let end = dir.peer_end();
-    for (i, rule) in dir.rules(policy).into_iter().flatten().enumerate() {
-        let what = format!("{who} {} rule {i}", dir.name());
+    for rule in dir.rules(policy).into_iter().flatten() {
+        let what = format!("{who} {} rule {}", dir.name(), rule.index);
         let numbered: Vec<&PortMatch> = rule
             .ports
             .iter()
@@ -216,7 +220,7 @@ fn policy_chain(
             Some(list) if peer_sets_needed => list
                 .iter()
                 .map(|p| {
-                    let s = peer_set(model, p, sets);
+                    let s = peer_set(model, p, sets, cache);
                     (p.to_string(), Some(format!("-m set --match-set {s} {end}")))
                 })
                 .collect(),
@@ -287,13 +291,12 @@ fn policy_chain(
                         "RSDN-N-",
                         &key,
                         |s| {
-                            let pods = model.pods.values().filter(|p| match &rule.peers {
-                                None => true,
-                                Some(list) => list.iter().any(|peer| peer_has(model, peer, p)),
-                            });
-                            for (ip, proto, port) in named(pods, name, m.protocol) {
-                                s.members.insert(member(ip, proto, port));
-                            }
+                            let membership = Membership::Named {
+                                peers: rule.peers.clone(),
+                                name: name.clone(),
+                                protocol: m.protocol,
+                            };
+                            s.members = cache.members(model, membership).clone();
                         },
                         SetKind::HashIpPort,
                     );
@@ -314,7 +317,13 @@ fn policy_chain(
 }
 
 /// Every chain and set NetworkPolicy needs on `node`.
-pub fn render(model: &ClusterModel, node: &str) -> (Ruleset, Stats) {
+pub fn render(model: &Arc<ClusterModel>, node: &str) -> (Ruleset, Stats) {
+    render_cached(model, node, &mut Cache::default())
+}
+
+/// `render`, with the sets' members kept in `cache` from one render to the next.
+pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -> (Ruleset, Stats) {
+    cache.update(model);
     let mut r = Ruleset::default();
     let mut stats = Stats {
         policies: model.policies.len(),
@@ -324,14 +333,19 @@ pub fn render(model: &ClusterModel, node: &str) -> (Ruleset, Stats) {
     type Selecting<'a> = Vec<(&'a (String, String), &'a Policy)>;
     let mut isolated: BTreeMap<(Direction, &(String, String)), Selecting> = BTreeMap::new();
     let mut local_of: BTreeMap<&(String, String), Vec<&Pod>> = BTreeMap::new();
-    let pod_keys: BTreeMap<(&str, &str), &(String, String)> = model
-        .pods
-        .keys()
-        .map(|k| ((k.0.as_str(), k.1.as_str()), k))
-        .collect();
+    // This node's pods by namespace: a policy selects among its namespace's.
+    type Keyed<'a> = Vec<(&'a (String, String), &'a Pod)>;
+    let mut local_pods: BTreeMap<&str, Keyed> = BTreeMap::new();
+    for (key, pod) in model.pods.iter().filter(|(_, p)| p.node == node) {
+        local_pods.entry(&key.0).or_default().push((key, pod));
+    }
     for (pkey, policy) in &model.policies {
-        for pod in selected(model, policy).filter(|p| p.node == node) {
-            let key = pod_keys[&(pod.namespace.as_str(), pod.name.as_str())];
+        let candidates = local_pods.get(policy.namespace.as_str());
+        for (key, pod) in candidates
+            .into_iter()
+            .flatten()
+            .filter(|(_, p)| policy.pod_selector.matches(&p.labels))
+        {
             local_of.entry(pkey).or_default().push(pod);
             for dir in [Direction::Ingress, Direction::Egress] {
                 if dir.rules(policy).is_some() {
@@ -434,7 +448,7 @@ pub fn render(model: &ClusterModel, node: &str) -> (Ruleset, Stats) {
             }
             let local = local_of.get(pkey).cloned().unwrap_or_default();
             let own = Tables {
-                filter: policy_chain(model, p, *dir, &local, &mut r.sets),
+                filter: policy_chain(model, p, *dir, &local, &mut r.sets, cache),
                 ..Default::default()
             };
             r.groups.insert(
@@ -481,8 +495,33 @@ mod tests {
     }
 
     #[test]
+    fn members_kept_across_renders_equal_members_computed_afresh() {
+        let base = include_str!("testdata/cluster.yaml");
+        // A peer member relabelled out and in, a pod added and removed, a namespace relabelled.
+        let steps = [
+            base.to_string(),
+            base.replace("name: b, namespace: y, labels: {pod: b}", "name: b, namespace: y, labels: {pod: z}"),
+            base.replace("metadata: {name: y, labels: {team: red}}", "metadata: {name: y, labels: {team: blue}}"),
+            base.replace("name: b, namespace: x, labels: {pod: b}", "name: b, namespace: x, labels: {pod: q}"),
+            format!("{base}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: y, labels: {{pod: c}}}}\nspec: {{nodeName: n2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.128.2.30}}\n"),
+            base.replace("podIP: 10.128.2.20", "podIP: 10.128.2.21"),
+            base.to_string(),
+        ];
+        let mut cache = Cache::default();
+        for (i, yaml) in steps.iter().enumerate() {
+            let m = Arc::new(model(yaml));
+            let (kept, _) = render_cached(&m, "n1", &mut cache);
+            let (fresh, _) = render(&m, "n1");
+            assert_eq!(text(&kept), text(&fresh), "step {i}");
+        }
+    }
+
+    #[test]
     fn the_chains_and_sets_match_the_golden_file() {
-        let (r, stats) = render(&model(include_str!("testdata/cluster.yaml")), "n1");
+        let (r, stats) = render(
+            &Arc::new(model(include_str!("testdata/cluster.yaml"))),
+            "n1",
+        );
         let got = text(&r);
         let want = include_str!("testdata/cluster.golden");
         if got != want {

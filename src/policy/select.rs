@@ -79,3 +79,127 @@ pub fn named<'a>(
 pub fn has_named(ports: &[crate::model::policy::PortMatch]) -> bool {
     ports.iter().any(|p| matches!(p.port, PortSpec::Named(_)))
 }
+
+/// How a set's members follow from the pods.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Membership {
+    /// The addresses of a pod peer's pods.
+    Peer(Peer),
+    /// `address,protocol:port` of the pods of any of the peers (None: every pod) that name
+    /// the port.
+    Named {
+        peers: Option<Vec<Peer>>,
+        name: String,
+        protocol: Protocol,
+    },
+}
+
+impl Membership {
+    /// What one pod contributes.
+    fn of(&self, model: &ClusterModel, pod: &Pod) -> Option<String> {
+        match self {
+            Membership::Peer(peer) => peer_has(model, peer, pod).then(|| pod.ip.to_string()),
+            Membership::Named {
+                peers,
+                name,
+                protocol,
+            } => {
+                let in_peers = peers
+                    .as_ref()
+                    .is_none_or(|list| list.iter().any(|p| peer_has(model, p, pod)));
+                let port = pod.named_port(name, *protocol).filter(|_| in_peers)?;
+                Some(format!("{},{}:{port}", pod.ip, protocol.as_str()))
+            }
+        }
+    }
+}
+
+/// Set members computed from the cluster's pods, kept from one render to the next and brought
+/// up to date for the pods that changed only: a pod relabelled among thousands costs a look at
+/// that pod for each set, not a look at every pod.
+#[derive(Debug, Default)]
+pub struct Cache {
+    /// The pods and namespaces the members were computed from.
+    seen: Option<std::sync::Arc<ClusterModel>>,
+    sets: std::collections::HashMap<Membership, BTreeSet<String>>,
+    /// Used by the current render (the others are dropped after it).
+    used: std::collections::HashSet<Membership>,
+}
+
+use std::collections::BTreeSet;
+
+impl Cache {
+    /// Brings the members up to date with `model` (call once per render, before `members`).
+    pub fn update(&mut self, model: &std::sync::Arc<ClusterModel>) {
+        let keep: std::collections::HashSet<Membership> = std::mem::take(&mut self.used);
+        self.sets.retain(|m, _| keep.contains(m));
+        let Some(seen) = self.seen.replace(std::sync::Arc::clone(model)) else {
+            return;
+        };
+        if seen.namespaces != model.namespaces {
+            // Namespace labels decide namespaceSelector peers: start again.
+            self.sets.clear();
+            return;
+        }
+        let changed = changed_pods(&seen, model);
+        if changed.len() > model.pods.len() / 4 {
+            self.sets.clear();
+            return;
+        }
+        for (membership, members) in self.sets.iter_mut() {
+            for key in &changed {
+                if let Some(old) = seen.pods.get(key).and_then(|p| membership.of(&seen, p)) {
+                    members.remove(&old);
+                }
+                if let Some(new) = model.pods.get(key).and_then(|p| membership.of(model, p)) {
+                    members.insert(new);
+                }
+            }
+        }
+    }
+
+    /// The members of a set, from the cache or computed over every pod.
+    pub fn members(&mut self, model: &ClusterModel, membership: Membership) -> &BTreeSet<String> {
+        self.used.insert(membership.clone());
+        self.sets
+            .entry(membership)
+            .or_insert_with_key(|m| model.pods.values().filter_map(|p| m.of(model, p)).collect())
+    }
+}
+
+/// The keys of pods added, removed or changed between two models (both maps are sorted: one
+/// walk over both).
+fn changed_pods(a: &ClusterModel, b: &ClusterModel) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let (mut x, mut y) = (a.pods.iter().peekable(), b.pods.iter().peekable());
+    loop {
+        match (x.peek(), y.peek()) {
+            (None, None) => return out,
+            (Some((k, _)), None) => {
+                out.push((*k).clone());
+                x.next();
+            }
+            (None, Some((k, _))) => {
+                out.push((*k).clone());
+                y.next();
+            }
+            (Some((ka, pa)), Some((kb, pb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*ka).clone());
+                    x.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*kb).clone());
+                    y.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if pa != pb {
+                        out.push((*ka).clone());
+                    }
+                    x.next();
+                    y.next();
+                }
+            },
+        }
+    }
+}

@@ -83,7 +83,7 @@ impl Producer for Proxy {
         render::PRODUCER
     }
 
-    fn render(&mut self, model: &ClusterModel) -> Ruleset {
+    fn render(&mut self, model: &Arc<ClusterModel>) -> Ruleset {
         let Some(scope) = self.settings.scope(model) else {
             return Ruleset::default();
         };
