@@ -98,6 +98,20 @@ for backend in ${BACKENDS:-nft legacy}; do
       pfull=$(( $(field compute_ms "$p") + $(field restore_ms "$p") + $(field checks_ms "$p") ))
       echo "  $backend partial sync after one endpoint change at N=$N: $p-> ${pfull} ms vs full ${total} ms = $(printf '%.2f' "$(echo "100 * $pfull / $total" | bc -l)")% (target <= 5%)"
       echo "  $backend daemon peak RSS at N=$N: $((rss / 1024)) MiB (VmHWM after the full sync)"
+      # Reading back for drift: the cost of one read of each table (iptables-save and the
+      # comparison), and the period it implies (10 s at the least, else 100 times the cost: at
+      # most 1% of one CPU).
+      deadline=$((SECONDS + 300)); m=
+      until grep -q 'rsdn_iptables_verify_duration_seconds_count{table="nat"} [1-9]' <<<"$m"; do
+        [ $SECONDS -ge $deadline ] && break
+        sleep 1
+        m=$(ip netns exec "$ns" sh -c 'curl -sf http://127.0.0.1:10249/metrics || curl -sf http://127.0.0.1:10256/metrics' || true)
+      done
+      for t in nat filter; do
+        sum=$(awk -v k="rsdn_iptables_verify_duration_seconds_sum{table=\"$t\"}" '$1 == k {print $2}' <<<"$m")
+        cnt=$(awk -v k="rsdn_iptables_verify_duration_seconds_count{table=\"$t\"}" '$1 == k {print $2}' <<<"$m")
+        [ -n "$cnt" ] && [ "$cnt" != 0 ] && echo "  $backend read back of $t at N=$N: $(printf '%.0f' "$(echo "1000 * $sum / $cnt" | bc -l)") ms per read ($cnt reads); period $(printf '%.0f' "$(echo "s = 100 * $sum / $cnt; if (s < 10) s = 10; s" | bc -l)") s"
+      done
       sed -i 's/- {addresses: \[10.199.0.1\]/- {addresses: [10.129.0.1]/' "$f"
       # The floor of any change to this table: a bare restore adding one chain of one rule.
       kill "$PID"; wait "$PID" 2>/dev/null || true; PID=
