@@ -53,11 +53,15 @@ impl Selector {
         let mut out = BTreeSet::new();
         for (k, v) in s.match_labels.iter().flatten() {
             label_key(k)?;
+            label_value(v)?;
             out.insert(Requirement::In(k.clone(), BTreeSet::from([v.clone()])));
         }
         for e in s.match_expressions.iter().flatten() {
             label_key(&e.key)?;
             let values: BTreeSet<String> = e.values.iter().flatten().cloned().collect();
+            for v in &values {
+                label_value(v)?;
+            }
             let r = match e.operator.as_str() {
                 "In" | "NotIn" if values.is_empty() => {
                     return Err(format!(
@@ -102,6 +106,22 @@ fn label_key(k: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{k:?} is not a valid label key"))
+    }
+}
+
+/// A label value as the API admits it: empty, or at most 63 characters of letters, digits,
+/// `-`, `_` and `.`, beginning and ending with a letter or digit.
+fn label_value(v: &str) -> Result<(), String> {
+    let ok = v.is_empty()
+        || (v.len() <= 63
+            && v.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{v:?} is not a valid label value"))
     }
 }
 
@@ -241,8 +261,11 @@ fn peer(p: &NetworkPolicyPeer, namespace: &str) -> Result<Option<Peer>, String> 
             let net: Ipv4Net = e
                 .parse()
                 .map_err(|_| format!("ipBlock except {e:?} is not an IPv4 CIDR"))?;
-            if !cidr.contains(&net) {
-                return Err(format!("ipBlock except {e} is not inside {}", b.cidr));
+            if !cidr.contains(&net) || net.prefix_len() <= cidr.prefix_len() {
+                return Err(format!(
+                    "ipBlock except {e} is not strictly inside {}",
+                    b.cidr
+                ));
             }
             except.push(net.trunc());
         }
@@ -503,6 +526,8 @@ mod tests {
             "matchExpressions: [{key: app, operator: Exists, values: [a]}]",
             "matchExpressions: [{key: app, operator: Near, values: [a]}]",
             "matchLabels: {'a b': c}",
+            "matchLabels: {a: 'b\"c'}",
+            "matchExpressions: [{key: app, operator: In, values: ['-x']}]",
         ] {
             let sel: K8sSelector = serde_saphyr::from_str(bad).unwrap();
             assert!(Selector::parse(&sel).is_err(), "{bad}");

@@ -145,6 +145,11 @@ impl FakeIptables {
                 },
                 ["add", name, member @ ..] => match sets.get_mut(*name) {
                     Some(s) => {
+                        // One element per network: the kernel keeps one of `net` and
+                        // `net nomatch`, the one added last.
+                        let element = member[0];
+                        s.members.remove(element);
+                        s.members.remove(&format!("{element} nomatch"));
                         s.members.insert(member.join(" "));
                     }
                     None => return fail("no such set"),

@@ -103,7 +103,14 @@ pub fn repair(jumps: &[&Jump], listed: &[&str]) -> String {
     let declared: Vec<usize> = (0..jumps.len())
         .filter(|i| jumps[*i].position == Position::First)
         .collect();
-    if each_once && first_order == declared {
+    // Ours first means before anything else: a rule someone put above them (kube-proxy's
+    // KUBE-FORWARD after a flush, say) could accept a packet before policy judged it.
+    let on_top = listed
+        .iter()
+        .take(declared.len())
+        .enumerate()
+        .all(|(k, l)| jumps[declared[k]].is(l));
+    if each_once && first_order == declared && on_top {
         return String::new();
     }
     let mut out = String::new();
@@ -188,14 +195,31 @@ mod tests {
     }
 
     #[test]
+    fn a_foreign_rule_above_our_first_jumps_puts_them_back_on_top() {
+        let (a, b) = (
+            j("FORWARD", "A", Position::First),
+            j("FORWARD", "B", Position::First),
+        );
+        let mut l = vec!["-A FORWARD -j KUBE-FORWARD".to_string()];
+        l.extend(listed(&[&a, &b]));
+        let l: Vec<&str> = l.iter().map(String::as_str).collect();
+        let fix = repair(&[&a, &b], &l);
+        assert!(fix.ends_with("-I FORWARD 1 -m comment --comment \"to B\" -j B\n-I FORWARD 1 -m comment --comment \"to A\" -j A\n"), "{fix}");
+        assert!(
+            !fix.contains("KUBE-FORWARD"),
+            "a foreign rule is never touched: {fix}"
+        );
+    }
+
+    #[test]
     fn jumps_in_place_need_nothing_whatever_else_is_around() {
         let (a, b, z) = (
             j("FORWARD", "A", Position::First),
             j("FORWARD", "B", Position::First),
             j("FORWARD", "Z", Position::Last),
         );
-        let mut l = vec!["-A FORWARD -j FOREIGN-TOP".to_string()];
-        l.extend(listed(&[&a, &b]));
+        let mut l = listed(&[&a, &b]);
+        l.push("-A FORWARD -j FOREIGN-TOP".to_string());
         l.push("-A FORWARD -j FOREIGN".into());
         l.extend(listed(&[&z]));
         let l: Vec<&str> = l.iter().map(String::as_str).collect();

@@ -53,17 +53,25 @@ impl IpSet {
     }
 
     /// A network member, as ipset prints it (a /32 as the bare address). ipset has no /0: the
-    /// whole address space is two /1s.
+    /// whole address space is two /1s. A network is one element, matching or `nomatch`: a
+    /// `nomatch` entry wins over a matching one for the same network (an except equal to the
+    /// half of a /0), as the kernel keeps only one of them.
     pub fn add_net(&mut self, net: Ipv4Net, nomatch: bool) {
-        let tag = if nomatch { " nomatch" } else { "" };
-        if net.prefix_len() == 0 {
-            for half in ["0.0.0.0/1", "128.0.0.0/1"] {
-                self.members.insert(format!("{half}{tag}"));
-            }
+        let nets: Vec<String> = if net.prefix_len() == 0 {
+            vec!["0.0.0.0/1".into(), "128.0.0.0/1".into()]
         } else if net.prefix_len() == 32 {
-            self.members.insert(format!("{}{tag}", net.addr()));
+            vec![net.addr().to_string()]
         } else {
-            self.members.insert(format!("{}{tag}", net.trunc()));
+            vec![net.trunc().to_string()]
+        };
+        for n in nets {
+            let excluded = format!("{n} nomatch");
+            if nomatch {
+                self.members.remove(&n);
+                self.members.insert(excluded);
+            } else if !self.members.contains(&excluded) {
+                self.members.insert(n);
+            }
         }
     }
 }
@@ -136,11 +144,16 @@ pub fn payload(
         .filter(|n| !new.contains_key(*n))
         .collect();
     if let Some(kernel) = kernel {
+        // A temporary left by a crash is filled and destroyed with its set: not stale.
         gone.extend(
             kernel
                 .iter()
                 .map(String::as_str)
-                .filter(|n| owned(n) && !new.contains_key(*n)),
+                .filter(|n| owned(n) && !new.contains_key(*n))
+                .filter(|n| {
+                    n.strip_suffix("-t")
+                        .is_none_or(|base| !new.contains_key(base))
+                }),
         );
         gone.retain(|n| kernel.contains(*n));
     }
@@ -221,7 +234,9 @@ mod tests {
     #[test]
     fn a_full_write_destroys_stale_sets_of_ours_that_exist_only() {
         let new = BTreeMap::from([("RSDN-A".to_string(), set(SetKind::HashIp, &[]))]);
-        let kernel: BTreeSet<String> = ["RSDN-A", "RSDN-STALE", "FOREIGN"].map(String::from).into();
+        let kernel: BTreeSet<String> = ["RSDN-A", "RSDN-A-t", "RSDN-STALE", "FOREIGN"]
+            .map(String::from)
+            .into();
         let p = payload(None, &new, &BTreeSet::new(), Some(&kernel), &|n| {
             n.starts_with("RSDN-")
         });
@@ -244,6 +259,10 @@ mod tests {
                 "128.0.0.0/1"
             ]
         );
+        // 0.0.0.0/0 except 0.0.0.0/1: one element per network, the exception wins.
+        s.add_net("0.0.0.0/1".parse().unwrap(), true);
+        s.add_net("0.0.0.0/0".parse().unwrap(), false);
+        assert!(s.members.contains("0.0.0.0/1 nomatch") && !s.members.contains("0.0.0.0/1"));
         let saved = "create RSDN-A hash:net family inet hashsize 1024 maxelem 1048576 bucketsize 12 initval 0x1\nadd RSDN-A 10.1.1.1\nadd RSDN-A 10.128.0.0/14 nomatch\ncreate RSDN-B hash:ip,port family inet\nadd RSDN-B 10.1.1.1,tcp:80\n";
         let sets = parse_save(saved);
         assert_eq!(sets["RSDN-A"].kind, SetKind::HashNet);

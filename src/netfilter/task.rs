@@ -95,6 +95,10 @@ pub async fn run<I: Iptables>(
                     Ok(x) => x,
                     Err(e) => {
                         error!(error = %e, "the iptables sync task panicked; stopping it");
+                        health.iptables_failed(
+                            format!("the iptables task stopped: {e}"),
+                            Instant::now(),
+                        );
                         return;
                     }
                 };

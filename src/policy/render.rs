@@ -108,12 +108,24 @@ pub struct Stats {
 }
 
 /// A comment that fits iptables' 256 bytes.
-fn comment(text: &str) -> Quoted<&str> {
-    let mut end = text.len().min(200);
-    while !text.is_char_boundary(end) {
+fn comment(text: &str) -> Quoted<String> {
+    // Names and labels from a hand-written directory are not validated by an API server: a
+    // quote or backslash in them would end the comment and break the whole restore.
+    let clean: String = text
+        .chars()
+        .map(|c| {
+            if matches!(c, '"' | '\\') || c.is_control() {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    let mut end = clean.len().min(200);
+    while !clean.is_char_boundary(end) {
         end -= 1;
     }
-    Quoted(&text[..end])
+    Quoted(clean[..end].to_string())
 }
 
 /// Adds a set (shared by name: the same members under the same name) and returns its name.
@@ -506,6 +518,9 @@ mod tests {
             format!("{base}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: y, labels: {{pod: c}}}}\nspec: {{nodeName: n2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.128.2.30}}\n"),
             base.replace("podIP: 10.128.2.20", "podIP: 10.128.2.21"),
             base.to_string(),
+            // y/c gets y/b's address while y/b, terminating, still has it; then y/b goes.
+            format!("{base}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: y, labels: {{pod: c}}}}\nspec: {{nodeName: n2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.128.2.20}}\n"),
+            format!("{}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: y, labels: {{pod: c}}}}\nspec: {{nodeName: n2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.128.2.20}}\n", base.replace("podIP: 10.128.2.20", "podIP: 10.128.2.99").replace("name: b, namespace: y", "name: gone, namespace: y")),
         ];
         let mut cache = Cache::default();
         for (i, yaml) in steps.iter().enumerate() {

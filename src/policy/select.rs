@@ -121,12 +121,42 @@ impl Membership {
 pub struct Cache {
     /// The pods and namespaces the members were computed from.
     seen: Option<std::sync::Arc<ClusterModel>>,
-    sets: std::collections::HashMap<Membership, BTreeSet<String>>,
+    /// Each set's members, with how many pods contribute each (two pods may share an
+    /// address for a while: one terminating, the other new).
+    sets: std::collections::HashMap<Membership, Members>,
     /// Used by the current render (the others are dropped after it).
     used: std::collections::HashSet<Membership>,
 }
 
 use std::collections::BTreeSet;
+
+/// A set's members and how many pods contribute each.
+#[derive(Debug, Default)]
+struct Members {
+    count: BTreeMap<String, usize>,
+    /// The members, kept in step with `count`.
+    set: BTreeSet<String>,
+}
+
+impl Members {
+    fn add(&mut self, m: String) {
+        let n = self.count.entry(m.clone()).or_default();
+        *n += 1;
+        if *n == 1 {
+            self.set.insert(m);
+        }
+    }
+
+    fn remove(&mut self, m: &str) {
+        if let Some(n) = self.count.get_mut(m) {
+            *n -= 1;
+            if *n == 0 {
+                self.count.remove(m);
+                self.set.remove(m);
+            }
+        }
+    }
+}
 
 impl Cache {
     /// Brings the members up to date with `model` (call once per render, before `members`).
@@ -141,18 +171,15 @@ impl Cache {
             self.sets.clear();
             return;
         }
+        // Even when most pods changed, this costs no more than computing every set afresh.
         let changed = changed_pods(&seen, model);
-        if changed.len() > model.pods.len() / 4 {
-            self.sets.clear();
-            return;
-        }
         for (membership, members) in self.sets.iter_mut() {
             for key in &changed {
                 if let Some(old) = seen.pods.get(key).and_then(|p| membership.of(&seen, p)) {
                     members.remove(&old);
                 }
                 if let Some(new) = model.pods.get(key).and_then(|p| membership.of(model, p)) {
-                    members.insert(new);
+                    members.add(new);
                 }
             }
         }
@@ -161,9 +188,17 @@ impl Cache {
     /// The members of a set, from the cache or computed over every pod.
     pub fn members(&mut self, model: &ClusterModel, membership: Membership) -> &BTreeSet<String> {
         self.used.insert(membership.clone());
-        self.sets
+        &self
+            .sets
             .entry(membership)
-            .or_insert_with_key(|m| model.pods.values().filter_map(|p| m.of(model, p)).collect())
+            .or_insert_with_key(|m| {
+                let mut members = Members::default();
+                for p in model.pods.values().filter_map(|p| m.of(model, p)) {
+                    members.add(p);
+                }
+                members
+            })
+            .set
     }
 }
 
