@@ -89,10 +89,18 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    info!(node = %config.node_name, source = %config.source, "rsdn node starting");
+    info!(
+        version = crate::build_info::VERSION,
+        revision = crate::build_info::REVISION,
+        build_date = crate::build_info::BUILD_DATE,
+        node = %config.node_name,
+        source = %config.source,
+        "rsdn node starting"
+    );
     let resync = Duration::from_secs(config.resync_seconds);
     let health = Arc::new(Health::new(resync));
     let mut registry = prometheus_client::registry::Registry::default();
+    crate::build_info::register(&mut registry);
     let engine_metrics = EngineMetrics::register(&mut registry);
     let overlay_metrics = OverlayMetrics::register(&mut registry);
     let producers = producers(&config, &mut registry);

@@ -1,5 +1,6 @@
 //! The rsdn node daemon and the operator's tools.
 
+pub mod build_info;
 pub mod cniconf;
 pub mod config;
 pub mod daemon;

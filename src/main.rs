@@ -14,7 +14,7 @@ use rsdn::logging::LogFormat;
 
 /// rsdn: a VXLAN + iptables Kubernetes network plugin in the style of OpenShift SDN.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = rsdn::build_info::LONG, about)]
 struct Cli {
     /// Log format of long-running commands.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -342,6 +342,14 @@ mod tests {
             unreachable!()
         };
         a
+    }
+
+    #[test]
+    fn version_names_the_commit_and_the_build_date() {
+        use clap::CommandFactory;
+        let v = Cli::command().render_version();
+        assert_eq!(v, format!("rsdn {}\n", rsdn::build_info::LONG));
+        assert!(v.contains(rsdn::build_info::REVISION) && v.contains(" built "));
     }
 
     /// The flags of the DaemonSet and the hack/ scripts, as they were before NodeOptions.
