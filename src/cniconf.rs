@@ -2,7 +2,7 @@
 //! CNI config directory once the node network is programmed, and what `rsdn cni-config` prints.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use rsdn_cni::config::NetConf;
@@ -45,6 +45,22 @@ pub fn conflist(
         plugins.push(json!({"type": "portmap", "capabilities": {"portMappings": true}}));
     }
     json!({ "cniVersion": version, "name": NETWORK_NAME, "plugins": plugins })
+}
+
+/// The binaries of the plugins chained after ours (portmap) that `bin_dir` lacks, or holds
+/// without execute permission: while one is missing, a runtime fails every pod's ADD with
+/// "failed to find plugin". (Ours is `rsdn install-cni`'s to put there.)
+pub fn missing_plugins(list: &Value, bin_dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let chained = list["plugins"].as_array().into_iter().flatten().skip(1);
+    chained
+        .filter_map(|p| p["type"].as_str())
+        .map(|t| bin_dir.join(t))
+        .filter(|path| {
+            !std::fs::metadata(path)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .collect()
 }
 
 /// Writes `text` to `path` unless the file already holds exactly that (a restarted daemon finds
@@ -103,5 +119,33 @@ mod tests {
             ("10.128.2.0/23", "10.128.2.1", 1450)
         );
         assert_eq!(conf.plugin_type, "rsdn-cni");
+    }
+
+    #[test]
+    fn a_chained_plugin_missing_from_the_binary_directory_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let list = |portmap| {
+            conflist(
+                "10.128.2.0/23".parse().unwrap(),
+                "10.128.2.1".parse().unwrap(),
+                1450,
+                "tun0",
+                &ConflistOptions {
+                    portmap,
+                    cni_version: None,
+                },
+            )
+        };
+        let bin = tempfile::tempdir().unwrap();
+        let portmap = bin.path().join("portmap");
+        let missing = |portmap| missing_plugins(&list(portmap), bin.path());
+        assert_eq!(missing(true), vec![portmap.clone()]);
+        assert!(missing(false).is_empty());
+        std::fs::write(&portmap, "#!/bin/sh\n").unwrap();
+        assert_eq!(missing(true), vec![portmap.clone()], "not executable");
+        std::fs::set_permissions(&portmap, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(missing(true).is_empty());
+        // Our own plugin is not looked for: install-cni puts it there.
+        assert!(!bin.path().join("rsdn-cni").exists());
     }
 }

@@ -144,8 +144,10 @@ struct CniConfigArgs {
     /// The node bridge the pods join.
     #[arg(long, default_value = rsdn_cni::config::DEFAULT_BRIDGE)]
     bridge: String,
-    /// Chain the portmap plugin after rsdn-cni (hostPort support).
-    #[arg(long)]
+    /// Chain the portmap plugin after rsdn-cni (hostPort support), as the node daemon does
+    /// by default; --portmap=false for our plugin alone.
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", require_equals = true)]
     portmap: bool,
     /// CNI spec version of the list.
     #[arg(long, default_value = "1.0.0")]
@@ -350,6 +352,26 @@ mod tests {
         let v = Cli::command().render_version();
         assert_eq!(v, format!("rsdn {}\n", rsdn::build_info::LONG));
         assert!(v.contains(rsdn::build_info::REVISION) && v.contains(" built "));
+    }
+
+    /// `rsdn cni-config` chains portmap as the daemon does by default; `--portmap` still parses.
+    #[test]
+    fn cni_config_chains_portmap_unless_told_not_to() {
+        let portmap = |args: &[&str]| {
+            let base = ["rsdn", "cni-config", "--subnet", "10.128.0.0/23"];
+            let cli = Cli::try_parse_from(base.iter().chain(args)).unwrap();
+            let Command::CniConfig(a) = cli.command else {
+                unreachable!()
+            };
+            a.portmap
+        };
+        assert!(portmap(&[]) && portmap(&["--portmap"]) && portmap(&["--portmap=true"]));
+        assert!(!portmap(&["--portmap=false"]));
+        assert_eq!(
+            rsdn::config::NodeOptions::defaults().portmap,
+            Some(true),
+            "the daemon's default"
+        );
     }
 
     /// The flags of the DaemonSet and the hack/ scripts, as they were before NodeOptions.

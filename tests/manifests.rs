@@ -301,7 +301,13 @@ fn the_daemon_set_agrees_with_the_code() {
         .to_str()
         .unwrap()
         .to_string();
-    for path in [conf_dir.as_str(), "/run/xtables.lock", "/var/lib/cni"] {
+    let bin_dir = c.cni_bin_dir.to_str().unwrap();
+    for path in [
+        conf_dir.as_str(),
+        bin_dir,
+        "/run/xtables.lock",
+        "/var/lib/cni",
+    ] {
         assert_eq!(
             host_path(pod, daemon, path).as_deref(),
             Some(path),
