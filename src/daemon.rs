@@ -2,7 +2,9 @@
 //! them. The cluster source publishes models; the overlay's reconcile loop
 //! (`overlay::reconcile`), the netfilter engine's task with its producers (the Service proxy,
 //! egress masquerade) and the health check node ports follow the models; `/healthz` and
-//! `/metrics` report on all of them. Stopping leaves the datapath in place.
+//! `/metrics` report on all of them; with the API server as the source, the Node's
+//! NetworkUnavailable condition is cleared once the node network is programmed
+//! (`node_status`). Stopping leaves the datapath in place.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -114,8 +116,11 @@ pub async fn run(
     scope.programmed = programmed_claims(&kernel, config.cluster_network).await;
     // The model is shared, not copied, by every reader and every pass.
     let (model_tx, mut model_rx) = watch::channel(Arc::new(ClusterModel::default()));
+    // True once the node network is programmed (the reconcile loop sets it).
+    let (ready_tx, ready_rx) = watch::channel(false);
     match &config.source {
         SourceConfig::Dir(dir) => {
+            info!("the dir source has no API server: the Node's NetworkUnavailable condition is not written");
             tokio::spawn(crate::source::dir::run(
                 dir.clone(),
                 scope,
@@ -128,6 +133,12 @@ pub async fn run(
             let client = crate::source::kube::client(kubeconfig.as_deref())
                 .await
                 .context("cannot configure the Kubernetes client")?;
+            tokio::spawn(crate::node_status::run(
+                client.clone(),
+                config.node_name.clone(),
+                ready_rx,
+                Default::default(),
+            ));
             tokio::spawn(crate::source::kube::run(
                 client,
                 scope,
@@ -182,16 +193,12 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     tokio::spawn(crate::overlay::monitor::run(wake.clone()));
     let reconciler = Reconciler::new(config, kernel);
-    reconcile::run(
-        reconciler,
-        model_rx,
-        wake,
-        resync,
+    let reports = reconcile::Reports {
         health,
-        overlay_metrics,
-        &mut shutdown,
-    )
-    .await;
+        metrics: overlay_metrics,
+        ready: ready_tx,
+    };
+    reconcile::run(reconciler, model_rx, wake, resync, reports, &mut shutdown).await;
     info!("shutting down; the datapath stays in place");
     Ok(())
 }

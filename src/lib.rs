@@ -11,6 +11,7 @@ pub mod install;
 pub mod logging;
 pub mod model;
 pub mod netfilter;
+pub mod node_status;
 pub mod overlay;
 pub mod policy;
 pub mod proxy;

@@ -1,7 +1,7 @@
 //! The manifests in `manifests/` agree with the code: every document parses as its Kubernetes
-//! type, the RBAC rules grant exactly what the daemon watches, the DaemonSet's probes, ports,
-//! mounts and command lines match the daemon's defaults and flags, and the ConfigMap is a valid
-//! daemon configuration. No cluster needed.
+//! type, the RBAC rules grant exactly what the daemon watches and patches, the DaemonSet's
+//! probes, ports, mounts and command lines match the daemon's defaults and flags, and the
+//! ConfigMap is a valid daemon configuration. No cluster needed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -153,7 +153,7 @@ fn every_object_parses_and_lives_in_the_namespace() {
 }
 
 #[test]
-fn rbac_grants_exactly_what_the_daemon_watches() {
+fn rbac_grants_exactly_what_the_daemon_watches_and_patches() {
     let m = load();
     assert_eq!(m.bindings.len(), 1);
     let role_name = &m.bindings[0].role_ref.name;
@@ -175,6 +175,7 @@ fn rbac_grants_exactly_what_the_daemon_watches() {
     }
     let used: BTreeSet<(String, String, String)> = rsdn::source::kube::WATCHED
         .iter()
+        .chain(rsdn::node_status::PATCHED)
         .flat_map(|(g, r, verbs)| {
             verbs
                 .iter()
@@ -183,7 +184,7 @@ fn rbac_grants_exactly_what_the_daemon_watches() {
         .collect();
     assert_eq!(
         granted, used,
-        "ClusterRole {role_name} vs the watches in src/source/kube.rs"
+        "ClusterRole {role_name} vs WATCHED (src/source/kube.rs) and PATCHED (src/node_status.rs)"
     );
 }
 

@@ -234,6 +234,14 @@ impl<K: OverlayKernel> Reconciler<K> {
     }
 }
 
+/// What the loop reports to: health, the metrics, and (`ready`, set true once) whoever waits
+/// for the node network to be programmed: the Node's condition (`node_status`).
+pub struct Reports {
+    pub health: Arc<Health>,
+    pub metrics: OverlayMetrics,
+    pub ready: watch::Sender<bool>,
+}
+
 /// Runs reconcile passes until `shutdown` resolves: on every new model, on netlink events
 /// (`wake`), every `resync`, and a second after a failed pass. The datapath stays when it ends.
 pub async fn run<K: OverlayKernel>(
@@ -241,10 +249,14 @@ pub async fn run<K: OverlayKernel>(
     mut model_rx: watch::Receiver<Arc<ClusterModel>>,
     wake: Arc<Notify>,
     resync: Duration,
-    health: Arc<Health>,
-    overlay_metrics: OverlayMetrics,
+    reports: Reports,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let Reports {
+        health,
+        metrics: overlay_metrics,
+        ready,
+    } = reports;
     tokio::pin!(shutdown);
     let mut last_waiting: Option<String> = None;
     let mut missing_plugins: Vec<PathBuf> = Vec::new();
@@ -280,10 +292,14 @@ pub async fn run<K: OverlayKernel>(
                     port_repairs: pass.port_repairs.len(),
                 });
                 let clean = pass.clean();
+                let network_ready = clean && pass.waiting.is_none() && reconciler.ready();
+                if network_ready {
+                    ready.send_if_modified(|r| !std::mem::replace(r, true));
+                }
                 health.overlay_passed(
                     OverlayPass {
                         waiting: pass.waiting.clone(),
-                        ready: clean && pass.waiting.is_none() && reconciler.ready(),
+                        ready: network_ready,
                         failed: pass.failure_summary(),
                         pod_ports: pass.pod_ports,
                         pods_repaired: pass.port_repairs.len(),

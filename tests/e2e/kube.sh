@@ -38,6 +38,14 @@ check "/metrics has overlay, proxy and build metrics" eval "status_is 192.168.77
   grep -q '^kubeproxy_sync_proxy_rules_last_timestamp_seconds' $T/body &&
   grep -q '^rsdn_cluster_source_ready 1' $T/body &&
   grep -q '^rsdn_build_info{version=\"[0-9.]*\",revision=\"[0-9a-f]*\",build_date=\"' $T/body"
+# Each daemon, once its node is programmed, sets its Node's NetworkUnavailable to False.
+condition_set() {
+  for n in 1 2 3; do
+    grep 'patch of a Node.s status' "$LAB/apiserver.log" | grep "node=\"\?node$n\"\?" | grep -q 'status=200' || return 1
+  done
+}
+check "every daemon cleared its Node's NetworkUnavailable (a status patch, answered 200)" \
+  eventually 10 condition_set
 check "the daemon's first log line names its build" \
   eval "head -1 $LAB/node1/rsdn.log | grep 'rsdn node starting' | grep -q 'revision='"
 
