@@ -63,6 +63,15 @@ pub fn missing_plugins(list: &Value, bin_dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The temporary file `write_atomically` fills before renaming it to `path`: in the same
+/// directory, its name starting with a dot, which readers of such directories skip.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("rsdn");
+    path.parent()
+        .unwrap_or(Path::new("."))
+        .join(format!(".{name}.tmp"))
+}
+
 /// Writes `text` to `path` unless the file already holds exactly that (a restarted daemon finds
 /// its own file and leaves it be); says whether it wrote.
 pub fn write_if_changed(path: &Path, text: &str) -> std::io::Result<bool> {
@@ -74,14 +83,10 @@ pub fn write_if_changed(path: &Path, text: &str) -> std::io::Result<bool> {
 }
 
 /// Temp file in the same directory, then rename: a reader sees the old file or the new one.
-/// The temp file's name starts with a dot, which readers of such directories skip.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("rsdn")
-    ));
+    let tmp = temporary_path(path);
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }

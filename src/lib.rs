@@ -1,6 +1,7 @@
 //! The rsdn node daemon and the operator's tools.
 
 pub mod build_info;
+pub mod cleanup;
 pub mod cniconf;
 pub mod config;
 pub mod daemon;

@@ -39,6 +39,13 @@ enum Command {
     /// Copy the rsdn-cni plugin into the CNI binary directory (the DaemonSet's init
     /// container): atomically, by temp file and rename, and only when it differs.
     InstallCni(InstallCniArgs),
+    /// Remove everything rsdn owns on this node, and nothing else (as kube-proxy --cleanup):
+    /// the conflist, rsdn's iptables chains and their jumps in both backends, the RSDN- ipsets,
+    /// the routes with protocol 212, vxlan0 and tun0. Pods' interfaces stay. The Service
+    /// proxy's KUBE-* chains stay where kube-proxy runs or ran (its KUBE-PROXY-CANARY chain)
+    /// or with --proxy=false. Stop the daemon first. Prints what it removed; a second run
+    /// finds nothing. Exit status 1 if anything could not be removed.
+    Cleanup(NodeArgs),
     /// The Service proxy's iptables rules.
     Proxy {
         #[command(subcommand)]
@@ -260,6 +267,15 @@ fn main() -> Result<()> {
         } => {
             let config = node.into_config()?;
             print!("{}", proxy_render(&config, ipset)?);
+            Ok(())
+        }
+        Command::Cleanup(args) => {
+            let config = args.into_config()?;
+            let report = runtime()?.block_on(rsdn::cleanup::run(&config, &rsdn::cleanup::BACKENDS));
+            print!("{}", report.render());
+            if !report.errors.is_empty() {
+                std::process::exit(1);
+            }
             Ok(())
         }
         Command::Lab { args } => lab(cli.log_format, args),
