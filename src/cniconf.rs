@@ -2,7 +2,7 @@
 //! CNI config directory once the node network is programmed, and what `rsdn cni-config` prints.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ipnet::Ipv4Net;
 use rsdn_cni::config::NetConf;
@@ -47,6 +47,31 @@ pub fn conflist(
     json!({ "cniVersion": version, "name": NETWORK_NAME, "plugins": plugins })
 }
 
+/// The binaries of the plugins chained after ours (portmap) that `bin_dir` lacks, or holds
+/// without execute permission: while one is missing, a runtime fails every pod's ADD with
+/// "failed to find plugin". (Ours is `rsdn install-cni`'s to put there.)
+pub fn missing_plugins(list: &Value, bin_dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let chained = list["plugins"].as_array().into_iter().flatten().skip(1);
+    chained
+        .filter_map(|p| p["type"].as_str())
+        .map(|t| bin_dir.join(t))
+        .filter(|path| {
+            !std::fs::metadata(path)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .collect()
+}
+
+/// The temporary file `write_atomically` fills before renaming it to `path`: in the same
+/// directory, its name starting with a dot, which readers of such directories skip.
+pub fn temporary_path(path: &Path) -> PathBuf {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("rsdn");
+    path.parent()
+        .unwrap_or(Path::new("."))
+        .join(format!(".{name}.tmp"))
+}
+
 /// Writes `text` to `path` unless the file already holds exactly that (a restarted daemon finds
 /// its own file and leaves it be); says whether it wrote.
 pub fn write_if_changed(path: &Path, text: &str) -> std::io::Result<bool> {
@@ -58,14 +83,10 @@ pub fn write_if_changed(path: &Path, text: &str) -> std::io::Result<bool> {
 }
 
 /// Temp file in the same directory, then rename: a reader sees the old file or the new one.
-/// The temp file's name starts with a dot, which readers of such directories skip.
 pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("rsdn")
-    ));
+    let tmp = temporary_path(path);
     std::fs::write(&tmp, text)?;
     std::fs::rename(&tmp, path)
 }
@@ -103,5 +124,33 @@ mod tests {
             ("10.128.2.0/23", "10.128.2.1", 1450)
         );
         assert_eq!(conf.plugin_type, "rsdn-cni");
+    }
+
+    #[test]
+    fn a_chained_plugin_missing_from_the_binary_directory_is_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let list = |portmap| {
+            conflist(
+                "10.128.2.0/23".parse().unwrap(),
+                "10.128.2.1".parse().unwrap(),
+                1450,
+                "tun0",
+                &ConflistOptions {
+                    portmap,
+                    cni_version: None,
+                },
+            )
+        };
+        let bin = tempfile::tempdir().unwrap();
+        let portmap = bin.path().join("portmap");
+        let missing = |portmap| missing_plugins(&list(portmap), bin.path());
+        assert_eq!(missing(true), vec![portmap.clone()]);
+        assert!(missing(false).is_empty());
+        std::fs::write(&portmap, "#!/bin/sh\n").unwrap();
+        assert_eq!(missing(true), vec![portmap.clone()], "not executable");
+        std::fs::set_permissions(&portmap, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(missing(true).is_empty());
+        // Our own plugin is not looked for: install-cni puts it there.
+        assert!(!bin.path().join("rsdn-cni").exists());
     }
 }

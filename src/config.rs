@@ -13,6 +13,8 @@ pub const DEFAULT_VXLAN_PORT: u16 = 4789;
 pub const DEFAULT_VNI: u32 = 1;
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const DEFAULT_CNI_CONF_FILE: &str = "10-rsdn.conflist";
+/// Where the kubelet and the runtimes look for CNI plugins by default.
+pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 /// kube-proxy's healthz port; /metrics is served there too.
 pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
 pub const DEFAULT_RESYNC_SECONDS: u64 = 5;
@@ -117,6 +119,12 @@ node_options! {
     cni_conf_file: String = DEFAULT_CNI_CONF_FILE,
     /// IPAM data directory written into the conflist [default: the plugin's, /var/lib/cni/networks].
     cni_data_dir: PathBuf,
+    /// Chain the portmap plugin after rsdn-cni in the conflist, for pods' hostPorts (as
+    /// flannel's and Calico's conflists do); its binary must be in cniBinDir.
+    #[arg(action = clap::ArgAction::Set)]
+    portmap: bool = true,
+    /// The CNI plugin directory of the node's runtime, where the chained plugins (portmap) must be.
+    cni_bin_dir: PathBuf = DEFAULT_CNI_BIN_DIR,
     /// Cluster source without an API server: a directory of Kubernetes YAML objects (Node,
     /// Service, EndpointSlice), re-read on change. Without it the API server is the source.
     cluster_dir: PathBuf,
@@ -239,6 +247,9 @@ pub struct NodeConfig {
     pub cni_conf_dir: PathBuf,
     pub cni_conf_file: String,
     pub cni_data_dir: Option<PathBuf>,
+    /// Chain portmap after rsdn-cni.
+    pub portmap: bool,
+    pub cni_bin_dir: PathBuf,
     pub source: SourceConfig,
     /// None: no HTTP endpoint (tests); the default is 0.0.0.0:10256.
     pub healthz_bind_address: Option<SocketAddr>,
@@ -351,6 +362,8 @@ impl NodeConfig {
             cni_conf_dir: defaulted(f.cni_conf_dir),
             cni_conf_file,
             cni_data_dir: f.cni_data_dir,
+            portmap: defaulted(f.portmap),
+            cni_bin_dir: defaulted(f.cni_bin_dir),
             source,
             healthz_bind_address: f.healthz_bind_address,
             resync_seconds,
@@ -403,6 +416,7 @@ mod tests {
         assert_eq!(c.service_network.to_string(), "172.30.0.0/16");
         assert_eq!((c.vxlan_port, c.vni, c.mtu), (4789, 1, None));
         assert!(c.proxy && c.masquerade_bit == 0);
+        assert!(c.portmap && c.cni_bin_dir == Path::new("/opt/cni/bin"));
         assert_eq!(c.iptables_backend, IptablesBackend::Auto);
         assert_eq!(c.proxy_full_sync_seconds, 3600);
         assert_eq!(c.source, SourceConfig::Dir("/tmp/c".into()));
@@ -423,6 +437,8 @@ mod tests {
             c.cni_conf_path(),
             PathBuf::from("/etc/cni/net.d/10-rsdn.conflist")
         );
+        let c = resolve("portmap: false\ncniBinDir: /usr/lib/cni\n").unwrap();
+        assert!(!c.portmap && c.cni_bin_dir == Path::new("/usr/lib/cni"));
     }
 
     #[test]
@@ -540,8 +556,8 @@ mod tests {
             },
             NodeConfig::resolve(NodeOptions::defaults(), Some("a".into())).unwrap()
         );
-        // 12 of the 18 options have a value default; unset, the others are derived or off.
-        assert_eq!(declared_defaults().len(), 12, "{:?}", declared_defaults());
+        // 14 of the 20 options have a value default; unset, the others are derived or off.
+        assert_eq!(declared_defaults().len(), 14, "{:?}", declared_defaults());
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! them. The cluster source publishes models; the overlay's reconcile loop
 //! (`overlay::reconcile`), the netfilter engine's task with its producers (the Service proxy,
 //! egress masquerade) and the health check node ports follow the models; `/healthz` and
-//! `/metrics` report on all of them. Stopping leaves the datapath in place.
+//! `/metrics` report on all of them; with the API server as the source, the Node's
+//! NetworkUnavailable condition is cleared once the node network is programmed
+//! (`node_status`). Stopping leaves the datapath in place.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,10 +91,18 @@ pub async fn run(
     config: NodeConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    info!(node = %config.node_name, source = %config.source, "rsdn node starting");
+    info!(
+        version = crate::build_info::VERSION,
+        revision = crate::build_info::REVISION,
+        build_date = crate::build_info::BUILD_DATE,
+        node = %config.node_name,
+        source = %config.source,
+        "rsdn node starting"
+    );
     let resync = Duration::from_secs(config.resync_seconds);
     let health = Arc::new(Health::new(resync));
     let mut registry = prometheus_client::registry::Registry::default();
+    crate::build_info::register(&mut registry);
     let engine_metrics = EngineMetrics::register(&mut registry);
     let overlay_metrics = OverlayMetrics::register(&mut registry);
     let producers = producers(&config, &mut registry);
@@ -106,8 +116,11 @@ pub async fn run(
     scope.programmed = programmed_claims(&kernel, config.cluster_network).await;
     // The model is shared, not copied, by every reader and every pass.
     let (model_tx, mut model_rx) = watch::channel(Arc::new(ClusterModel::default()));
+    // True once the node network is programmed (the reconcile loop sets it).
+    let (ready_tx, ready_rx) = watch::channel(false);
     match &config.source {
         SourceConfig::Dir(dir) => {
+            info!("the dir source has no API server: the Node's NetworkUnavailable condition is not written");
             tokio::spawn(crate::source::dir::run(
                 dir.clone(),
                 scope,
@@ -120,6 +133,12 @@ pub async fn run(
             let client = crate::source::kube::client(kubeconfig.as_deref())
                 .await
                 .context("cannot configure the Kubernetes client")?;
+            tokio::spawn(crate::node_status::run(
+                client.clone(),
+                config.node_name.clone(),
+                ready_rx,
+                Default::default(),
+            ));
             tokio::spawn(crate::source::kube::run(
                 client,
                 scope,
@@ -174,16 +193,12 @@ pub async fn run(
     let wake = Arc::new(Notify::new());
     tokio::spawn(crate::overlay::monitor::run(wake.clone()));
     let reconciler = Reconciler::new(config, kernel);
-    reconcile::run(
-        reconciler,
-        model_rx,
-        wake,
-        resync,
+    let reports = reconcile::Reports {
         health,
-        overlay_metrics,
-        &mut shutdown,
-    )
-    .await;
+        metrics: overlay_metrics,
+        ready: ready_tx,
+    };
+    reconcile::run(reconciler, model_rx, wake, resync, reports, &mut shutdown).await;
     info!("shutting down; the datapath stays in place");
     Ok(())
 }

@@ -43,6 +43,8 @@ struct State {
     /// The last repair of each kind (jumps put back, chains rewritten).
     iptables_repaired: std::collections::BTreeMap<&'static str, Repair>,
     conflicts: Vec<String>,
+    /// Standing remarks on the node's setup, by subject (`setup_note`).
+    setup_notes: std::collections::BTreeMap<&'static str, String>,
 }
 
 /// What an overlay pass reports.
@@ -196,6 +198,16 @@ impl Health {
         });
     }
 
+    /// A standing remark on the node's setup about `subject` (None withdraws it), shown in
+    /// `/healthz`'s notes without failing it: a restart would not cure it (a CNI plugin the
+    /// conflist chains is not installed, for one).
+    pub fn setup_note(&self, subject: &'static str, note: Option<String>) {
+        self.with(|s| match note {
+            Some(n) => s.setup_notes.insert(subject, n),
+            None => s.setup_notes.remove(subject),
+        });
+    }
+
     /// `/healthz` (and `/livez`): the loops are alive and keeping the kernel in line with the
     /// cluster; a repair that keeps failing for `STALE` is unhealthy.
     pub fn healthz(&self, now: Instant) -> Answer {
@@ -326,7 +338,12 @@ impl Health {
             Answer {
                 ok: checks.iter().all(|c| c.ok),
                 checks,
-                notes: s.waiting.iter().cloned().collect(),
+                notes: s
+                    .waiting
+                    .iter()
+                    .chain(s.setup_notes.values())
+                    .cloned()
+                    .collect(),
             }
         })
     }

@@ -1,5 +1,7 @@
 //! The rsdn node daemon and the operator's tools.
 
+pub mod build_info;
+pub mod cleanup;
 pub mod cniconf;
 pub mod config;
 pub mod daemon;
@@ -10,6 +12,7 @@ pub mod install;
 pub mod logging;
 pub mod model;
 pub mod netfilter;
+pub mod node_status;
 pub mod overlay;
 pub mod policy;
 pub mod proxy;

@@ -14,7 +14,7 @@ use rsdn::logging::LogFormat;
 
 /// rsdn: a VXLAN + iptables Kubernetes network plugin in the style of OpenShift SDN.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version = rsdn::build_info::LONG, about)]
 struct Cli {
     /// Log format of long-running commands.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -39,6 +39,13 @@ enum Command {
     /// Copy the rsdn-cni plugin into the CNI binary directory (the DaemonSet's init
     /// container): atomically, by temp file and rename, and only when it differs.
     InstallCni(InstallCniArgs),
+    /// Remove everything rsdn owns on this node, and nothing else (as kube-proxy --cleanup):
+    /// the conflist, rsdn's iptables chains and their jumps in both backends, the RSDN- ipsets,
+    /// the routes with protocol 212, vxlan0 and tun0. Pods' interfaces stay. The Service
+    /// proxy's KUBE-* chains stay where kube-proxy runs or ran (its KUBE-PROXY-CANARY chain)
+    /// or with --proxy=false. Stop the daemon first. Prints what it removed; a second run
+    /// finds nothing. Exit status 1 if anything could not be removed.
+    Cleanup(NodeArgs),
     /// The Service proxy's iptables rules.
     Proxy {
         #[command(subcommand)]
@@ -144,8 +151,10 @@ struct CniConfigArgs {
     /// The node bridge the pods join.
     #[arg(long, default_value = rsdn_cni::config::DEFAULT_BRIDGE)]
     bridge: String,
-    /// Chain the portmap plugin after rsdn-cni (hostPort support).
-    #[arg(long)]
+    /// Chain the portmap plugin after rsdn-cni (hostPort support), as the node daemon does
+    /// by default; --portmap=false for our plugin alone.
+    #[arg(long, action = clap::ArgAction::Set, num_args = 0..=1, default_value_t = true,
+          default_missing_value = "true", require_equals = true)]
     portmap: bool,
     /// CNI spec version of the list.
     #[arg(long, default_value = "1.0.0")]
@@ -260,6 +269,15 @@ fn main() -> Result<()> {
             print!("{}", proxy_render(&config, ipset)?);
             Ok(())
         }
+        Command::Cleanup(args) => {
+            let config = args.into_config()?;
+            let report = runtime()?.block_on(rsdn::cleanup::run(&config, &rsdn::cleanup::BACKENDS));
+            print!("{}", report.render());
+            if !report.errors.is_empty() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Lab { args } => lab(cli.log_format, args),
     }
 }
@@ -343,6 +361,34 @@ mod tests {
             unreachable!()
         };
         a
+    }
+
+    #[test]
+    fn version_names_the_commit_and_the_build_date() {
+        use clap::CommandFactory;
+        let v = Cli::command().render_version();
+        assert_eq!(v, format!("rsdn {}\n", rsdn::build_info::LONG));
+        assert!(v.contains(rsdn::build_info::REVISION) && v.contains(" built "));
+    }
+
+    /// `rsdn cni-config` chains portmap as the daemon does by default; `--portmap` still parses.
+    #[test]
+    fn cni_config_chains_portmap_unless_told_not_to() {
+        let portmap = |args: &[&str]| {
+            let base = ["rsdn", "cni-config", "--subnet", "10.128.0.0/23"];
+            let cli = Cli::try_parse_from(base.iter().chain(args)).unwrap();
+            let Command::CniConfig(a) = cli.command else {
+                unreachable!()
+            };
+            a.portmap
+        };
+        assert!(portmap(&[]) && portmap(&["--portmap"]) && portmap(&["--portmap=true"]));
+        assert!(!portmap(&["--portmap=false"]));
+        assert_eq!(
+            rsdn::config::NodeOptions::defaults().portmap,
+            Some(true),
+            "the daemon's default"
+        );
     }
 
     /// The flags of the DaemonSet and the hack/ scripts, as they were before NodeOptions.

@@ -1,7 +1,8 @@
 //! The manifests in `manifests/` agree with the code: every document parses as its Kubernetes
-//! type, the RBAC rules grant exactly what the daemon watches, the DaemonSet's probes, ports,
-//! mounts and command lines match the daemon's defaults and flags, and the ConfigMap is a valid
-//! daemon configuration. No cluster needed.
+//! type, the RBAC rules grant exactly what the daemon watches and patches, the DaemonSet's
+//! probes, ports, mounts and command lines match the daemon's defaults and flags, the ConfigMap
+//! is a valid daemon configuration, and the cleanup DaemonSet docs/operations.md gives runs
+//! `rsdn cleanup`. No cluster needed.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -100,6 +101,16 @@ fn host_path(pod: &PodSpec, c: &Container, mount_path: &str) -> Option<String> {
     Some(volume.host_path.as_ref()?.path.clone())
 }
 
+/// The capabilities a container adds.
+fn added_capabilities(c: &Container) -> BTreeSet<&str> {
+    let caps = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref());
+    let added = caps.and_then(|c| c.add.as_deref()).unwrap_or_default();
+    added.iter().map(String::as_str).collect()
+}
+
 /// The value after `flag` in a command line.
 fn flag<'a>(cmd: &'a [String], flag: &str) -> &'a str {
     let i = cmd
@@ -153,7 +164,7 @@ fn every_object_parses_and_lives_in_the_namespace() {
 }
 
 #[test]
-fn rbac_grants_exactly_what_the_daemon_watches() {
+fn rbac_grants_exactly_what_the_daemon_watches_and_patches() {
     let m = load();
     assert_eq!(m.bindings.len(), 1);
     let role_name = &m.bindings[0].role_ref.name;
@@ -175,6 +186,7 @@ fn rbac_grants_exactly_what_the_daemon_watches() {
     }
     let used: BTreeSet<(String, String, String)> = rsdn::source::kube::WATCHED
         .iter()
+        .chain(rsdn::node_status::PATCHED)
         .flat_map(|(g, r, verbs)| {
             verbs
                 .iter()
@@ -183,7 +195,7 @@ fn rbac_grants_exactly_what_the_daemon_watches() {
         .collect();
     assert_eq!(
         granted, used,
-        "ClusterRole {role_name} vs the watches in src/source/kube.rs"
+        "ClusterRole {role_name} vs WATCHED (src/source/kube.rs) and PATCHED (src/node_status.rs)"
     );
 }
 
@@ -301,7 +313,13 @@ fn the_daemon_set_agrees_with_the_code() {
         .to_str()
         .unwrap()
         .to_string();
-    for path in [conf_dir.as_str(), "/run/xtables.lock", "/var/lib/cni"] {
+    let bin_dir = c.cni_bin_dir.to_str().unwrap();
+    for path in [
+        conf_dir.as_str(),
+        bin_dir,
+        "/run/xtables.lock",
+        "/var/lib/cni",
+    ] {
         assert_eq!(
             host_path(pod, daemon, path).as_deref(),
             Some(path),
@@ -310,19 +328,11 @@ fn the_daemon_set_agrees_with_the_code() {
     }
 
     // Capabilities, not privileges, for the long-running container.
-    let sc = daemon.security_context.as_ref().unwrap();
-    assert_ne!(sc.privileged, Some(true));
-    let caps: BTreeSet<&str> = sc
-        .capabilities
-        .as_ref()
-        .unwrap()
-        .add
-        .as_deref()
-        .unwrap()
-        .iter()
-        .map(String::as_str)
-        .collect();
-    assert_eq!(caps, BTreeSet::from(["NET_ADMIN", "NET_RAW"]));
+    assert_ne!(
+        daemon.security_context.as_ref().unwrap().privileged,
+        Some(true)
+    );
+    assert_eq!(added_capabilities(daemon), ["NET_ADMIN", "NET_RAW"].into());
 
     // The init container installs the plugin into the host's /opt/cni/bin.
     let init = container(pod, "install-cni", true);
@@ -404,4 +414,98 @@ fn the_daemon_set_command_lines_are_accepted_by_rsdn() {
     );
     assert_eq!(std::fs::read(bin.join("rsdn-cni")).unwrap(), b"plugin");
     assert!(icmd.iter().any(|a| a == "--prepare-host"));
+}
+
+/// The cleanup DaemonSet docs/operations.md gives: it parses, runs `rsdn cleanup` with the
+/// ConfigMap on the host's network with the daemon's capabilities and the host paths cleanup
+/// touches, and its command line is accepted by the real binary. It runs in a fresh network
+/// namespace (never this host's), with the conflist directory moved to a scratch one: the
+/// conflist rsdn wrote there goes, and a second run finds nothing.
+#[test]
+fn the_cleanup_daemon_set_of_the_docs_runs_rsdn_cleanup() {
+    let docs = include_str!("../docs/operations.md");
+    let start = docs
+        .find("```yaml\n# rsdn-cleanup.yaml")
+        .expect("the cleanup DaemonSet in docs/operations.md")
+        + "```yaml\n".len();
+    let yaml = &docs[start..start + docs[start..].find("```").unwrap()];
+    let doc = rsdn::source::dir::read_documents(yaml).unwrap().remove(0);
+    let ds: DaemonSet = parse(doc, Path::new("docs/operations.md"));
+    let m = load();
+    assert_eq!(ds.metadata.namespace, m.namespaces[0].metadata.name);
+    let pod = ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    let c = container(pod, "cleanup", true);
+    let cmd = c.command.clone().unwrap();
+    assert_eq!(&cmd[..2], ["rsdn", "cleanup"]);
+    assert_eq!(added_capabilities(c), ["NET_ADMIN", "NET_RAW"].into());
+    let config_dir = Path::new(flag(&cmd, "--config")).parent().unwrap();
+    let mount = c
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| Path::new(&v.mount_path) == config_dir);
+    let volume = pod
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.unwrap().name);
+    assert_eq!(
+        volume.unwrap().config_map.as_ref().unwrap().name,
+        "rsdn-config"
+    );
+    for path in [config::DEFAULT_CNI_CONF_DIR, "/run/xtables.lock"] {
+        assert_eq!(host_path(pod, c, path).as_deref(), Some(path), "{path}");
+    }
+
+    rsdn_testkit::need_root!();
+    let ns = rsdn_testkit::Netns::new("cleanupds");
+    let tmp = tempfile::tempdir().unwrap();
+    let config_file = tmp.path().join("config.yaml");
+    std::fs::write(&config_file, config_text(&m)).unwrap();
+    let net_d = tmp.path().join("net.d");
+    let conflist = net_d.join(config::DEFAULT_CNI_CONF_FILE);
+    std::fs::create_dir(&net_d).unwrap();
+    let list = rsdn::cniconf::conflist(
+        "10.128.0.0/23".parse().unwrap(),
+        "10.128.0.1".parse().unwrap(),
+        1450,
+        "tun0",
+        &Default::default(),
+    );
+    std::fs::write(&conflist, list.to_string()).unwrap();
+    let run = || {
+        let args: Vec<String> = cmd[2..]
+            .iter()
+            .map(|a| match a.as_str() {
+                "/etc/rsdn/config.yaml" => config_file.to_str().unwrap().to_string(),
+                _ => a.clone(),
+            })
+            .collect();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_rsdn"));
+        c.arg("cleanup")
+            .args(&args)
+            .args(["--cni-conf-dir", net_d.to_str().unwrap()]);
+        // Kept open until the child runs: it enters the namespace by this descriptor.
+        let netns = std::fs::File::open(ns.path()).unwrap();
+        rsdn_testkit::in_netns(&mut c, &netns);
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let first = run();
+    assert!(
+        first.contains(&format!("removed: file {}", conflist.display())),
+        "{first}"
+    );
+    assert!(!conflist.exists());
+    let second = run();
+    assert!(
+        second.contains("nothing of rsdn's to remove on this node"),
+        "{second}"
+    );
 }

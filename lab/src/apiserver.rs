@@ -3,7 +3,9 @@
 //! real protocol as kube-rs uses it (lists with a resourceVersion, `limit`/`continue` paging,
 //! field selectors, watch streams from a resourceVersion, bookmarks, `410 Gone` for a version
 //! that is too old) and can be told to expire its history or to cut
-//! every open watch, so relists and reconnects are tested without a cluster. Its objects come
+//! every open watch, so relists and reconnects are tested without a cluster. It takes one kind
+//! of write, the one the daemon makes: a strategic merge (or JSON merge) PATCH of a Node's
+//! status (`nodes/NAME/status`), recorded and served back. Its objects come
 //! from a directory of YAML (the lab's cluster directory) or from calls in tests. It can also
 //! serve HTTPS and require a bearer token, writing the CA certificate and the token where a
 //! pod's service account would have them, to test the daemon's in-cluster configuration.
@@ -300,9 +302,26 @@ pub struct Requests {
     pub field_selectors: HashMap<Kind, String>,
     pub bookmarks_sent: usize,
     pub gone_sent: usize,
-    /// Requests for anything but a list or watch of the served kinds (a get, a write, another
-    /// resource): answered 404 or 405, as an API server would to a client without RBAC for them.
+    /// Requests for anything but a list or watch of the served kinds or a patch of a Node's
+    /// status (a get, another write, another resource): answered 404, 405 or 415, as an API
+    /// server would to a client without RBAC for them.
     pub refused: Vec<String>,
+    /// Every PATCH of a Node's status, answered or not.
+    pub patches: Vec<StatusPatch>,
+}
+
+/// A PATCH of `nodes/NAME/status`, as it came and how it was answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusPatch {
+    pub node: String,
+    /// (API group, resource, verb), as RBAC rules name them: ("", "nodes/status", "patch").
+    pub rbac: (&'static str, &'static str, &'static str),
+    pub content_type: String,
+    /// The `fieldManager` query parameter ("" for none).
+    pub field_manager: String,
+    pub body: Value,
+    /// The status code answered: 200, or 404 for a Node that does not exist.
+    pub code: u16,
 }
 
 #[derive(Default)]
@@ -363,6 +382,45 @@ fn key_of(v: &Value) -> Result<Key, String> {
     Ok((kind, ns, name))
 }
 
+/// Merges a patch into an object: RFC 7386 JSON merge (objects merged, `null` removes, lists
+/// replaced) or, `strategic`, Kubernetes' strategic merge for what a Node's status needs: its
+/// `conditions` and `addresses` lists merge by their `type` (`patchMergeKey`), so a patch
+/// that sets one condition keeps the others.
+pub fn merge(target: &mut Value, patch: &Value, strategic: bool) {
+    const MERGE_BY_TYPE: [&str; 2] = ["conditions", "addresses"];
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    let t = target.as_object_mut().expect("an object");
+    for (k, v) in p {
+        match (v, t.get_mut(k)) {
+            (Value::Null, _) => {
+                t.remove(k);
+            }
+            (Value::Array(items), Some(Value::Array(have)))
+                if strategic && MERGE_BY_TYPE.contains(&k.as_str()) =>
+            {
+                for item in items {
+                    match have.iter_mut().find(|h| h["type"] == item["type"]) {
+                        Some(h) => merge(h, item, true),
+                        None => have.push(item.clone()),
+                    }
+                }
+            }
+            (v, Some(existing)) => merge(existing, v, strategic),
+            (v, None) => {
+                let mut fresh = Value::Null;
+                merge(&mut fresh, v, strategic);
+                t.insert(k.clone(), fresh);
+            }
+        }
+    }
+}
+
 /// The object without the fields the server sets, for comparing content.
 fn content(v: &Value) -> Value {
     let mut v = v.clone();
@@ -420,11 +478,22 @@ impl ApiServer {
     }
 
     /// Creates or updates an object (an error if it is not a valid object of a served kind).
-    /// Returns false when nothing changed.
+    /// Returns false when nothing changed. Status conditions are their owners' (the kubelet's,
+    /// a network plugin's, written with a PATCH of the status): an object given without
+    /// conditions keeps the ones it has, as the lab's Node files carry none.
     pub fn apply(&self, mut object: Value) -> Result<bool, String> {
         let key = key_of(&object)?;
         let mut st = self.lock();
         let old = st.objects.get(&key);
+        if let Some(conditions) = old.map(|o| &o["status"]["conditions"]) {
+            if !conditions.is_null() && object["status"]["conditions"].is_null() {
+                merge(
+                    &mut object,
+                    &json!({"status": {"conditions": conditions}}),
+                    false,
+                );
+            }
+        }
         if old.is_some_and(|o| content(o) == content(&object)) {
             return Ok(false);
         }
@@ -540,6 +609,11 @@ impl ApiServer {
     /// Cuts every open watch connection mid-stream (no clean end of the response).
     pub fn drop_watches(&self) {
         self.tick.send_modify(|t| t.dropped += 1);
+    }
+
+    /// The object stored under `key`, as a list would serve it.
+    pub fn object(&self, key: &Key) -> Option<Value> {
+        self.lock().objects.get(key).cloned()
     }
 
     pub fn requests(&self) -> Requests {
@@ -714,10 +788,88 @@ impl ApiServer {
         BodyExt::boxed(StreamBody::new(stream))
     }
 
-    fn handle(self: &Arc<Self>, req: &Request<Incoming>) -> Response<Body> {
-        let path = req.uri().path();
+    /// A PATCH of `nodes/NAME/status`: merged into the Node (a MODIFIED event), recorded.
+    fn patch_status(
+        &self,
+        node: &str,
+        req: &hyper::http::request::Parts,
+        query: &HashMap<&str, &str>,
+        body: &[u8],
+    ) -> (StatusCode, Value) {
+        let content_type = req
+            .headers
+            .get(hyper::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let strategic = match content_type.as_str() {
+            "application/strategic-merge-patch+json" => true,
+            "application/merge-patch+json" => false,
+            other => {
+                self.refused(format!(
+                    "PATCH {} ({other}: not a merge patch)",
+                    req.uri.path()
+                ));
+                let s = status(
+                    415,
+                    "UnsupportedMediaType",
+                    format!("{other} is not served"),
+                );
+                return (StatusCode::UNSUPPORTED_MEDIA_TYPE, s);
+            }
+        };
+        let Ok(patch) = serde_json::from_slice::<Value>(body) else {
+            let s = status(400, "BadRequest", "the patch is not JSON".into());
+            return (StatusCode::BAD_REQUEST, s);
+        };
+        let mut st = self.lock();
+        let key = (Kind::Node, String::new(), node.to_string());
+        let answer = match st.objects.get(&key) {
+            None => (
+                StatusCode::NOT_FOUND,
+                status(404, "NotFound", format!("nodes \"{node}\" not found")),
+            ),
+            Some(old) => {
+                let previous = old.clone();
+                let mut object = old.clone();
+                // The status subresource changes the status and nothing else.
+                let mut new_status = object["status"].take();
+                merge(&mut new_status, &patch["status"], strategic);
+                object["status"] = new_status;
+                if content(&object) != content(&previous) {
+                    st.rv += 1;
+                    object["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                    st.objects.insert(key.clone(), object.clone());
+                    self.record(
+                        &mut st,
+                        Kind::Node,
+                        "MODIFIED",
+                        object.clone(),
+                        Some(previous),
+                    );
+                }
+                (StatusCode::OK, object)
+            }
+        };
+        st.requests.patches.push(StatusPatch {
+            node: node.to_string(),
+            rbac: ("", "nodes/status", "patch"),
+            content_type,
+            field_manager: query
+                .get("fieldManager")
+                .map_or(String::new(), |f| decode(f)),
+            body: patch,
+            code: answer.0.as_u16(),
+        });
+        drop(st);
+        info!(node, status = answer.0.as_u16(), "patch of a Node's status");
+        answer
+    }
+
+    fn handle(self: &Arc<Self>, req: &hyper::http::request::Parts, body: &[u8]) -> Response<Body> {
+        let path = req.uri.path();
         let query: HashMap<&str, &str> = req
-            .uri()
+            .uri
             .query()
             .unwrap_or("")
             .split('&')
@@ -732,22 +884,30 @@ impl ApiServer {
         };
         if let Some(token) = self.token.get() {
             let given = req
-                .headers()
+                .headers
                 .get(hyper::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             if given != Some(format!("Bearer {token}").as_str()) {
-                self.refused(format!("{} {path} (no valid bearer token)", req.method()));
+                self.refused(format!("{} {path} (no valid bearer token)", req.method));
                 let s = status(401, "Unauthorized", "Unauthorized".into());
                 return reply(StatusCode::UNAUTHORIZED, full(&s));
             }
         }
+        let node_status = path
+            .strip_prefix("/api/v1/nodes/")
+            .and_then(|p| p.strip_suffix("/status"))
+            .filter(|n| !n.is_empty() && !n.contains('/'));
+        if let (Some(node), &hyper::Method::PATCH) = (node_status, &req.method) {
+            let (code, body) = self.patch_status(node, req, &query, body);
+            return reply(code, full(&body));
+        }
         let Some(kind) = Kind::ALL.into_iter().find(|k| k.path() == path) else {
-            self.refused(format!("{} {path}", req.method()));
+            self.refused(format!("{} {path}", req.method));
             let s = status(404, "NotFound", format!("the server could not find {path}"));
             return reply(StatusCode::NOT_FOUND, full(&s));
         };
-        if req.method() != hyper::Method::GET {
-            self.refused(format!("{} {path}", req.method()));
+        if req.method != hyper::Method::GET {
+            self.refused(format!("{} {path}", req.method));
             let s = status(405, "MethodNotAllowed", "read-only".into());
             return reply(StatusCode::METHOD_NOT_ALLOWED, full(&s));
         }
@@ -759,7 +919,7 @@ impl ApiServer {
             Err(e) => {
                 self.refused(format!(
                     "{} {path}?fieldSelector={selector} ({e})",
-                    req.method()
+                    req.method
                 ));
                 let s = status(400, "BadRequest", e);
                 return reply(StatusCode::BAD_REQUEST, full(&s));
@@ -807,8 +967,17 @@ impl ApiServer {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let r = self.handle(&req);
-            async move { Ok::<_, Infallible>(r) }
+            let me = Arc::clone(&self);
+            async move {
+                let (parts, body) = req.into_parts();
+                // Only a patch has a body; an unreadable one reads as empty (400 for a patch).
+                let body = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                Ok::<_, Infallible>(me.handle(&parts, &body))
+            }
         });
         let _ = hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(stream), service)
@@ -1028,6 +1197,55 @@ mod tests {
         );
         let (_, nodes) = server.list(Kind::Node, &none, &FieldSelector::default());
         assert!(nodes["items"].as_array().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_strategic_merge_sets_one_condition_and_keeps_the_others() {
+        let status = json!({"conditions": [
+                {"type": "Ready", "status": "True", "reason": "KubeletReady"},
+                {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}],
+            "addresses": [{"type": "InternalIP", "address": "192.168.1.11"}]});
+        let patch = json!({"conditions": [
+            {"type": "NetworkUnavailable", "status": "False", "reason": "RsdnIsUp"}]});
+        let mut s = status.clone();
+        merge(&mut s, &patch, true);
+        assert_eq!(s["conditions"][0], status["conditions"][0], "Ready kept");
+        assert_eq!(
+            s["conditions"][1],
+            json!({"type": "NetworkUnavailable", "status": "False", "reason": "RsdnIsUp"})
+        );
+        assert_eq!(s["addresses"], status["addresses"]);
+        // A JSON merge patch replaces the list; null removes a field.
+        let mut s = status.clone();
+        merge(&mut s, &patch, false);
+        assert_eq!(s["conditions"], patch["conditions"]);
+        merge(&mut s, &json!({"addresses": null}), false);
+        assert!(s.get("addresses").is_none());
+        // Onto nothing: the patch itself.
+        let mut empty = Value::Null;
+        merge(&mut empty, &patch, true);
+        assert_eq!(empty, patch);
+    }
+
+    #[test]
+    fn an_object_written_without_conditions_keeps_the_patched_ones() {
+        let server = ApiServer::new(Duration::from_secs(1));
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.128.0.0/23"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.1.11"}]}});
+        server.apply(node.clone()).unwrap();
+        let key = (Kind::Node, String::new(), "n1".to_string());
+        let condition = json!([{"type": "NetworkUnavailable", "status": "False"}]);
+        server.lock().objects.get_mut(&key).unwrap()["status"]["conditions"] = condition.clone();
+        // The lab rewrites the Node's file: nothing changed, nothing sent to watches.
+        assert_eq!(server.apply(node.clone()), Ok(false));
+        let mut moved = node;
+        moved["spec"]["podCIDR"] = json!("10.128.2.0/23");
+        assert_eq!(server.apply(moved), Ok(true));
+        assert_eq!(
+            server.lock().objects[&key]["status"]["conditions"],
+            condition
+        );
     }
 
     #[test]

@@ -239,9 +239,12 @@ fn start_daemon(lab: &Lab, i: u32) -> Result<()> {
     } else {
         format!("clusterDir: {}", lab.cluster_dir().display())
     };
+    // The lab wires pods with the conflist's first plugin only (`lab pod`), never with portmap.
     let config = format!(
-        "nodeName: node{i}\n{source}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\nresyncSeconds: 5\n",
-        dir = dir.display()
+        "nodeName: node{i}\n{source}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\n\
+         cniBinDir: {bin}\nportmap: false\nresyncSeconds: 5\n",
+        dir = dir.display(),
+        bin = node_cni_bin(lab, i).display()
     );
     std::fs::write(dir.join("config.yaml"), config)?;
     let log = std::fs::OpenOptions::new()

@@ -2,7 +2,9 @@
 //! over real HTTP on the loopback of a fresh network namespace: the same objects (Nodes,
 //! Services, EndpointSlices, Pods, Namespaces, NetworkPolicies) give the same model as the
 //! `dir` source; changes, bookmarks, a dropped connection, a 410 Gone and paged lists are
-//! handled the way kube-rs's watcher handles them against a real API server.
+//! handled the way kube-rs's watcher handles them against a real API server. And what the
+//! daemon writes back: its Node's NetworkUnavailable condition, once per readiness, retried
+//! until it goes through.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,8 +164,8 @@ fn policy_objects() -> Vec<Value> {
 /// Runs `f` with a server and a kube source feeding a model channel, inside a fresh netns
 /// (the HTTP traffic stays on that namespace's loopback).
 /// The daemon asked the server for nothing but lists and watches of the resources in
-/// `WATCHED`, which tests/manifests.rs checks the ClusterRole against: so the ClusterRole
-/// covers everything the daemon uses.
+/// `WATCHED` and patches of those in `PATCHED`, which tests/manifests.rs checks the
+/// ClusterRole against: so the ClusterRole covers everything the daemon uses.
 fn asked_exactly_what_rbac_grants(server: &ApiServer) {
     let r = server.requests();
     assert!(r.refused.is_empty(), "asked for more: {:?}", r.refused);
@@ -174,8 +176,13 @@ fn asked_exactly_what_rbac_grants(server: &ApiServer) {
             asked.insert((group.to_string(), resource.to_string(), verb.to_string()));
         }
     }
+    for p in &r.patches {
+        let (group, resource, verb) = p.rbac;
+        asked.insert((group.to_string(), resource.to_string(), verb.to_string()));
+    }
     let watched: std::collections::BTreeSet<_> = rsdn::source::kube::WATCHED
         .iter()
+        .chain(rsdn::node_status::PATCHED)
         .flat_map(|(g, res, verbs)| {
             verbs
                 .iter()
@@ -185,7 +192,7 @@ fn asked_exactly_what_rbac_grants(server: &ApiServer) {
     // (A short test may end before every watch has started.)
     assert!(
         asked.is_subset(&watched),
-        "asked {asked:?}, WATCHED {watched:?}"
+        "asked {asked:?}, WATCHED and PATCHED {watched:?}"
     );
 }
 
@@ -625,6 +632,165 @@ fn https_with_a_ca_and_a_bearer_token() {
                 refused.iter().any(|r| r.contains("no valid bearer token")),
                 "{refused:?}"
             );
+        });
+    });
+}
+
+/// A stand-in API server on the loopback of the calling thread's namespace; the kubeconfig
+/// for it is written to `kubeconfig`.
+async fn serve_plain(kubeconfig: &std::path::Path) -> Arc<ApiServer> {
+    let server = ApiServer::new(Duration::from_millis(100));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(Arc::clone(&server).serve(listener));
+    std::fs::write(kubeconfig, rsdn_lab::apiserver::kubeconfig(&url)).unwrap();
+    server
+}
+
+fn condition<'a>(node: &'a Value, kind: &str) -> &'a Value {
+    node["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .unwrap_or(&Value::Null)
+}
+
+/// The real daemon (`rsdn::daemon::run`, kube source) in a node namespace: once its node
+/// network is programmed (the conflist written) it patches its Node's status, once, with the
+/// condition flannel and Calico write under their names (NetworkUnavailable=False, RsdnIsUp),
+/// merged beside the kubelet's conditions; passes after that patch nothing. A restarted daemon
+/// becomes ready again and patches once more.
+#[test]
+fn the_daemon_clears_network_unavailable_once_per_readiness() {
+    need_root!();
+    let ns = Netns::new("kubecond");
+    ns.ip(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+    ]);
+    ns.ip(&["addr", "add", "192.168.1.11/24", "dev", "eth0"]);
+    ns.ip(&["link", "set", "eth0", "up"]);
+    ns.ip(&["link", "set", "peer0", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    ns.on_thread(move || {
+        block_on(async move {
+            let kubeconfig = root.join("kubeconfig");
+            let server = serve_plain(&kubeconfig).await;
+            let mut n1 = node(
+                "n1",
+                "192.168.1.11",
+                Some("10.128.0.0/23"),
+                "2025-01-01T00:00:00Z",
+            );
+            // As a cloud's node controller leaves a new Node, beside the kubelet's condition.
+            n1["status"]["conditions"] = json!([
+                {"type": "Ready", "status": "True", "reason": "KubeletReady"},
+                {"type": "NetworkUnavailable", "status": "True", "reason": "NoRouteCreated"}]);
+            server.apply(n1).unwrap();
+            let key = (Kind::Node, String::new(), "n1".to_string());
+            for run in 1..=2 {
+                let mut config = rsdn::config::NodeConfig::for_test("n1");
+                config.source = rsdn::config::SourceConfig::Kube(Some(kubeconfig.clone()));
+                config.cni_conf_dir = root.join("net.d");
+                config.cni_data_dir = Some(root.join("ipam"));
+                config.cni_bin_dir = root.join("bin");
+                config.resync_seconds = 1;
+                let conflist = config.cni_conf_path();
+                let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                let daemon = rsdn::daemon::run(config, async {
+                    let _ = stopped.await;
+                });
+                let checks = async {
+                    until("the conflist and a patch of the Node's status", || {
+                        conflist.exists() && server.requests().patches.len() >= run
+                    })
+                    .await;
+                    // Passes every second after that: none patches again.
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    assert_eq!(server.requests().patches.len(), run, "run {run}");
+                    stop.send(()).unwrap();
+                };
+                let (ran, ()) = tokio::join!(daemon, checks);
+                ran.unwrap();
+            }
+            let r = server.requests();
+            for p in &r.patches {
+                assert_eq!(
+                    (p.node.as_str(), p.code, p.field_manager.as_str()),
+                    ("n1", 200, "rsdn")
+                );
+                assert_eq!(p.content_type, "application/strategic-merge-patch+json");
+                let sent = &p.body["status"]["conditions"];
+                assert_eq!(sent.as_array().unwrap().len(), 1, "{sent}");
+                assert_eq!(sent[0]["type"], "NetworkUnavailable");
+                assert_eq!(sent[0]["status"], "False");
+                assert_eq!(sent[0]["reason"], rsdn::node_status::REASON);
+                assert!(sent[0]["lastTransitionTime"].is_string(), "{sent}");
+            }
+            // Served back: ours set, the kubelet's kept.
+            let n1 = server.object(&key).unwrap();
+            let ours = condition(&n1, "NetworkUnavailable");
+            assert_eq!(
+                (&ours["status"], &ours["reason"]),
+                (&json!("False"), &json!("RsdnIsUp"))
+            );
+            assert_eq!(condition(&n1, "Ready")["reason"], "KubeletReady");
+            asked_exactly_what_rbac_grants(&server);
+        });
+    });
+}
+
+/// The patch is retried with backoff until it goes through (here: until the Node exists),
+/// and then never again.
+#[test]
+fn the_condition_is_retried_until_the_api_server_takes_it() {
+    need_root!();
+    let ns = Netns::new("kuberetry");
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    ns.on_thread(move || {
+        block_on(async move {
+            let server = serve_plain(&kubeconfig).await;
+            let client = rsdn::source::kube::client(Some(&kubeconfig)).await.unwrap();
+            let (ready, ready_rx) = watch::channel(false);
+            let backoff = rsdn::node_status::Backoff {
+                first: Duration::from_millis(20),
+                max: Duration::from_millis(80),
+            };
+            let task = tokio::spawn(rsdn::node_status::run(
+                client,
+                "n9".into(),
+                ready_rx,
+                backoff,
+            ));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(server.requests().patches.is_empty(), "before readiness");
+            ready.send(true).unwrap();
+            until("two refused attempts", || {
+                server.requests().patches.len() >= 2
+            })
+            .await;
+            assert!(server.requests().patches.iter().all(|p| p.code == 404));
+            server
+                .apply(node(
+                    "n9",
+                    "192.168.1.19",
+                    Some("10.128.18.0/23"),
+                    "2025-01-09T00:00:00Z",
+                ))
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("done once it went through")
+                .unwrap();
+            let r = server.requests();
+            let codes: Vec<u16> = r.patches.iter().map(|p| p.code).collect();
+            assert_eq!(codes.iter().filter(|c| **c == 200).count(), 1, "{codes:?}");
+            assert_eq!(codes.last(), Some(&200), "{codes:?}");
+            let n9 = server
+                .object(&(Kind::Node, String::new(), "n9".into()))
+                .unwrap();
+            assert_eq!(condition(&n9, "NetworkUnavailable")["status"], "False");
+            asked_exactly_what_rbac_grants(&server);
         });
     });
 }

@@ -7,6 +7,7 @@
 //! are kept at its top in the order declared; its `Last` jumps are appended (rsdn's permissive
 //! forward rule must not pre-empt kube-proxy's REJECT and DROP rules).
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use super::ruleset::{Quoted, TableName};
@@ -160,6 +161,39 @@ pub fn repair_all(
         }
     }
     (payload, fixed)
+}
+
+/// The removal of every jump of ours from the built-in chains (`rsdn cleanup`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Removal {
+    /// Restore lines per table, each deleting one listed rule.
+    pub lines: BTreeMap<TableName, String>,
+    /// The rules deleted, as (table, listed rule).
+    pub removed: Vec<(TableName, String)>,
+}
+
+/// What it takes to remove every jump of ours from the built-in chains, from their listings
+/// (`listing(table, chain)`; None: unknown, left alone): a listed rule that is one of `jumps`
+/// goes, however many times it stands there. Other rules of the built-in chains are not ours
+/// and stay.
+pub fn removal(
+    jumps: &[Jump],
+    mut listing: impl FnMut(TableName, &str) -> Option<Vec<String>>,
+) -> Removal {
+    let mut out = Removal::default();
+    for (t, chain) in chains(jumps) {
+        for line in listing(t, chain).into_iter().flatten() {
+            if jumps
+                .iter()
+                .any(|j| j.table == t && j.chain == chain && j.is(&line))
+            {
+                let spec = line.strip_prefix("-A ").unwrap_or(&line);
+                let _ = writeln!(out.lines.entry(t).or_default(), "-D {spec}");
+                out.removed.push((t, line));
+            }
+        }
+    }
+    out
 }
 
 /// The listing of every built-in chain the jumps use, out of saved tables.

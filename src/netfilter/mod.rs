@@ -9,9 +9,11 @@
 //! - `save`: reading iptables-save output; `verify`: drift against what was written;
 //! - `backend`: which iptables the node uses; `tools`: the seam to the kernel (`Iptables`,
 //!   real in `Tools`, in memory in `fake`);
-//! - `engine`: the policy (full or partial, backoff, failure accounting, read back).
+//! - `engine`: the policy (full or partial, backoff, failure accounting, read back);
+//! - `cleanup`: removing all of it (`rsdn cleanup`), by the same ownership.
 
 pub mod backend;
+pub mod cleanup;
 pub mod engine;
 pub mod fake;
 pub mod jumps;

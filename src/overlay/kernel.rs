@@ -536,6 +536,82 @@ impl Kernel {
             .collect())
     }
 
+    /// Removes what the overlay owns (`rsdn cleanup`): every IPv4 route with protocol
+    /// ROUTE_PROTOCOL, in any table and on any device, then vxlan0 (its FDB and neighbour
+    /// entries go with it) and tun0 (its ports, the pods' veths, stay: detached, not deleted).
+    /// A device of one of those names that is not of the kind rsdn makes is not ours: kept.
+    /// Keeps going after a failure; "already gone" is success.
+    pub async fn teardown(&self) -> Teardown {
+        let mut out = Teardown::default();
+        let links = match self.links().await {
+            Ok(l) => l,
+            Err(e) => {
+                out.errors.push(e.to_string());
+                return out;
+            }
+        };
+        let name_of = |index: u32| {
+            links
+                .iter()
+                .find(|l| l.index == index)
+                .map_or(format!("#{index}"), |l| l.name.clone())
+        };
+        let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let routes: Result<Vec<RouteMessage>, _> = self
+            .handle()
+            .route()
+            .get(filter)
+            .execute()
+            .try_collect()
+            .await;
+        match routes {
+            Err(e) => out.errors.push(format!("cannot dump routes: {e}")),
+            Ok(routes) => {
+                let ours = routes.into_iter().filter(|m| {
+                    m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
+                        && m.header.address_family == AddressFamily::Inet
+                });
+                for m in ours {
+                    let what = describe_route(&m, name_of);
+                    match self.handle().route().del(m).execute().await {
+                        Ok(()) => out.removed.push(what),
+                        Err(e) if gone(&e) => {}
+                        Err(e) => out.errors.push(format!("cannot delete {what}: {e}")),
+                    }
+                }
+            }
+        }
+        for (name, kind) in [(VXLAN, InfoKind::Vxlan), (BRIDGE, InfoKind::Bridge)] {
+            let Some(link) = links.iter().find(|l| l.name == name) else {
+                continue;
+            };
+            if link.kind.as_ref() != Some(&kind) {
+                out.kept.push(format!(
+                    "link {name}: a {} device, not the {kind} rsdn makes",
+                    link.kind
+                        .as_ref()
+                        .map_or("plain".to_string(), |k| k.to_string())
+                ));
+                continue;
+            }
+            let ports = links
+                .iter()
+                .filter(|l| l.master == Some(link.index))
+                .count();
+            let what = match ports {
+                0 => format!("link {name}"),
+                n => format!(
+                    "link {name} ({n} port(s), the pods' veths, detached and left in place)"
+                ),
+            };
+            match self.nl.delete_link(link.index).await {
+                Ok(()) => out.removed.push(what),
+                Err(e) => out.errors.push(format!("cannot delete {name}: {e}")),
+            }
+        }
+        out
+    }
+
     /// Applies actions phase by phase (route deletions; neighbour and FDB deletions; FDB and
     /// neighbour additions; route additions), each phase in large netlink datagrams (see
     /// `batch`). Returns the failures; "already gone" on deletion is success.
@@ -588,6 +664,48 @@ impl Kernel {
         }
         failures
     }
+}
+
+/// What `Kernel::teardown` did: a line per thing removed, per thing of our name kept, per
+/// failure.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Teardown {
+    pub removed: Vec<String>,
+    pub kept: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Whether a deletion failed because the thing is gone already.
+fn gone(e: &rtnetlink::Error) -> bool {
+    matches!(
+        rsdn_cni::netlink::errno(e),
+        Some(libc::ENOENT | libc::ESRCH | libc::ENODEV)
+    )
+}
+
+/// `route 10.128.2.0/23 via 10.128.2.0 dev vxlan0 table 254 proto 212`, as `ip route` says it.
+fn describe_route(m: &RouteMessage, name_of: impl Fn(u32) -> String) -> String {
+    let mut dst = format!("0.0.0.0/{}", m.header.destination_prefix_length);
+    let (mut via, mut dev, mut table) = (None, None, u32::from(m.header.table));
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                dst = format!("{d}/{}", m.header.destination_prefix_length)
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+            RouteAttribute::Oif(i) => dev = Some(name_of(*i)),
+            RouteAttribute::Table(t) => table = *t,
+            _ => {}
+        }
+    }
+    let mut out = format!("route {dst}");
+    if let Some(v) = via {
+        out += &format!(" via {v}");
+    }
+    if let Some(d) = dev {
+        out += &format!(" dev {d}");
+    }
+    out + &format!(" table {table} proto {ROUTE_PROTOCOL}")
 }
 
 fn is_set(a: &Action) -> bool {

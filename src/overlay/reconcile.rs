@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,9 @@ pub struct Pass {
     pub pod_ports: usize,
     pub port_repairs: Vec<PortRepair>,
     pub port_failures: Vec<(PortRepair, KernelError)>,
+    /// Plugins the conflist chains whose binaries are not in the CNI binary directory (None:
+    /// not looked for, the conflist was not written).
+    pub missing_plugins: Option<Vec<PathBuf>>,
 }
 
 impl Pass {
@@ -158,7 +162,7 @@ impl<K: OverlayKernel> Reconciler<K> {
         // The kubelet calls the plugin only once the conflist exists: write it when the node
         // network is programmed, never before.
         if pass.failures.is_empty() {
-            pass.conflist_written = self.write_conflist(&local, gateway.addr(), mtu)?;
+            pass.conflist_written = self.write_conflist(&local, gateway.addr(), mtu, &mut pass)?;
         }
         Ok(pass)
     }
@@ -198,17 +202,20 @@ impl<K: OverlayKernel> Reconciler<K> {
         local: &ClusterNode,
         gateway: Ipv4Addr,
         mtu: u32,
+        pass: &mut Pass,
     ) -> Result<bool, KernelError> {
-        let mut list = conflist(
-            local.subnet.0,
-            gateway,
-            mtu,
-            BRIDGE,
-            &ConflistOptions::default(),
-        );
+        let opts = ConflistOptions {
+            portmap: self.config.portmap,
+            cni_version: None,
+        };
+        let mut list = conflist(local.subnet.0, gateway, mtu, BRIDGE, &opts);
         if let Some(dir) = &self.config.cni_data_dir {
             list["plugins"][0]["dataDir"] = serde_json::json!(dir);
         }
+        pass.missing_plugins = Some(crate::cniconf::missing_plugins(
+            &list,
+            &self.config.cni_bin_dir,
+        ));
         let text = serde_json::to_string_pretty(&list).expect("JSON serializes") + "\n";
         let path = self.config.cni_conf_path();
         let written = crate::cniconf::write_if_changed(&path, &text)
@@ -227,6 +234,14 @@ impl<K: OverlayKernel> Reconciler<K> {
     }
 }
 
+/// What the loop reports to: health, the metrics, and (`ready`, set true once) whoever waits
+/// for the node network to be programmed: the Node's condition (`node_status`).
+pub struct Reports {
+    pub health: Arc<Health>,
+    pub metrics: OverlayMetrics,
+    pub ready: watch::Sender<bool>,
+}
+
 /// Runs reconcile passes until `shutdown` resolves: on every new model, on netlink events
 /// (`wake`), every `resync`, and a second after a failed pass. The datapath stays when it ends.
 pub async fn run<K: OverlayKernel>(
@@ -234,12 +249,17 @@ pub async fn run<K: OverlayKernel>(
     mut model_rx: watch::Receiver<Arc<ClusterModel>>,
     wake: Arc<Notify>,
     resync: Duration,
-    health: Arc<Health>,
-    overlay_metrics: OverlayMetrics,
+    reports: Reports,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    let Reports {
+        health,
+        metrics: overlay_metrics,
+        ready,
+    } = reports;
     tokio::pin!(shutdown);
     let mut last_waiting: Option<String> = None;
+    let mut missing_plugins: Vec<PathBuf> = Vec::new();
     // The model of the last clean pass: changes made on the same model repair drift.
     let mut programmed: Option<Arc<ClusterModel>> = None;
     loop {
@@ -258,6 +278,9 @@ pub async fn run<K: OverlayKernel>(
             Ok(pass) => {
                 let took = started.elapsed();
                 report(&pass, &model, took, &mut last_waiting);
+                if let Some(now) = &pass.missing_plugins {
+                    report_missing_plugins(&mut missing_plugins, now, &health);
+                }
                 let drift = programmed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model));
                 overlay_metrics.passed(PassFigures {
                     seconds: took.as_secs_f64(),
@@ -269,10 +292,14 @@ pub async fn run<K: OverlayKernel>(
                     port_repairs: pass.port_repairs.len(),
                 });
                 let clean = pass.clean();
+                let network_ready = clean && pass.waiting.is_none() && reconciler.ready();
+                if network_ready {
+                    ready.send_if_modified(|r| !std::mem::replace(r, true));
+                }
                 health.overlay_passed(
                     OverlayPass {
                         waiting: pass.waiting.clone(),
-                        ready: clean && pass.waiting.is_none() && reconciler.ready(),
+                        ready: network_ready,
                         failed: pass.failure_summary(),
                         pod_ports: pass.pod_ports,
                         pods_repaired: pass.port_repairs.len(),
@@ -327,6 +354,31 @@ pub async fn programmed_claims(
             BTreeMap::new()
         }
     }
+}
+
+/// Says once, in the log and in /healthz's notes, that the conflist chains a plugin whose
+/// binary is missing (and once that it arrived). Not a failure of the daemon: a restart would
+/// not install it. Returns whether it said anything.
+fn report_missing_plugins(last: &mut Vec<PathBuf>, now: &[PathBuf], health: &Health) -> bool {
+    if last == now {
+        return false;
+    }
+    if now.is_empty() {
+        info!("the CNI plugins the conflist chains are all installed now");
+        health.setup_note("cni plugins", None);
+    } else {
+        let paths: Vec<String> = now.iter().map(|p| p.display().to_string()).collect();
+        let note = format!(
+            "the conflist chains plugins missing from the CNI binary directory: {}; the runtime \
+             fails every pod's network setup until they are installed (the CNI reference \
+             plugins), or set portmap: false",
+            paths.join(", ")
+        );
+        warn!(missing = %paths.join(", "), "{note}");
+        health.setup_note("cni plugins", Some(note));
+    }
+    *last = now.to_vec();
+    true
 }
 
 /// One log line per change applied; nothing for a pass that changed nothing.
@@ -391,6 +443,7 @@ mod tests {
         let mut config = NodeConfig::for_test("a");
         config.cni_conf_dir = dir.path().join("net.d");
         config.cni_data_dir = Some(dir.path().join("ipam"));
+        config.cni_bin_dir = dir.path().join("bin");
         let k = FakeKernel::new("192.168.1.11");
         (Reconciler::new(config, k.clone()), k, dir)
     }
@@ -458,6 +511,45 @@ mod tests {
         let pass = run(r.reconcile(&m)).unwrap();
         assert!(pass.clean() && pass.conflist_written && r.ready());
         assert_eq!(pass.applied.len(), 1);
+    }
+
+    #[test]
+    fn the_conflist_chains_portmap_and_a_missing_binary_is_said_once() {
+        let (mut r, _k, dir) = setup();
+        let m = model(&three());
+        let pass = run(r.reconcile(&m)).unwrap();
+        let list: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join("net.d/10-rsdn.conflist")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(list["plugins"][1]["type"], "portmap");
+        assert_eq!(list["plugins"][1]["capabilities"]["portMappings"], true);
+        let missing = pass.missing_plugins.unwrap();
+        assert_eq!(missing, [dir.path().join("bin/portmap")]);
+
+        let health = Health::new(Duration::from_secs(5));
+        let mut last = Vec::new();
+        assert!(report_missing_plugins(&mut last, &missing, &health));
+        assert!(
+            !report_missing_plugins(&mut last, &missing, &health),
+            "once"
+        );
+        let notes = health.healthz(Instant::now()).notes;
+        assert!(
+            notes.len() == 1 && notes[0].contains("bin/portmap"),
+            "{notes:?}"
+        );
+        // Installed: said once, and the note goes.
+        assert!(report_missing_plugins(&mut last, &[], &health));
+        assert!(health.healthz(Instant::now()).notes.is_empty());
+
+        // portmap: false, a conflist of our plugin alone.
+        let (mut r, _k, dir) = setup();
+        r.config.portmap = false;
+        let pass = run(r.reconcile(&m)).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("net.d/10-rsdn.conflist")).unwrap();
+        assert!(!text.contains("portmap"), "{text}");
+        assert_eq!(pass.missing_plugins, Some(vec![]));
     }
 
     #[test]

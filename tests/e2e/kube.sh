@@ -33,10 +33,21 @@ for n in 1 2 3; do
   check "node$n: /healthz and /readyz answer 200" \
     eval "status_is 192.168.77.1$n /healthz 200 && status_is 192.168.77.1$n /readyz 200"
 done
-check "/metrics has overlay and proxy metrics" eval "status_is 192.168.77.11 /metrics 200 &&
+check "/metrics has overlay, proxy and build metrics" eval "status_is 192.168.77.11 /metrics 200 &&
   grep -q '^rsdn_overlay_remote_nodes 2' $T/body &&
   grep -q '^kubeproxy_sync_proxy_rules_last_timestamp_seconds' $T/body &&
-  grep -q '^rsdn_cluster_source_ready 1' $T/body"
+  grep -q '^rsdn_cluster_source_ready 1' $T/body &&
+  grep -q '^rsdn_build_info{version=\"[0-9.]*\",revision=\"[0-9a-f]*\",build_date=\"' $T/body"
+# Each daemon, once its node is programmed, sets its Node's NetworkUnavailable to False.
+condition_set() {
+  for n in 1 2 3; do
+    grep 'patch of a Node.s status' "$LAB/apiserver.log" | grep "node=\"\?node$n\"\?" | grep -q 'status=200' || return 1
+  done
+}
+check "every daemon cleared its Node's NetworkUnavailable (a status patch, answered 200)" \
+  eventually 10 condition_set
+check "the daemon's first log line names its build" \
+  eval "head -1 $LAB/node1/rsdn.log | grep 'rsdn node starting' | grep -q 'revision='"
 
 # A Service and its EndpointSlice, created at the server: DNAT on every node, reachable.
 # (ip netns exec, not the inns function: $! must be socat itself, or it outlives the test)

@@ -107,6 +107,30 @@ heal "FDB entry deleted by hand" bridge -n ${NSP}node1 fdb del "$mac2" dev vxlan
 heal "vxlan0 deleted by hand" ip -n ${NSP}node1 link del vxlan0
 check "after healing: 4-node matrix" lab matrix
 
+# rsdn cleanup on node4, its daemon stopped (as after deleting the DaemonSet): everything of
+# rsdn's goes, the pod's veth stays; a second run finds nothing; a new daemon rebuilds the node.
+pid4=$(daemon_pid node4)
+kill -TERM "$pid4"
+eventually 5 bash -c "! [ -d /proc/$pid4 ] || grep -q '^State:.*Z' /proc/$pid4/status"
+inns node4 "$RSDN" cleanup --config "$LAB/node4/config.yaml" >"$T/cleanup1.log" 2>&1
+inns node4 "$RSDN" cleanup --config "$LAB/node4/config.yaml" >"$T/cleanup2.log" 2>&1
+nothing_of_rsdn_left() {
+  cat "$T/cleanup1.log"
+  ! ip -n ${NSP}node4 link show vxlan0 2>/dev/null && ! ip -n ${NSP}node4 link show tun0 2>/dev/null &&
+    [ -z "$(ip -n ${NSP}node4 route show proto 212)" ] &&
+    ! ip netns exec ${NSP}node4 iptables-save | grep -E 'KUBE|RSDN' &&
+    [ -z "$(ip netns exec ${NSP}node4 ipset list -n | grep '^RSDN-')" ] &&
+    [ ! -e "$LAB/node4/net.d/10-rsdn.conflist" ] &&
+    [ -n "$(ip -n ${NSP}node4 -o link show type veth | grep -v eth0)" ] &&   # the pod's veth
+    grep -q 'removed: link tun0 (1 port' "$T/cleanup1.log"
+}
+check "rsdn cleanup on node4: nothing of rsdn's left, the pod's veth kept" nothing_of_rsdn_left
+check "rsdn cleanup again: nothing to remove, exit 0" \
+  grep -q "nothing of rsdn's to remove on this node" "$T/cleanup2.log"
+lab up --nodes 4 --pods-per-node 1 >/dev/null 2>&1
+check "a new daemon on node4 rebuilds it (conflist back)" \
+  eventually 10 test -s "$LAB/node4/net.d/10-rsdn.conflist"
+
 # Teardown, also after a crash half-way (daemons SIGKILLed, pid files gone).
 kill -9 "$(daemon_pid node3)" "$(daemon_pid node4)"
 rm -f "$LAB/node1/rsdn.pid" "$LAB/node2/rsdn.pid"

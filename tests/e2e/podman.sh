@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Real-runtime tier: podman (CNI backend, runc) runs containers inside a simulated node namespace
-# on a network whose conflist is rsdn-cni chained with the reference portmap plugin.
-# Checks: containers get addresses and reach each other and the gateway, a published port is
-# reachable from a host outside the node, and removing the containers frees their addresses.
+# Real-runtime tier: podman (CNI backend, runc) runs containers inside a simulated node
+# namespace on the conflist `rsdn node` wrote there: rsdn-cni chained with the reference
+# portmap plugin, the daemon's default. The daemon programs the node (tun0, forwarding) from a
+# one-Node cluster directory, as the DaemonSet would from the API server.
+# Checks: the daemon's conflist chains portmap and the daemon finds it in cniBinDir;
+# containers get addresses and reach each other and the gateway; a published port (what a
+# pod's hostPort is) is reachable from a host outside the node; removing the containers frees
+# their addresses.
 # Usage: tests/e2e/podman.sh [dir-with-rsdn-and-rsdn-cni]   (root; prints "N passed, N failed")
 set -euo pipefail
 
@@ -10,15 +14,17 @@ BIN_DIR=${1:-$(cd "$(dirname "$0")/../.." && pwd)/target/debug}
 T=$(mktemp -d /tmp/rsdn-podman.XXXXXX)
 NODE=rsdn-pm-node-$$
 CLIENT=rsdn-pm-client-$$
-IMAGE=localhost/rsdn-busybox:e2e
 SUBNET=10.128.4.0/23
 GATEWAY=10.128.4.1
 source "$(dirname "$0")/lib.sh"
+IMAGE=localhost/rsdn-busybox:e2e-$RSDN_LAB   # one per lab name: runs side by side never share it
+DAEMON=
 
 pm() { CONTAINERS_CONF=$T/containers.conf nsenter --net="/run/netns/$NODE" podman --runtime runc --cgroup-manager cgroupfs "$@"; }
 
 cleanup() {
   pm rm -f -t 0 rsdn-e2e-a rsdn-e2e-b >/dev/null 2>&1 || true
+  if [ -n "$DAEMON" ]; then kill "$DAEMON" 2>/dev/null || true; wait "$DAEMON" 2>/dev/null || true; fi
   podman rmi -f "$IMAGE" >/dev/null 2>&1 || true   # re-imported each run; no dangling copies
   ip netns del "$NODE" 2>/dev/null || true
   ip netns del "$CLIENT" 2>/dev/null || true
@@ -26,45 +32,78 @@ cleanup() {
 }
 trap cleanup EXIT
 
-for tool in podman runc nsenter jq; do
+for tool in podman runc nsenter jq curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool (hack/test.sh installs it)"; exit 1; }
 done
 [ -x /usr/lib/cni/portmap ] || { echo "missing /usr/lib/cni/portmap (containernetworking-plugins)"; exit 1; }
 
 # An image from a busybox rootfs: no registry needed.
-mkdir -p "$T/rootfs/bin" "$T/bin" "$T/net.d"
+mkdir -p "$T/rootfs/bin" "$T/bin" "$T/net.d" "$T/cluster"
 cp "$(command -v busybox)" "$T/rootfs/bin/busybox"
 for c in sh ip ping nc sleep cat httpd printf; do ln -sf busybox "$T/rootfs/bin/$c"; done
 echo hello-from-rsdn > "$T/rootfs/index.html"
 tar -C "$T/rootfs" -cf "$T/rootfs.tar" .
 podman import -q "$T/rootfs.tar" "$IMAGE" >/dev/null
 
-cp "$BIN_DIR/rsdn-cni" "$T/bin/"
+# The node's CNI plugin directory (cniBinDir): portmap as a distribution's CNI plugins package
+# puts it there, rsdn-cni as the DaemonSet's init step does. podman looks nowhere else.
+cp /usr/lib/cni/portmap "$T/bin/"
 cat >"$T/containers.conf" <<EOF
 [network]
 network_backend = "cni"
-cni_plugin_dirs = ["$T/bin", "/usr/lib/cni"]
+cni_plugin_dirs = ["$T/bin"]
 network_config_dir = "$T/net.d"
 [containers]
 default_ulimits = []
 EOF
-"$BIN_DIR/rsdn" cni-config --subnet "$SUBNET" --portmap |
-  jq --arg d "$T/ipam" '.plugins[0].dataDir = $d' >"$T/net.d/rsdn.conflist"
 
-# The node: the bridge the daemon would own, forwarding on; a client host on a separate link.
+# The node: an underlay link to a client host; the daemon makes tun0 and turns forwarding on.
 ip netns add "$NODE"
 ip netns add "$CLIENT"
 ip -n "$NODE" link set lo up
-ip -n "$NODE" link add tun0 type bridge
-ip -n "$NODE" addr add "$GATEWAY/23" dev tun0
-ip -n "$NODE" link set tun0 up
-ip netns exec "$NODE" sysctl -qw net.ipv4.ip_forward=1
 ip -n "$NODE" link add eth0 type veth peer name eth0 netns "$CLIENT"
 ip -n "$NODE" addr add 192.168.77.1/24 dev eth0
 ip -n "$NODE" link set eth0 up
 ip -n "$CLIENT" addr add 192.168.77.2/24 dev eth0
 ip -n "$CLIENT" link set eth0 up
 ip -n "$CLIENT" link set lo up
+ip netns exec "$NODE" "$BIN_DIR/rsdn" install-cni --source "$BIN_DIR/rsdn-cni" --bin-dir "$T/bin" \
+  --prepare-host >/dev/null
+
+# The daemon, with the defaults a DaemonSet has (portmap on), fed by a cluster directory.
+cat >"$T/cluster/node.yaml" <<EOF
+apiVersion: v1
+kind: Node
+metadata: {name: pm-node}
+spec: {podCIDR: $SUBNET, podCIDRs: [$SUBNET]}
+status: {addresses: [{type: InternalIP, address: 192.168.77.1}]}
+EOF
+cat >"$T/config.yaml" <<EOF
+nodeName: pm-node
+clusterDir: $T/cluster
+cniConfDir: $T/net.d
+cniDataDir: $T/ipam
+cniBinDir: $T/bin
+healthzBindAddress: 127.0.0.1:10256
+EOF
+ip netns exec "$NODE" "$BIN_DIR/rsdn" node --config "$T/config.yaml" >"$T/rsdn.log" 2>&1 &
+DAEMON=$!
+CONFLIST=$T/net.d/10-rsdn.conflist
+conflist_written() { [ -s "$CONFLIST" ]; }
+if ! eventually 30 conflist_written; then
+  tail -20 "$T/rsdn.log"; echo "podman: 0 passed, 1 failed"; exit 1
+fi
+chains_portmap() {
+  jq -e '.name == "rsdn" and .plugins[0].type == "rsdn-cni" and .plugins[1].type == "portmap"
+    and .plugins[1].capabilities.portMappings == true' "$CONFLIST"
+}
+portmap_found() {
+  ip netns exec "$NODE" curl -s http://127.0.0.1:10256/healthz >"$T/healthz" &&
+    jq -e '.ok and ((.notes // []) | all(test("portmap") | not))' "$T/healthz" &&
+    ! grep portmap "$T/rsdn.log"
+}
+check "the daemon's conflist chains portmap after rsdn-cni" chains_portmap
+check "the daemon finds portmap in cniBinDir (/healthz and log say nothing missing)" portmap_found
 
 pm run -d --name rsdn-e2e-a --network rsdn -p 8080:80 "$IMAGE" httpd -f -p 80 -h / >/dev/null
 pm run -d --name rsdn-e2e-b --network rsdn "$IMAGE" sleep 600 >/dev/null
@@ -88,7 +127,7 @@ check "a reaches b" pm exec rsdn-e2e-a ping -c1 -W2 "$ip_b"
 check "b reaches a" pm exec rsdn-e2e-b ping -c1 -W2 "$ip_a"
 check "b reaches the gateway" pm exec rsdn-e2e-b ping -c1 -W2 "$GATEWAY"
 check "b fetches a page from a over TCP" fetch_from_b
-check "published port 8080 (portmap chained after rsdn-cni) reachable from outside the node" fetch_published
+check "published port 8080 (the portmap of the daemon's conflist) reachable from outside the node" fetch_published
 
 pm rm -f -t 0 rsdn-e2e-a rsdn-e2e-b >/dev/null
 check "removing the containers released their addresses" store_empty
