@@ -75,6 +75,28 @@ pub fn producers(
     out
 }
 
+/// Every metric the daemon exports, in one registry, and the parts that report to it.
+pub struct Instruments {
+    pub registry: prometheus_client::registry::Registry,
+    pub engine: EngineMetrics,
+    pub overlay: OverlayMetrics,
+    /// The producers of iptables rules (`producers`), with their metrics registered.
+    pub producers: Vec<Box<dyn Producer>>,
+}
+
+pub fn instruments(config: &NodeConfig) -> Instruments {
+    let mut registry = prometheus_client::registry::Registry::default();
+    let engine = EngineMetrics::register(&mut registry);
+    let overlay = OverlayMetrics::register(&mut registry);
+    let producers = producers(config, &mut registry);
+    Instruments {
+        registry,
+        engine,
+        overlay,
+        producers,
+    }
+}
+
 /// The configured iptables backend, or the one the node uses (detected as kube-proxy does).
 pub fn backend(config: &NodeConfig) -> (Backend, String) {
     match config.iptables_backend {
@@ -92,10 +114,12 @@ pub async fn run(
     info!(node = %config.node_name, source = %config.source, "rsdn node starting");
     let resync = Duration::from_secs(config.resync_seconds);
     let health = Arc::new(Health::new(resync));
-    let mut registry = prometheus_client::registry::Registry::default();
-    let engine_metrics = EngineMetrics::register(&mut registry);
-    let overlay_metrics = OverlayMetrics::register(&mut registry);
-    let producers = producers(&config, &mut registry);
+    let Instruments {
+        registry,
+        engine: engine_metrics,
+        overlay: overlay_metrics,
+        producers,
+    } = instruments(&config);
     if let Some(addr) = config.healthz_bind_address {
         crate::http::serve(addr, health.clone(), Arc::new(registry))
             .await
@@ -186,4 +210,207 @@ pub async fn run(
     .await;
     info!("shutting down; the datapath stays in place");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::model::testing;
+    use crate::netfilter::engine::SyncReport;
+    use crate::netfilter::metrics::Synced;
+    use crate::netfilter::ruleset::Ruleset;
+
+    /// A metric as kube-proxy declares it, or as rsdn's exposition shows it.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Shape {
+        kind: String,
+        labels: BTreeSet<String>,
+        buckets: Vec<f64>,
+    }
+
+    /// `exponential(start,factor,count)`, or `merge(linear(start,width,count),...)` with
+    /// component-base's leading 0.
+    fn buckets(spec: &str) -> Vec<f64> {
+        let args = |s: &str| -> Vec<f64> { s.split(',').map(|a| a.parse().unwrap()).collect() };
+        if spec == "-" {
+            vec![]
+        } else if let Some(a) = spec.strip_prefix("exponential(") {
+            let a = args(a.trim_end_matches(')'));
+            (0..a[2] as i32).map(|i| a[0] * a[1].powi(i)).collect()
+        } else if let Some(m) = spec.strip_prefix("merge(") {
+            let mut out = vec![0.0];
+            for l in m.trim_end_matches(')').split("),") {
+                let a = args(l.trim_start_matches("linear(").trim_end_matches(')'));
+                out.extend((0..a[2] as usize).map(|i| a[0] + a[1] * i as f64));
+            }
+            out
+        } else {
+            panic!("unknown bucket layout {spec}")
+        }
+    }
+
+    /// src/proxy/testdata/kube-proxy-metrics.txt: name -> (shape, whether rsdn exports it).
+    fn kube_proxy() -> BTreeMap<String, (Shape, bool)> {
+        include_str!("proxy/testdata/kube-proxy-metrics.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let c: Vec<&str> = l.split(" | ").map(str::trim).collect();
+                assert_eq!(c.len(), 5, "{l}");
+                let labels = match c[2] {
+                    "-" => BTreeSet::new(),
+                    ls => ls.split(',').map(String::from).collect(),
+                };
+                let shape = Shape {
+                    kind: c[1].into(),
+                    labels,
+                    buckets: buckets(c[3]),
+                };
+                (c[0].to_string(), (shape, c[4] == "yes"))
+            })
+            .collect()
+    }
+
+    /// The label names and values of a sample line, `name{a="x",b="y"} value`.
+    fn labels(sample: &str) -> Vec<(String, String)> {
+        let Some(open) = sample.find('{') else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        let mut rest = &sample[open + 1..];
+        while let Some(eq) = rest.find("=\"") {
+            let name = rest[..eq].trim_start_matches(',').to_string();
+            let mut value = String::new();
+            let mut chars = rest[eq + 2..].char_indices();
+            let mut end = 0;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                    '"' => {
+                        end = eq + 2 + i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            out.push((name, value));
+            rest = &rest[end..];
+            if rest.starts_with('}') {
+                break;
+            }
+        }
+        out
+    }
+
+    /// What the exposition shows of each family, under the name kube-proxy's text format
+    /// gives it (a counter's samples end in `_total`), with how many samples it has.
+    fn exposed(text: &str) -> BTreeMap<String, (Shape, usize)> {
+        let mut out: BTreeMap<String, (Shape, usize)> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                let (family, kind) = t.split_once(' ').unwrap();
+                let name = match kind {
+                    "counter" => format!("{family}_total"),
+                    _ => family.to_string(),
+                };
+                let shape = Shape {
+                    kind: kind.into(),
+                    labels: BTreeSet::new(),
+                    buckets: vec![],
+                };
+                out.insert(name.clone(), (shape, 0));
+                current = Some(name);
+            } else if !line.starts_with('#') {
+                let (shape, samples) = out.get_mut(current.as_ref().unwrap()).unwrap();
+                *samples += 1;
+                for (name, value) in labels(line) {
+                    if name == "le" {
+                        if value != "+Inf" && line.contains("_bucket{") {
+                            let le: f64 = value.parse().unwrap();
+                            if !shape.buckets.contains(&le) {
+                                shape.buckets.push(le);
+                            }
+                        }
+                    } else {
+                        shape.labels.insert(name);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every metric the daemon registers, each with a sample or more.
+    fn exposition() -> String {
+        let config = NodeConfig::for_test("a");
+        let Instruments {
+            registry,
+            engine,
+            mut producers,
+            ..
+        } = instruments(&config);
+        let model = Arc::new(testing::model(&testing::three()));
+        for p in producers.iter_mut() {
+            p.render(&model);
+            p.synced(&model, &SyncReport::default());
+        }
+        engine.synced(Synced {
+            full: false,
+            took: Duration::from_millis(3),
+            written: &Default::default(),
+            ruleset: &Ruleset::default(),
+            at: SystemTime::now(),
+        });
+        engine.restore_failed(false);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn kube_proxy_named_metrics_are_kube_proxys_own() {
+        let known = kube_proxy();
+        assert_eq!(known.len(), 23, "the fixture lists kube-proxy's 23 metrics");
+        let text = exposition();
+        let ours: BTreeMap<String, (Shape, usize)> = exposed(&text)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("kubeproxy_"))
+            .collect();
+        for (name, (shape, samples)) in &ours {
+            let Some((theirs, _)) = known.get(name) else {
+                panic!("{name} is not one of kube-proxy's metrics");
+            };
+            assert!(*samples > 0, "{name} has no sample to check labels on");
+            assert_eq!(shape.kind, theirs.kind, "{name}: type");
+            assert_eq!(shape.labels, theirs.labels, "{name}: labels");
+            assert_eq!(shape.buckets.len(), theirs.buckets.len(), "{name}: buckets");
+            for (a, b) in shape.buckets.iter().zip(&theirs.buckets) {
+                assert!(
+                    (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                    "{name}: bucket {a} vs {b}"
+                );
+            }
+        }
+        let exported: BTreeSet<&String> = ours.keys().collect();
+        let promised: BTreeSet<&String> = known
+            .iter()
+            .filter(|(_, (_, yes))| *yes)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            exported, promised,
+            "exported vs marked `yes` in the fixture"
+        );
+        // Nothing of rsdn's own borrows the prefix, and every family is rsdn's or kube-proxy's.
+        for name in exposed(&text).keys() {
+            assert!(
+                name.starts_with("kubeproxy_") || name.starts_with("rsdn_"),
+                "{name}"
+            );
+        }
+    }
 }

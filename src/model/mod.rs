@@ -346,6 +346,22 @@ pub mod testing {
         }
     }
 
+    /// A ClusterIP Service port with every other field unset: change fields by struct update.
+    pub fn service_port(cluster_ip: &str, port: u16) -> ServicePort {
+        ServicePort {
+            cluster_ip: cluster_ip.parse().expect("an IPv4 address"),
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            affinity_seconds: None,
+            internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
+        }
+    }
+
     /// A model of just these nodes.
     pub fn model(nodes: &[ClusterNode]) -> ClusterModel {
         ClusterModel {

@@ -4,7 +4,7 @@
 //! large table and must hold up nothing else.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -33,8 +33,14 @@ pub async fn run<I: Iptables>(
     health: Arc<Health>,
 ) {
     let mut synced: Option<Arc<ClusterModel>> = None;
+    // The model last seen: a new one queues a sync (kube-proxy's last queued timestamp).
+    let mut seen: Option<Arc<ClusterModel>> = None;
     loop {
         let model = Arc::clone(&models.borrow_and_update());
+        if !seen.as_ref().is_some_and(|m| Arc::ptr_eq(m, &model)) {
+            engine.metrics().queued(SystemTime::now());
+            seen = Some(Arc::clone(&model));
+        }
         let mut next = tokio::time::Instant::now() + resync;
         if model.nodes.contains_key(&local_node) {
             let now = Instant::now();

@@ -20,7 +20,7 @@ use crate::netfilter::jumps::Jump;
 use crate::netfilter::producer::{Owner, Producer};
 use crate::netfilter::ruleset::Ruleset;
 use conntrack::Conntrack;
-use metrics::ProxyMetrics;
+use metrics::{Changes, ProxyMetrics};
 use render::{ProxyScope, RenderCache, RenderStats};
 
 /// What the proxy is configured with; the rest of its scope comes from the model.
@@ -59,6 +59,8 @@ pub struct Proxy {
     synced: Option<Arc<ClusterModel>>,
     conntrack: Box<dyn Conntrack>,
     metrics: ProxyMetrics,
+    /// What the last render carries that the kernel does not hold yet.
+    pending: Changes,
 }
 
 impl Proxy {
@@ -74,6 +76,7 @@ impl Proxy {
             synced: None,
             conntrack,
             metrics,
+            pending: Changes::default(),
         }
     }
 }
@@ -84,6 +87,8 @@ impl Producer for Proxy {
     }
 
     fn render(&mut self, model: &ClusterModel) -> Ruleset {
+        self.pending = Changes::between(self.synced.as_ref().map(|m| &m.services), &model.services);
+        self.metrics.pending(self.pending);
         let Some(scope) = self.settings.scope(model) else {
             return Ruleset::default();
         };
@@ -104,7 +109,8 @@ impl Producer for Proxy {
         if let Some(old) = &self.synced {
             conntrack::clear_stale_udp(&*self.conntrack, &old.services, &model.services);
         }
-        self.metrics.synced(&self.stats);
+        self.metrics.synced(&self.stats, self.pending);
+        self.pending = Changes::default();
         self.synced = Some(Arc::clone(model));
     }
 }
