@@ -179,7 +179,7 @@ impl ModelBuilder {
                     slice.metadata.namespace.clone().unwrap_or_default(),
                     slice.metadata.name.clone().unwrap_or_default(),
                 );
-                self.endpoints.add(key, read.endpoints);
+                self.endpoints.add(key, read.endpoints, read.trigger);
                 if let Some(reason) = read.dropped {
                     self.skip(object, reason);
                 }
@@ -250,7 +250,8 @@ impl ModelBuilder {
                 .policies
                 .insert((p.namespace.clone(), p.name.clone()), p);
         }
-        model.services.endpoints = self.endpoints.finish(&scope.local_node);
+        (model.services.endpoints, model.services.change_triggers) =
+            self.endpoints.finish(&scope.local_node);
         for (spn, port) in self.services {
             if model.services.ports.contains_key(&spn) {
                 model.skipped.push(Skipped {

@@ -1,12 +1,14 @@
 //! The proxy's own metrics, under kube-proxy's names, types and labels (the sync metrics are
-//! the engine's): Services with a Local policy and no local endpoint, and the Service and
-//! endpoint changes the proxy has seen and not yet written.
+//! the engine's): Services with a Local policy and no local endpoint, the Service and endpoint
+//! changes the proxy has seen and not yet written, and the network programming latency.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{linear_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::render::RenderStats;
@@ -59,10 +61,49 @@ fn changed<V: PartialEq>(
     services.len()
 }
 
+/// The trigger times of the EndpointSlice changes that reached the kernel with `new` when it
+/// held `old` before (None: nothing yet): a slice's trigger time counts once, when it first
+/// appears, if its Service is one the proxy programs and it is later than `since` (the
+/// daemon's start; kube-proxy's tracker start: the changes before it are not this daemon's to
+/// measure).
+pub fn programmed(old: Option<&Services>, new: &Services, since: SystemTime) -> Vec<SystemTime> {
+    let mut proxied: Option<BTreeSet<(&str, &str)>> = None;
+    let mut out = Vec::new();
+    for (key, t) in &new.change_triggers {
+        if t.at <= since || old.and_then(|o| o.change_triggers.get(key)) == Some(t) {
+            continue;
+        }
+        // Headless Services (no port in the model) have slices too, and no rules.
+        let proxied = proxied.get_or_insert_with(|| {
+            new.ports
+                .keys()
+                .map(|k| (k.namespace.as_str(), k.name.as_str()))
+                .collect()
+        });
+        if proxied.contains(&(key.0.as_str(), t.service.as_str())) {
+            out.push(t.at);
+        }
+    }
+    out
+}
+
+/// kube-proxy's buckets for network programming: MergeBuckets(LinearBuckets(0.25, 0.25, 2),
+/// LinearBuckets(1, 1, 59), LinearBuckets(60, 5, 12), LinearBuckets(120, 30, 7)), with the 0
+/// bucket component-base's MergeBuckets starts with.
+fn programming_buckets() -> Vec<f64> {
+    std::iter::once(0.0)
+        .chain(linear_buckets(0.25, 0.25, 2))
+        .chain(linear_buckets(1.0, 1.0, 59))
+        .chain(linear_buckets(60.0, 5.0, 12))
+        .chain(linear_buckets(120.0, 30.0, 7))
+        .collect()
+}
+
 /// Handles to the proxy's metrics; clones share the same values.
 #[derive(Clone)]
 pub struct ProxyMetrics {
     no_local: Family<Labels, Gauge>,
+    programming: Histogram,
     service_changes: Counter,
     service_changes_pending: Gauge,
     endpoint_changes: Counter,
@@ -73,6 +114,7 @@ impl ProxyMetrics {
     pub fn register(registry: &mut Registry) -> ProxyMetrics {
         let m = ProxyMetrics {
             no_local: Family::default(),
+            programming: Histogram::new(programming_buckets()),
             service_changes: Counter::default(),
             service_changes_pending: Gauge::default(),
             endpoint_changes: Counter::default(),
@@ -100,13 +142,28 @@ impl ProxyMetrics {
             "Pending proxy rules Endpoint changes",
             m.endpoint_changes_pending.clone(),
         );
+        let f = per_family(registry);
         // A gauge whose name ends in `_total`, as kube-proxy names it.
-        per_family(registry).register(
+        f.register(
             format!("{k}_no_local_endpoints_total"),
             "Number of services with a Local traffic policy and no endpoints",
             m.no_local.clone(),
         );
+        f.register(
+            "kubeproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds",
+            m.programming.clone(),
+        );
         m
+    }
+
+    /// The kernel holds, since `now`, changes triggered at `triggers` (see `programmed`). The
+    /// trigger times come from the controller's clock: a node clock behind it gives 0.
+    pub fn programmed(&self, triggers: &[SystemTime], now: SystemTime) {
+        for t in triggers {
+            let took = now.duration_since(*t).unwrap_or_default();
+            self.programming.observe(took.as_secs_f64());
+        }
     }
 
     /// A standalone set (tests, tools).
@@ -137,7 +194,9 @@ impl ProxyMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::service::{Endpoint, Protocol, ServicePort};
+    use std::time::Duration;
+
+    use crate::model::service::{ChangeTrigger, Endpoint, Protocol, ServicePort};
 
     fn text(reg: &Registry) -> String {
         let mut text = String::new();
@@ -232,5 +291,95 @@ mod tests {
         c.ports.insert(spn("web", "admin"), port(9090));
         c.endpoints.remove(&spn("db", ""));
         assert_eq!(Changes::between(Some(&b), &c), changes(1, 1));
+    }
+
+    fn at(secs: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    /// Services web (with a port) and headless (slices, no port), with trigger times.
+    fn triggered(slices: &[(&str, &str, u64)]) -> Services {
+        let mut s = Services::default();
+        s.ports.insert(spn("web", "http"), port(80));
+        for (slice, service, t) in slices {
+            s.change_triggers.insert(
+                ("ns".into(), slice.to_string()),
+                ChangeTrigger {
+                    service: service.to_string(),
+                    at: at(*t),
+                },
+            );
+        }
+        s
+    }
+
+    #[test]
+    fn each_change_is_programmed_once_after_the_start() {
+        let start = at(1000);
+        // At start, a slice changed before the daemon ran and one changed since.
+        let first = triggered(&[("web-a", "web", 990), ("web-b", "web", 1005)]);
+        assert_eq!(programmed(None, &first, start), [at(1005)]);
+        // The same model again (a resync, a full sync): nothing new.
+        assert_eq!(programmed(Some(&first), &first, start), []);
+        // web-a changes, web-c appears, a headless Service's slice changes: two changes of
+        // web, in slice order.
+        let second = triggered(&[
+            ("web-a", "web", 1010),
+            ("web-b", "web", 1005),
+            ("web-c", "web", 1011),
+            ("dns-x", "headless", 1012),
+        ]);
+        assert_eq!(
+            programmed(Some(&first), &second, start),
+            [at(1010), at(1011)]
+        );
+        // A sync failed in between: the next successful one, from the model the kernel held,
+        // still has them, once.
+        let third = triggered(&[
+            ("web-a", "web", 1020),
+            ("web-b", "web", 1005),
+            ("web-c", "web", 1011),
+        ]);
+        assert_eq!(
+            programmed(Some(&first), &third, start),
+            [at(1020), at(1011)]
+        );
+    }
+
+    #[test]
+    fn latency_lands_in_kube_proxys_buckets() {
+        let b = programming_buckets();
+        assert_eq!(b.len(), 81);
+        assert_eq!(&b[..5], [0.0, 0.25, 0.5, 1.0, 2.0]);
+        assert_eq!(b[61..63], [59.0, 60.0]);
+        assert_eq!(
+            b[73..],
+            [115.0, 120.0, 150.0, 180.0, 210.0, 240.0, 270.0, 300.0]
+        );
+
+        let mut reg = Registry::default();
+        let m = ProxyMetrics::register(&mut reg);
+        let now = at(2000);
+        // 0.4 s, 3 s, 3.0001 s, and a trigger time ahead of the node's clock (skew): 0.
+        m.programmed(
+            &[
+                now - Duration::from_millis(400),
+                at(1997),
+                now - Duration::from_micros(3_000_100),
+                at(2001),
+            ],
+            now,
+        );
+        let t = text(&reg);
+        let family = "kubeproxy_network_programming_duration_seconds";
+        for want in [
+            format!("{family}_count{{ip_family=\"IPv4\"}} 4"),
+            format!("{family}_bucket{{ip_family=\"IPv4\",le=\"0.0\"}} 1"),
+            format!("{family}_bucket{{ip_family=\"IPv4\",le=\"0.5\"}} 2"),
+            format!("{family}_bucket{{ip_family=\"IPv4\",le=\"3.0\"}} 3"),
+            format!("{family}_bucket{{ip_family=\"IPv4\",le=\"4.0\"}} 4"),
+        ] {
+            assert!(t.contains(&want), "{want} missing in\n{t}");
+        }
     }
 }

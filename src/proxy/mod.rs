@@ -11,6 +11,7 @@ pub mod render;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ipnet::Ipv4Net;
 
@@ -61,6 +62,8 @@ pub struct Proxy {
     metrics: ProxyMetrics,
     /// What the last render carries that the kernel does not hold yet.
     pending: Changes,
+    /// Changes triggered before are not this proxy's to measure.
+    started: SystemTime,
 }
 
 impl Proxy {
@@ -77,6 +80,7 @@ impl Proxy {
             conntrack,
             metrics,
             pending: Changes::default(),
+            started: SystemTime::now(),
         }
     }
 }
@@ -111,6 +115,9 @@ impl Producer for Proxy {
         }
         self.metrics.synced(&self.stats, self.pending);
         self.pending = Changes::default();
+        let old = self.synced.as_ref().map(|m| &m.services);
+        let triggers = metrics::programmed(old, &model.services, self.started);
+        self.metrics.programmed(&triggers, SystemTime::now());
         self.synced = Some(Arc::clone(model));
     }
 }
