@@ -1,8 +1,9 @@
 //! `rsdn node`, the composition root: it builds the parts from the configuration and starts
 //! them. The cluster source publishes models; the overlay's reconcile loop
 //! (`overlay::reconcile`), the netfilter engine's task with its producers (the Service proxy,
-//! egress masquerade) and the health check node ports follow the models; `/healthz` and
-//! `/metrics` report on all of them. Stopping leaves the datapath in place.
+//! egress masquerade) and the health check node ports follow the models; `/healthz` (on the
+//! health server) and `/metrics` (on the metrics server) report on all of them. Stopping leaves
+//! the datapath in place.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,9 +122,14 @@ pub async fn run(
         producers,
     } = instruments(&config);
     if let Some(addr) = config.healthz_bind_address {
-        crate::http::serve(addr, health.clone(), Arc::new(registry))
+        crate::http::serve_health(addr, health.clone())
             .await
             .with_context(|| format!("cannot serve /healthz on {addr}"))?;
+    }
+    if let Some(addr) = config.metrics_bind_address {
+        crate::http::serve_metrics(addr, Arc::new(registry))
+            .await
+            .with_context(|| format!("cannot serve /metrics on {addr}"))?;
     }
     let kernel = Kernel::connect()?;
     let mut scope = model_scope(&config);

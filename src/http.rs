@@ -1,5 +1,9 @@
-//! The daemon's HTTP endpoint (default 0.0.0.0:10256, kube-proxy's healthz port):
-//! `/healthz` (liveness), `/readyz` (readiness) and `/metrics` (Prometheus text).
+//! The daemon's HTTP servers, split as kube-proxy splits them. The health server
+//! (`healthzBindAddress`, default 0.0.0.0:10256, kube-proxy's healthz port) answers `/healthz`
+//! (the node's datapath, what load balancers' health checks ask), `/livez` (liveness) and
+//! `/readyz` (readiness), and nothing else: health-check traffic from outside never reaches the
+//! metrics. The metrics server (`metricsBindAddress`, default 127.0.0.1:10249, kube-proxy's)
+//! answers `/metrics` (OpenMetrics text) and nothing else.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -36,50 +40,68 @@ fn probe(a: Answer) -> Response<Full<Bytes>> {
     reply(status, "application/json", a.body())
 }
 
-/// Answers one request; everything is read-only.
-pub fn route(path: &str, health: &Health, registry: &Registry) -> Response<Full<Bytes>> {
+fn not_found(try_paths: &str) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        format!("not found: try {try_paths}\n"),
+    )
+}
+
+/// The health server's answer to one request; everything is read-only.
+pub fn health_route(path: &str, health: &Health) -> Response<Full<Bytes>> {
     match path {
         "/healthz" | "/livez" => probe(health.healthz(Instant::now())),
         "/readyz" => probe(health.readyz()),
-        "/metrics" => {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, registry) {
-                Ok(()) => reply(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
-                ),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("cannot encode metrics: {e}\n"),
-                ),
-            }
-        }
-        _ => reply(
-            StatusCode::NOT_FOUND,
+        _ => not_found("/healthz, /livez or /readyz"),
+    }
+}
+
+/// The metrics server's answer to one request.
+pub fn metrics_route(path: &str, registry: &Registry) -> Response<Full<Bytes>> {
+    if path != "/metrics" {
+        return not_found("/metrics");
+    }
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
+        Ok(()) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            format!("cannot encode metrics: {e}\n"),
         ),
     }
 }
 
-/// Binds `addr` (an error if it is taken), then serves until the runtime stops.
-pub async fn serve(
-    addr: SocketAddr,
-    health: Arc<Health>,
-    registry: Arc<Registry>,
-) -> std::io::Result<()> {
+/// Binds the health server on `addr` (an error if it is taken), then serves until the runtime
+/// stops.
+pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    info!(address = %listener.local_addr()?, "serving /healthz, /livez and /readyz");
     spawn_server(listener, Limits::default(), move |path| {
-        route(path, &health, &registry)
+        health_route(path, &health)
     });
     Ok(())
 }
 
-/// Bounds on what clients can hold of one listener. Every listener faces the network (the
-/// healthz port, and the health check node ports cloud load balancers reach from outside), so
+/// Binds the metrics server on `addr` (an error if it is taken), then serves until the
+/// runtime stops.
+pub async fn serve_metrics(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(address = %listener.local_addr()?, "serving /metrics");
+    spawn_server(listener, Limits::default(), move |path| {
+        metrics_route(path, &registry)
+    });
+    Ok(())
+}
+
+/// Bounds on what clients can hold of one listener. Every listener may face the network (the
+/// healthz port and the health check node ports cloud load balancers reach from outside, the
+/// metrics port where it is opened up), so
 /// idle, slow or numerous clients must not pin descriptors and tasks of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -276,5 +298,38 @@ where
     };
     if let Err(e) = ended {
         debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn health_and_metrics_are_apart() {
+        let health = Health::new(Duration::from_secs(5));
+        for path in ["/healthz", "/livez", "/readyz"] {
+            assert_ne!(health_route(path, &health).status(), StatusCode::NOT_FOUND);
+            assert_eq!(
+                metrics_route(path, &Registry::default()).status(),
+                StatusCode::NOT_FOUND,
+                "{path} on the metrics server"
+            );
+        }
+        for path in ["/metrics", "/", "/metrics/"] {
+            assert_eq!(
+                health_route(path, &health).status(),
+                StatusCode::NOT_FOUND,
+                "{path} on the health server"
+            );
+        }
+        let r = metrics_route("/metrics", &Registry::default());
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
     }
 }

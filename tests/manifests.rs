@@ -210,6 +210,10 @@ fn the_config_map_is_a_valid_daemon_configuration_with_the_defaults() {
         c.healthz_bind_address.map(|a| a.to_string()).as_deref(),
         Some(config::DEFAULT_HEALTHZ_BIND_ADDRESS)
     );
+    assert_eq!(
+        c.metrics_bind_address.map(|a| a.to_string()).as_deref(),
+        Some(config::DEFAULT_METRICS_BIND_ADDRESS)
+    );
     // No cluster directory: the daemon reads the API server, in-cluster.
     assert!(
         matches!(c.source, config::SourceConfig::Kube(None)),

@@ -3,7 +3,7 @@
 # watch the lab's stand-in API server (real list/watch protocol over HTTP, on the outside host)
 # instead of reading the cluster directory. Objects added, modified and deleted at the server
 # must reach the nodes' kernels, also across a cut watch connection and a 410 Gone; /healthz,
-# /readyz and /metrics answer on port 10256.
+# /livez and /readyz answer on port 10256 (from outside), /metrics on 127.0.0.1:10249 only.
 # Usage: tests/e2e/kube.sh [dir-with-rsdn-and-rsdn-cni]   (root; prints "N passed, N failed")
 set -uo pipefail
 
@@ -14,6 +14,8 @@ source "$(dirname "$0")/lib.sh"
 trap lab_cleanup EXIT
 put() { cat >"$LAB/cluster/.$1.tmp" && mv "$LAB/cluster/.$1.tmp" "$LAB/cluster/$1.yaml"; }
 http() { inns ext curl -s -o "$T/body" -w '%{http_code}' "http://$1:10256$2"; }
+# metrics_of NODE: its /metrics, from the node itself (the default address is 127.0.0.1:10249).
+metrics_of() { inns "$1" curl -s -o "$T/body" -w '%{http_code}' "http://127.0.0.1:10249/metrics"; }
 route_to() { inns "$1" ip route show "$2" proto 212 | grep -q vxlan0; }
 no_route_to() { ! route_to "$@"; }
 api_pid() { cat "$LAB/apiserver.pid"; }
@@ -33,10 +35,14 @@ for n in 1 2 3; do
   check "node$n: /healthz and /readyz answer 200" \
     eval "status_is 192.168.77.1$n /healthz 200 && status_is 192.168.77.1$n /readyz 200"
 done
-check "/metrics has overlay and proxy metrics" eval "status_is 192.168.77.11 /metrics 200 &&
+check "node1: /livez answers 200; /metrics is not on the health port" \
+  eval "status_is 192.168.77.11 /livez 200 && status_is 192.168.77.11 /metrics 404"
+check "/metrics on 127.0.0.1:10249 has overlay and proxy metrics" eval "[ \$(metrics_of node1) = 200 ] &&
   grep -q '^rsdn_overlay_remote_nodes 2' $T/body &&
-  grep -q '^kubeproxy_sync_proxy_rules_last_timestamp_seconds' $T/body &&
+  grep -q '^kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}' $T/body &&
   grep -q '^rsdn_cluster_source_ready 1' $T/body"
+check "/metrics is not reachable from outside by default" \
+  eval "! inns ext curl -s -m 2 -o /dev/null http://192.168.77.11:10249/metrics"
 
 # A Service and its EndpointSlice, created at the server: DNAT on every node, reachable.
 # (ip netns exec, not the inns function: $! must be socat itself, or it outlives the test)

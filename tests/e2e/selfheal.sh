@@ -13,7 +13,7 @@ T=$(mktemp -d /tmp/rsdn-selfheal-e2e.XXXXXX)
 source "$(dirname "$0")/lib.sh"
 trap lab_cleanup EXIT
 
-metrics() { inns "$1" curl -s "http://127.0.0.1:10256/metrics"; }
+metrics() { inns "$1" curl -s "http://127.0.0.1:10249/metrics"; }
 metric() { metrics "$1" | awk -v m="$2" '$1 == m {print $2; found=1} END {if (!found) print 0}'; }
 healthz() { inns "$1" curl -s -o "$T/healthz-$1.json" -w '%{http_code}' "http://127.0.0.1:10256/healthz"; }
 # detail NODE CHECK FIELD: a field of one check of NODE's /healthz JSON.
