@@ -81,6 +81,8 @@ pub struct Instruments {
     pub registry: prometheus_client::registry::Registry,
     pub engine: EngineMetrics,
     pub overlay: OverlayMetrics,
+    /// The health server's answers.
+    pub probes: crate::http::ProbeMetrics,
     /// The producers of iptables rules (`producers`), with their metrics registered.
     pub producers: Vec<Box<dyn Producer>>,
 }
@@ -89,11 +91,13 @@ pub fn instruments(config: &NodeConfig) -> Instruments {
     let mut registry = prometheus_client::registry::Registry::default();
     let engine = EngineMetrics::register(&mut registry);
     let overlay = OverlayMetrics::register(&mut registry);
+    let probes = crate::http::ProbeMetrics::register(&mut registry);
     let producers = producers(config, &mut registry);
     Instruments {
         registry,
         engine,
         overlay,
+        probes,
         producers,
     }
 }
@@ -119,10 +123,11 @@ pub async fn run(
         registry,
         engine: engine_metrics,
         overlay: overlay_metrics,
+        probes,
         producers,
     } = instruments(&config);
     if let Some(addr) = config.healthz_bind_address {
-        crate::http::serve_health(addr, health.clone())
+        crate::http::serve_health(addr, health.clone(), probes)
             .await
             .with_context(|| format!("cannot serve /healthz on {addr}"))?;
     }
@@ -356,9 +361,14 @@ mod tests {
         let Instruments {
             registry,
             engine,
+            probes,
             mut producers,
             ..
         } = instruments(&config);
+        let health = crate::health::Health::new(Duration::from_secs(5));
+        for path in ["/healthz", "/livez"] {
+            crate::http::health_route(path, &health, &probes);
+        }
         let model = Arc::new(testing::model(&testing::three()));
         for p in producers.iter_mut() {
             p.render(&model);

@@ -16,6 +16,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -48,10 +50,52 @@ fn not_found(try_paths: &str) -> Response<Full<Bytes>> {
     )
 }
 
-/// The health server's answer to one request; everything is read-only.
-pub fn health_route(path: &str, health: &Health) -> Response<Full<Bytes>> {
+type Code = Vec<(&'static str, &'static str)>;
+
+/// kube-proxy's counts of the health server's answers, by status code
+/// (`kubeproxy_proxy_healthz_total{code}`, `kubeproxy_proxy_livez_total{code}`).
+#[derive(Clone, Default)]
+pub struct ProbeMetrics {
+    healthz: Family<Code, Counter>,
+    livez: Family<Code, Counter>,
+}
+
+impl ProbeMetrics {
+    pub fn register(registry: &mut Registry) -> ProbeMetrics {
+        let m = ProbeMetrics::default();
+        // Counters: the text encoding appends `_total`, giving kube-proxy's names.
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.healthz.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.livez.clone(),
+        );
+        m
+    }
+
+    fn count(family: &Family<Code, Counter>, ok: bool) {
+        let code = if ok { "200" } else { "503" };
+        family.get_or_create(&vec![("code", code)]).inc();
+    }
+}
+
+/// The health server's answer to one request; nothing but the counts changes.
+pub fn health_route(path: &str, health: &Health, probes: &ProbeMetrics) -> Response<Full<Bytes>> {
     match path {
-        "/healthz" | "/livez" => probe(health.healthz(Instant::now())),
+        "/healthz" => {
+            let a = health.healthz(Instant::now());
+            ProbeMetrics::count(&probes.healthz, a.ok);
+            probe(a)
+        }
+        "/livez" => {
+            let a = health.livez(Instant::now());
+            ProbeMetrics::count(&probes.livez, a.ok);
+            probe(a)
+        }
         "/readyz" => probe(health.readyz()),
         _ => not_found("/healthz, /livez or /readyz"),
     }
@@ -79,11 +123,15 @@ pub fn metrics_route(path: &str, registry: &Registry) -> Response<Full<Bytes>> {
 
 /// Binds the health server on `addr` (an error if it is taken), then serves until the runtime
 /// stops.
-pub async fn serve_health(addr: SocketAddr, health: Arc<Health>) -> std::io::Result<()> {
+pub async fn serve_health(
+    addr: SocketAddr,
+    health: Arc<Health>,
+    probes: ProbeMetrics,
+) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
     info!(address = %listener.local_addr()?, "serving /healthz, /livez and /readyz");
     spawn_server(listener, Limits::default(), move |path| {
-        health_route(path, &health)
+        health_route(path, &health, &probes)
     });
     Ok(())
 }
@@ -310,8 +358,12 @@ mod tests {
     #[test]
     fn health_and_metrics_are_apart() {
         let health = Health::new(Duration::from_secs(5));
+        let probes = ProbeMetrics::default();
         for path in ["/healthz", "/livez", "/readyz"] {
-            assert_ne!(health_route(path, &health).status(), StatusCode::NOT_FOUND);
+            assert_ne!(
+                health_route(path, &health, &probes).status(),
+                StatusCode::NOT_FOUND
+            );
             assert_eq!(
                 metrics_route(path, &Registry::default()).status(),
                 StatusCode::NOT_FOUND,
@@ -320,7 +372,7 @@ mod tests {
         }
         for path in ["/metrics", "/", "/metrics/"] {
             assert_eq!(
-                health_route(path, &health).status(),
+                health_route(path, &health, &probes).status(),
                 StatusCode::NOT_FOUND,
                 "{path} on the health server"
             );
@@ -331,5 +383,30 @@ mod tests {
             .to_str()
             .unwrap()
             .starts_with("application/openmetrics-text"));
+    }
+
+    #[test]
+    fn answers_are_counted_by_code_as_kube_proxy_counts_them() {
+        let mut reg = Registry::default();
+        let probes = ProbeMetrics::register(&mut reg);
+        // The source has not delivered: /healthz fails, /livez does not.
+        let health = Health::new(Duration::from_secs(5));
+        for path in ["/healthz", "/healthz", "/livez", "/readyz"] {
+            health_route(path, &health, &probes);
+        }
+        let r = metrics_route("/metrics", &reg);
+        let text = String::from_utf8(
+            futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        for want in [
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 2",
+            "kubeproxy_proxy_livez_total{code=\"200\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
     }
 }

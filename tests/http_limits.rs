@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockname, SockaddrIn};
 use rsdn::health::Health;
-use rsdn::http::{health_route, spawn_server, Limits, MAX_CONNECTIONS};
+use rsdn::http::{health_route, spawn_server, Limits, ProbeMetrics, MAX_CONNECTIONS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -51,8 +51,10 @@ async fn daemon_endpoint(limits: Limits) -> (u16, Arc<Health>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let health = Arc::new(Health::new(Duration::from_secs(5)));
-    let h = health.clone();
-    let task = spawn_server(listener, limits, move |path| health_route(path, &h));
+    let (h, probes) = (health.clone(), ProbeMetrics::default());
+    let task = spawn_server(listener, limits, move |path| {
+        health_route(path, &h, &probes)
+    });
     (port, health, task)
 }
 

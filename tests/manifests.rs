@@ -254,7 +254,9 @@ fn the_daemon_set_agrees_with_the_code() {
         .parse()
         .unwrap();
     for (probe, path) in [
-        (daemon.liveness_probe.as_ref(), "/healthz"),
+        // Liveness is /livez: /healthz fails while the node drains (kube-proxy's KEP-3836) and
+        // while a repair keeps failing, neither of which a restart cures.
+        (daemon.liveness_probe.as_ref(), "/livez"),
         (daemon.readiness_probe.as_ref(), "/readyz"),
     ] {
         let get = probe

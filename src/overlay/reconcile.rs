@@ -18,7 +18,7 @@ use super::ports::{self, PortRepair};
 use super::{Action, BRIDGE};
 use crate::cniconf::{conflist, ConflistOptions};
 use crate::config::{NodeConfig, VXLAN_OVERHEAD};
-use crate::health::{Health, OverlayPass};
+use crate::health::{Health, Loop, OverlayPass};
 use crate::model::{ClusterModel, ClusterNode};
 use crate::overlay;
 
@@ -242,7 +242,11 @@ pub async fn run<K: OverlayKernel>(
     let mut last_waiting: Option<String> = None;
     // The model of the last clean pass: changes made on the same model repair drift.
     let mut programmed: Option<Arc<ClusterModel>> = None;
+    // The source's channel closed: the last model stays, passes go on repairing drift, and
+    // /livez asks for a restart that brings the source back.
+    let mut source_gone = false;
     loop {
+        health.alive(Loop::Overlay, Instant::now());
         let model = Arc::clone(&model_rx.borrow_and_update());
         if !programmed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model)) {
             overlay_metrics.model(&model);
@@ -291,7 +295,11 @@ pub async fn run<K: OverlayKernel>(
             }
         };
         tokio::select! {
-            r = model_rx.changed() => if r.is_err() { warn!("cluster source stopped"); },
+            r = model_rx.changed(), if !source_gone => if r.is_err() {
+                error!("the cluster source stopped; the last model stays programmed");
+                health.stopped(Loop::Source, "the cluster source stopped publishing".into(), Instant::now());
+                source_gone = true;
+            },
             _ = wake.notified() => tokio::time::sleep(EVENT_DEBOUNCE).await,
             _ = tokio::time::sleep_until(next) => {}
             _ = &mut shutdown => {
