@@ -86,6 +86,8 @@ struct State {
     iptables_repaired: std::collections::BTreeMap<&'static str, Repair>,
     conflicts: Vec<String>,
     loops: BTreeMap<Loop, Beat>,
+    /// Why the node takes no new connections (being deleted, tainted for deletion).
+    leaving: Option<String>,
 }
 
 /// What an overlay pass reports.
@@ -244,6 +246,12 @@ impl Health {
         })
     }
 
+    /// The local node is going away (why) or not (None), from its Node object. Returns
+    /// whether that changed.
+    pub fn node_leaving(&self, why: Option<String>) -> bool {
+        self.with(|s| std::mem::replace(&mut s.leaving, why.clone()) != why)
+    }
+
     /// Nodes left out because their podCIDR overlaps another's (one line each).
     pub fn conflicts(&self, conflicts: Vec<String>) {
         self.with(|s| s.conflicts = conflicts);
@@ -321,130 +329,21 @@ impl Health {
         });
     }
 
-    /// `/healthz`: the loops are alive and keeping the kernel in line with the cluster; a
-    /// repair that keeps failing for `STALE` is unhealthy.
+    /// `/healthz`: the daemon keeps the kernel in line with the cluster (`datapath`), and the
+    /// node is not going away: a node being deleted, or tainted for deletion by the cluster
+    /// autoscaler, answers 503 so that load balancers send it no new connections, as
+    /// kube-proxy's does (KEP-3836).
     pub fn healthz(&self, now: Instant) -> Answer {
         self.with(|s| {
-            let mut checks = vec![self.loops(s, now)];
+            let mut checks = self.datapath(s, now);
             checks.push(Check {
-                name: "source",
-                ok: s.source_ready,
-                detail: if s.source_ready {
-                    "initial state received".into()
-                } else {
-                    format!(
-                        "initial lists not received after {}s",
-                        now.saturating_duration_since(self.started).as_secs()
-                    )
-                },
-                repaired: None,
-            });
-            let (ok, detail) = match (s.overlay_done, &s.overlay_failing) {
-                (_, Some((since, why))) if now.saturating_duration_since(*since) > STALE => (
-                    false,
-                    format!(
-                        "passes failing for {}s (limit {}s): {why}",
-                        now.saturating_duration_since(*since).as_secs(),
-                        STALE.as_secs()
-                    ),
-                ),
-                (Some(t), _) if now.saturating_duration_since(t) > self.overlay_stale => (
-                    false,
-                    format!(
-                        "last pass {} (limit {}s){}",
-                        ago(now, t),
-                        self.overlay_stale.as_secs(),
-                        s.overlay_failing
-                            .as_ref()
-                            .map(|(_, e)| format!(": {e}"))
-                            .unwrap_or_default()
-                    ),
-                ),
-                (Some(t), Some((since, why))) => (
-                    true,
-                    format!(
-                        "last pass {}; failing for {}s, retrying: {why}",
-                        ago(now, t),
-                        now.saturating_duration_since(*since).as_secs()
-                    ),
-                ),
-                (Some(t), None) => (
-                    true,
-                    format!("last pass {}, all of it applied", ago(now, t)),
-                ),
-                (None, failing) => (
-                    !s.source_ready,
-                    format!(
-                        "no pass yet{}",
-                        failing
-                            .as_ref()
-                            .map(|(_, e)| format!(": {e}"))
-                            .unwrap_or_default()
-                    ),
-                ),
-            };
-            checks.push(Check {
-                name: "overlay",
-                ok,
-                detail,
-                repaired: None,
-            });
-            checks.push(Check {
-                name: "pods",
-                ok: true,
-                detail: format!("{} pod veth(s) on tun0", s.pod_ports),
-                repaired: repaired(now, &s.pods_repaired),
-            });
-            let drift = s
-                .iptables_drift
-                .map(|(t, n)| format!("; {n} drifted chain(s) found {} to rewrite", ago(now, t)))
-                .unwrap_or_default();
-            let error = s
-                .iptables_error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            let (ok, detail) = match s.iptables_pending {
-                Some(t) if now.saturating_duration_since(t) > STALE => (
-                    false,
-                    format!(
-                        "a change has waited {}s for iptables (limit {}s){drift}{error}",
-                        now.saturating_duration_since(t).as_secs(),
-                        STALE.as_secs()
-                    ),
-                ),
-                Some(t) => (
-                    true,
-                    format!(
-                        "sync pending for {:.1}s{drift}{error}",
-                        now.saturating_duration_since(t).as_secs_f64()
-                    ),
-                ),
-                None => (true, format!("rules up to date{drift}")),
-            };
-            checks.push(Check {
-                name: "iptables",
-                ok,
-                detail,
-                repaired: (!s.iptables_repaired.is_empty()).then(|| {
-                    s.iptables_repaired
-                        .values()
-                        .map(|r| format!("{}: {}", ago(now, r.at), r.what))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                }),
-            });
-            checks.push(Check {
-                name: "nodes",
-                ok: true,
-                detail: if s.conflicts.is_empty() {
-                    "no podCIDR conflicts".into()
-                } else {
-                    format!(
-                        "{} Node(s) left out for podCIDR conflicts: {}",
-                        s.conflicts.len(),
-                        s.conflicts.join("; ")
-                    )
+                name: "eligible",
+                ok: s.leaving.is_none(),
+                detail: match &s.leaving {
+                    None => "the node takes new connections".into(),
+                    Some(why) => {
+                        format!("{why}: load balancers are told to stop sending new connections")
+                    }
                 },
                 repaired: None,
             });
@@ -454,6 +353,141 @@ impl Health {
                 notes: s.waiting.iter().cloned().collect(),
             }
         })
+    }
+
+    /// The proxy's health without the node's state: what kube-proxy's health check node ports
+    /// report as `serviceProxyHealthy` (its `IsHealthy`, which ignores the node).
+    pub fn proxy_healthy(&self, now: Instant) -> bool {
+        self.with(|s| self.datapath(s, now).iter().all(|c| c.ok))
+    }
+
+    /// The checks of `/healthz` but the node's: the loops are alive and keep the kernel in
+    /// line with the cluster; a repair that keeps failing for `STALE` is unhealthy.
+    fn datapath(&self, s: &State, now: Instant) -> Vec<Check> {
+        let mut checks = vec![self.loops(s, now)];
+        checks.push(Check {
+            name: "source",
+            ok: s.source_ready,
+            detail: if s.source_ready {
+                "initial state received".into()
+            } else {
+                format!(
+                    "initial lists not received after {}s",
+                    now.saturating_duration_since(self.started).as_secs()
+                )
+            },
+            repaired: None,
+        });
+        let (ok, detail) = match (s.overlay_done, &s.overlay_failing) {
+            (_, Some((since, why))) if now.saturating_duration_since(*since) > STALE => (
+                false,
+                format!(
+                    "passes failing for {}s (limit {}s): {why}",
+                    now.saturating_duration_since(*since).as_secs(),
+                    STALE.as_secs()
+                ),
+            ),
+            (Some(t), _) if now.saturating_duration_since(t) > self.overlay_stale => (
+                false,
+                format!(
+                    "last pass {} (limit {}s){}",
+                    ago(now, t),
+                    self.overlay_stale.as_secs(),
+                    s.overlay_failing
+                        .as_ref()
+                        .map(|(_, e)| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            (Some(t), Some((since, why))) => (
+                true,
+                format!(
+                    "last pass {}; failing for {}s, retrying: {why}",
+                    ago(now, t),
+                    now.saturating_duration_since(*since).as_secs()
+                ),
+            ),
+            (Some(t), None) => (
+                true,
+                format!("last pass {}, all of it applied", ago(now, t)),
+            ),
+            (None, failing) => (
+                !s.source_ready,
+                format!(
+                    "no pass yet{}",
+                    failing
+                        .as_ref()
+                        .map(|(_, e)| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+            ),
+        };
+        checks.push(Check {
+            name: "overlay",
+            ok,
+            detail,
+            repaired: None,
+        });
+        checks.push(Check {
+            name: "pods",
+            ok: true,
+            detail: format!("{} pod veth(s) on tun0", s.pod_ports),
+            repaired: repaired(now, &s.pods_repaired),
+        });
+        let drift = s
+            .iptables_drift
+            .map(|(t, n)| format!("; {n} drifted chain(s) found {} to rewrite", ago(now, t)))
+            .unwrap_or_default();
+        let error = s
+            .iptables_error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        let (ok, detail) = match s.iptables_pending {
+            Some(t) if now.saturating_duration_since(t) > STALE => (
+                false,
+                format!(
+                    "a change has waited {}s for iptables (limit {}s){drift}{error}",
+                    now.saturating_duration_since(t).as_secs(),
+                    STALE.as_secs()
+                ),
+            ),
+            Some(t) => (
+                true,
+                format!(
+                    "sync pending for {:.1}s{drift}{error}",
+                    now.saturating_duration_since(t).as_secs_f64()
+                ),
+            ),
+            None => (true, format!("rules up to date{drift}")),
+        };
+        checks.push(Check {
+            name: "iptables",
+            ok,
+            detail,
+            repaired: (!s.iptables_repaired.is_empty()).then(|| {
+                s.iptables_repaired
+                    .values()
+                    .map(|r| format!("{}: {}", ago(now, r.at), r.what))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }),
+        });
+        checks.push(Check {
+            name: "nodes",
+            ok: true,
+            detail: if s.conflicts.is_empty() {
+                "no podCIDR conflicts".into()
+            } else {
+                format!(
+                    "{} Node(s) left out for podCIDR conflicts: {}",
+                    s.conflicts.len(),
+                    s.conflicts.join("; ")
+                )
+            },
+            repaired: None,
+        });
+        checks
     }
 
     /// `/readyz`: the initial lists are in and the node network is programmed.
@@ -734,5 +768,30 @@ mod tests {
             !a.ok && check(&a, "loops").detail.contains("source: stopped"),
             "{a:?}"
         );
+    }
+
+    #[test]
+    fn a_node_going_away_fails_healthz_only() {
+        let h = Health::new(Duration::from_secs(5));
+        h.source_ready();
+        let t0 = Instant::now();
+        h.alive(Loop::Overlay, t0);
+        h.overlay_passed(OverlayPass::default(), t0);
+        assert!(h.healthz(t0).ok);
+        let why = "the Node is tainted ToBeDeletedByClusterAutoscaler";
+        assert!(h.node_leaving(Some(why.into())), "a change");
+        assert!(!h.node_leaving(Some(why.into())), "no change");
+        let a = h.healthz(t0);
+        assert!(!a.ok, "{a:?}");
+        assert_eq!(
+            check(&a, "eligible").detail,
+            format!("{why}: load balancers are told to stop sending new connections")
+        );
+        // Alive, and the proxy itself healthy: the health check node ports (kube-proxy's
+        // serviceProxyHealthy) and the livenessProbe are not the node's business.
+        assert!(h.livez(t0).ok);
+        assert!(h.proxy_healthy(t0));
+        assert!(h.node_leaving(None));
+        assert!(h.healthz(t0).ok);
     }
 }

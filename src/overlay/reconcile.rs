@@ -256,6 +256,13 @@ pub async fn run<K: OverlayKernel>(
                     .map(|s| format!("{}: {}", s.object, s.reason))
                     .collect(),
             );
+            let leaving = model.local_lifecycle.as_ref().and_then(|l| l.leaving());
+            if health.node_leaving(leaving.clone()) {
+                match leaving {
+                    Some(why) => warn!(reason = %why, "the node is going away: /healthz answers 503 so that load balancers send it no new connections"),
+                    None => info!("the node takes new connections again: /healthz no longer answers 503 for it"),
+                }
+            }
         }
         let started = Instant::now();
         let next = match reconciler.reconcile(&model).await {

@@ -168,7 +168,9 @@ impl HealthCheckServers {
             let (key, count, health) = (name.clone(), local_endpoints.clone(), self.health.clone());
             // Any path, as kube-proxy answers.
             let task = crate::http::spawn_server(listener, Limits::default(), move |_path| {
-                let healthy = health.healthz(Instant::now()).ok;
+                // As kube-proxy's: the proxy's health, not the node's (a node going away still
+                // tells load balancers where the endpoints are; its /healthz drains it).
+                let healthy = health.proxy_healthy(Instant::now());
                 let (status, body) = answer(&key, count.load(Ordering::Relaxed), healthy);
                 let mut r = crate::http::reply(status, "application/json", body);
                 r.headers_mut().insert(

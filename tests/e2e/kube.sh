@@ -67,6 +67,18 @@ EOF
 answer() { [ "$(inns node1-pod1 socat -T2 - TCP:172.30.9.9:80,connect-timeout=2 </dev/null 2>/dev/null)" = node2-pod1 ]; }
 check "a Service created at the API server answers from node1's pod" eventually 5 answer
 
+# The cluster autoscaler taints node2 for deletion: its /healthz answers 503 so that load
+# balancers drain it (kube-proxy's KEP-3836), its /livez stays 200 (no restart), and the taint
+# going away makes it healthy again.
+sed -i 's/^spec:$/spec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: "1700000000", effect: NoSchedule}]/' \
+  "$LAB/cluster/node2.yaml"
+check "node2 tainted ToBeDeletedByClusterAutoscaler: /healthz 503, /livez 200" eventually 5 \
+  eval "status_is 192.168.77.12 /healthz 503 && grep -q ToBeDeletedByClusterAutoscaler $T/body &&
+    status_is 192.168.77.12 /livez 200 && status_is 192.168.77.11 /healthz 200"
+sed -i '/ToBeDeletedByClusterAutoscaler/d' "$LAB/cluster/node2.yaml"
+check "the taint removed: node2's /healthz is 200 again" eventually 5 \
+  status_is 192.168.77.12 /healthz 200
+
 # Delete and re-add a Node at the server: the other nodes' kernels follow.
 rm "$LAB/cluster/node3.yaml"
 check "Node deleted at the API server: node1's route to node3 goes" eventually 5 no_route_to node1 10.128.4.0/23
