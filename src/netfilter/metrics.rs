@@ -37,6 +37,25 @@ pub fn unix_seconds(t: SystemTime) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Follows a rule's packet counter in the kernel, which starts again from 0 when the rule's
+/// chain is rewritten: what it grew by since the last read.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RuleCount {
+    seen: u64,
+}
+
+impl RuleCount {
+    pub fn grew(&mut self, now: u64) -> u64 {
+        let grew = if now >= self.seen {
+            now - self.seen
+        } else {
+            now
+        };
+        self.seen = now;
+        grew
+    }
+}
+
 /// Handles to the engine's metrics; clones share the same values.
 #[derive(Clone)]
 pub struct EngineMetrics {

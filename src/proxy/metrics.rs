@@ -104,6 +104,7 @@ fn programming_buckets() -> Vec<f64> {
 pub struct ProxyMetrics {
     no_local: Family<Labels, Gauge>,
     programming: Histogram,
+    invalid_dropped: Counter,
     service_changes: Counter,
     service_changes_pending: Gauge,
     endpoint_changes: Counter,
@@ -115,6 +116,7 @@ impl ProxyMetrics {
         let m = ProxyMetrics {
             no_local: Family::default(),
             programming: Histogram::new(programming_buckets()),
+            invalid_dropped: Counter::default(),
             service_changes: Counter::default(),
             service_changes_pending: Gauge::default(),
             endpoint_changes: Counter::default(),
@@ -141,6 +143,11 @@ impl ProxyMetrics {
             format!("{k}_endpoint_changes_pending"),
             "Pending proxy rules Endpoint changes",
             m.endpoint_changes_pending.clone(),
+        );
+        registry.register(
+            "kubeproxy_iptables_ct_state_invalid_dropped_packets",
+            "packets dropped by iptables to work around conntrack problems",
+            m.invalid_dropped.clone(),
         );
         let f = per_family(registry);
         // A gauge whose name ends in `_total`, as kube-proxy names it.
@@ -169,6 +176,11 @@ impl ProxyMetrics {
     /// A standalone set (tests, tools).
     pub fn unregistered() -> ProxyMetrics {
         ProxyMetrics::register(&mut Registry::default())
+    }
+
+    /// KUBE-FORWARD's DROP of conntrack-INVALID packets dropped `n` more.
+    pub fn invalid_dropped(&self, n: u64) {
+        self.invalid_dropped.inc_by(n);
     }
 
     /// Changes seen and not yet in the kernel.
