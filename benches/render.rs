@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use rsdn::model::service::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
+use rsdn::model::service::{Endpoint, Protocol, ServicePortName, Services};
 use rsdn::netfilter::payload::{payload, Context, Scope};
 use rsdn::proxy::render::{render_cached, ProxyScope, RenderCache};
 
@@ -21,18 +21,7 @@ fn services(n: usize) -> Services {
         };
         s.ports.insert(
             spn.clone(),
-            ServicePort {
-                cluster_ip: Ipv4Addr::new(172, 30, hi, lo),
-                port: 80,
-                node_port: None,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                affinity_seconds: None,
-                internal_local: false,
-                external_local: false,
-                health_check_node_port: None,
-            },
+            rsdn::model::testing::service_port(&Ipv4Addr::new(172, 30, hi, lo).to_string(), 80),
         );
         let eps = (0..10)
             .map(|e| Endpoint {

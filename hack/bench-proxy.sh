@@ -105,7 +105,7 @@ for backend in ${BACKENDS:-nft legacy}; do
       until grep -q 'rsdn_iptables_verify_duration_seconds_count{table="nat"} [1-9]' <<<"$m"; do
         [ $SECONDS -ge $deadline ] && break
         sleep 1
-        m=$(ip netns exec "$ns" sh -c 'curl -sf http://127.0.0.1:10249/metrics || curl -sf http://127.0.0.1:10256/metrics' || true)
+        m=$(ip netns exec "$ns" curl -sf http://127.0.0.1:10249/metrics || true)
       done
       for t in nat filter; do
         sum=$(awk -v k="rsdn_iptables_verify_duration_seconds_sum{table=\"$t\"}" '$1 == k {print $2}' <<<"$m")

@@ -37,7 +37,7 @@ check "DNS through CoreDNS: web.$NS.svc resolves to the ClusterIP" \
   bash -c "kubectl -n $NS exec pod1 -- nslookup web.$NS.svc.cluster.local | grep -q $svc"
 check "Service by name (DNS, then the Service)" \
   bash -c "[ \"\$(kubectl -n $NS exec pod1 -- curl -sf --max-time 5 http://web.$NS.svc.cluster.local/hostname)\" = pod0 ]"
-check "rsdn healthy on every node (/healthz through the DaemonSet's probes)" \
+check "rsdn ready and live on every node (/readyz and /livez through the DaemonSet's probes)" \
   kubectl -n rsdn rollout status daemonset/rsdn --timeout=10s
 echo "kind-e2e: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -15,8 +15,11 @@ pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const DEFAULT_CNI_CONF_FILE: &str = "10-rsdn.conflist";
 /// Where the kubelet and the runtimes look for CNI plugins by default.
 pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
-/// kube-proxy's healthz port; /metrics is served there too.
+/// kube-proxy's healthz address: /healthz, /livez and /readyz, which load balancers' health
+/// checks reach from outside.
 pub const DEFAULT_HEALTHZ_BIND_ADDRESS: &str = "0.0.0.0:10256";
+/// kube-proxy's metrics address: /metrics, on the node only unless configured otherwise.
+pub const DEFAULT_METRICS_BIND_ADDRESS: &str = "127.0.0.1:10249";
 pub const DEFAULT_RESYNC_SECONDS: u64 = 5;
 /// kube-proxy's full-sync period: a full sync rewrites every chain, which takes seconds at scale.
 pub const DEFAULT_PROXY_FULL_SYNC_SECONDS: u64 = 3600;
@@ -131,8 +134,11 @@ node_options! {
     /// Kubeconfig for the API server [default: the in-cluster service account, then
     /// $KUBECONFIG, then ~/.kube/config].
     kubeconfig: PathBuf,
-    /// Address of the HTTP server for /healthz and /metrics.
+    /// Address of the HTTP server for /healthz, /livez and /readyz (kube-proxy's healthz port).
     healthz_bind_address: SocketAddr = DEFAULT_HEALTHZ_BIND_ADDRESS,
+    /// Address of the HTTP server for /metrics (kube-proxy's metrics address); 0.0.0.0:10249
+    /// lets a Prometheus on another host scrape it.
+    metrics_bind_address: SocketAddr = DEFAULT_METRICS_BIND_ADDRESS,
     /// Seconds between full resyncs with the kernel.
     resync_seconds: u64 = DEFAULT_RESYNC_SECONDS,
     /// Program Services (kube-proxy's iptables NAT); --proxy=false for clusters that keep
@@ -251,8 +257,10 @@ pub struct NodeConfig {
     pub portmap: bool,
     pub cni_bin_dir: PathBuf,
     pub source: SourceConfig,
-    /// None: no HTTP endpoint (tests); the default is 0.0.0.0:10256.
+    /// None: no health endpoint (tests); the default is 0.0.0.0:10256.
     pub healthz_bind_address: Option<SocketAddr>,
+    /// None: no metrics endpoint (tests); the default is 127.0.0.1:10249.
+    pub metrics_bind_address: Option<SocketAddr>,
     pub resync_seconds: u64,
     /// false: no Service rules (kube-proxy runs); egress masquerade stays.
     pub proxy: bool,
@@ -347,6 +355,19 @@ impl NodeConfig {
                 format!("bit {POLICY_MARK_BIT} is NetworkPolicy's (its allow mark)"),
             ));
         }
+        if let (Some(h), Some(m)) = (f.healthz_bind_address, f.metrics_bind_address) {
+            // Two listeners on one port clash unless their addresses are distinct and specific.
+            let overlap = |a: SocketAddr, b: SocketAddr| {
+                a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            };
+            if overlap(h, m) {
+                return Err(bad(
+                    "metricsBindAddress",
+                    format!("{m} takes the port of healthzBindAddress {h}"),
+                ));
+            }
+        }
         let proxy_full_sync_seconds = defaulted(f.proxy_full_sync_seconds);
         if proxy_full_sync_seconds == 0 {
             return Err(bad("proxyFullSyncSeconds", "must be at least 1"));
@@ -366,6 +387,7 @@ impl NodeConfig {
             cni_bin_dir: defaulted(f.cni_bin_dir),
             source,
             healthz_bind_address: f.healthz_bind_address,
+            metrics_bind_address: f.metrics_bind_address,
             resync_seconds,
             proxy: defaulted(f.proxy),
             masquerade_bit,
@@ -380,6 +402,7 @@ impl NodeConfig {
         let mut c = NodeConfig::resolve(NodeOptions::default(), Some(name.into()))
             .expect("the defaults are valid");
         c.healthz_bind_address = None;
+        c.metrics_bind_address = None;
         c
     }
 
@@ -424,9 +447,16 @@ mod tests {
             c.healthz_bind_address,
             Some("0.0.0.0:10256".parse().unwrap())
         );
+        assert_eq!(
+            c.metrics_bind_address,
+            Some("127.0.0.1:10249".parse().unwrap())
+        );
         let c = resolve("kubeconfig: /k\nhealthzBindAddress: 127.0.0.1:9\n").unwrap();
         assert_eq!(c.source, SourceConfig::Kube(Some("/k".into())));
         assert_eq!(c.healthz_bind_address, Some("127.0.0.1:9".parse().unwrap()));
+        // The same port on distinct specific addresses is fine.
+        let c = resolve("healthzBindAddress: 192.168.1.5:10249\n").unwrap();
+        assert_eq!(c.metrics_bind_address.unwrap().port(), 10249);
         assert_eq!(resolve("{}").unwrap().source, SourceConfig::Kube(None));
         let c =
             resolve("clusterDir: /c\nproxy: false\niptablesBackend: legacy\nmasqueradeBit: 14\n")
@@ -480,6 +510,14 @@ mod tests {
                 "proxyFullSyncSeconds",
             ),
             ("clusterDir: /c\nkubeconfig: /k\n", "clusterDir"),
+            (
+                "clusterDir: /c\nmetricsBindAddress: 127.0.0.1:10256\n",
+                "metricsBindAddress",
+            ),
+            (
+                "clusterDir: /c\nhealthzBindAddress: 127.0.0.1:10249\n",
+                "metricsBindAddress",
+            ),
         ];
         for (yaml, field) in cases {
             let e = resolve(yaml).unwrap_err();
@@ -548,16 +586,20 @@ mod tests {
     fn the_defaults_resolve_and_the_test_config_has_no_http_endpoint() {
         let c = NodeConfig::for_test("a");
         assert_eq!(c.node_name, "a");
-        assert_eq!(c.healthz_bind_address, None);
+        assert_eq!(
+            (c.healthz_bind_address, c.metrics_bind_address),
+            (None, None)
+        );
         assert_eq!(
             NodeConfig {
                 healthz_bind_address: Some(DEFAULT_HEALTHZ_BIND_ADDRESS.parse().unwrap()),
+                metrics_bind_address: Some(DEFAULT_METRICS_BIND_ADDRESS.parse().unwrap()),
                 ..c
             },
             NodeConfig::resolve(NodeOptions::defaults(), Some("a".into())).unwrap()
         );
-        // 14 of the 20 options have a value default; unset, the others are derived or off.
-        assert_eq!(declared_defaults().len(), 14, "{:?}", declared_defaults());
+        // 15 of the 21 options have a value default; unset, the others are derived or off.
+        assert_eq!(declared_defaults().len(), 15, "{:?}", declared_defaults());
     }
 
     #[test]
@@ -574,6 +616,7 @@ mod tests {
         let keys: BTreeSet<String> = NodeOptions::keys().iter().map(|k| kebab(k)).collect();
         assert_eq!(flags, keys);
         assert!(keys.contains("node-ip") && keys.contains("healthz-bind-address"));
+        assert!(keys.contains("metrics-bind-address"));
     }
 
     #[test]

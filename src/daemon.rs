@@ -1,10 +1,10 @@
 //! `rsdn node`, the composition root: it builds the parts from the configuration and starts
 //! them. The cluster source publishes models; the overlay's reconcile loop
 //! (`overlay::reconcile`), the netfilter engine's task with its producers (the Service proxy,
-//! egress masquerade) and the health check node ports follow the models; `/healthz` and
-//! `/metrics` report on all of them; with the API server as the source, the Node's
-//! NetworkUnavailable condition is cleared once the node network is programmed
-//! (`node_status`). Stopping leaves the datapath in place.
+//! egress masquerade) and the health check node ports follow the models; `/healthz` (on the
+//! health server) and `/metrics` (on the metrics server) report on all of them; with the API
+//! server as the source, the Node's NetworkUnavailable condition is cleared once the node
+//! network is programmed (`node_status`). Stopping leaves the datapath in place.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +77,33 @@ pub fn producers(
     out
 }
 
+/// Every metric the daemon exports, in one registry, and the parts that report to it.
+pub struct Instruments {
+    pub registry: prometheus_client::registry::Registry,
+    pub engine: EngineMetrics,
+    pub overlay: OverlayMetrics,
+    /// The health server's answers.
+    pub probes: crate::http::ProbeMetrics,
+    /// The producers of iptables rules (`producers`), with their metrics registered.
+    pub producers: Vec<Box<dyn Producer>>,
+}
+
+pub fn instruments(config: &NodeConfig) -> Instruments {
+    let mut registry = prometheus_client::registry::Registry::default();
+    crate::build_info::register(&mut registry);
+    let engine = EngineMetrics::register(&mut registry);
+    let overlay = OverlayMetrics::register(&mut registry);
+    let probes = crate::http::ProbeMetrics::register(&mut registry);
+    let producers = producers(config, &mut registry);
+    Instruments {
+        registry,
+        engine,
+        overlay,
+        probes,
+        producers,
+    }
+}
+
 /// The configured iptables backend, or the one the node uses (detected as kube-proxy does).
 pub fn backend(config: &NodeConfig) -> (Backend, String) {
     match config.iptables_backend {
@@ -101,15 +128,22 @@ pub async fn run(
     );
     let resync = Duration::from_secs(config.resync_seconds);
     let health = Arc::new(Health::new(resync));
-    let mut registry = prometheus_client::registry::Registry::default();
-    crate::build_info::register(&mut registry);
-    let engine_metrics = EngineMetrics::register(&mut registry);
-    let overlay_metrics = OverlayMetrics::register(&mut registry);
-    let producers = producers(&config, &mut registry);
+    let Instruments {
+        registry,
+        engine: engine_metrics,
+        overlay: overlay_metrics,
+        probes,
+        producers,
+    } = instruments(&config);
     if let Some(addr) = config.healthz_bind_address {
-        crate::http::serve(addr, health.clone(), Arc::new(registry))
+        crate::http::serve_health(addr, health.clone(), probes)
             .await
             .with_context(|| format!("cannot serve /healthz on {addr}"))?;
+    }
+    if let Some(addr) = config.metrics_bind_address {
+        crate::http::serve_metrics(addr, Arc::new(registry))
+            .await
+            .with_context(|| format!("cannot serve /metrics on {addr}"))?;
     }
     let kernel = Kernel::connect()?;
     let mut scope = model_scope(&config);
@@ -201,4 +235,212 @@ pub async fn run(
     reconcile::run(reconciler, model_rx, wake, resync, reports, &mut shutdown).await;
     info!("shutting down; the datapath stays in place");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::model::testing;
+    use crate::netfilter::engine::SyncReport;
+    use crate::netfilter::metrics::Synced;
+    use crate::netfilter::ruleset::Ruleset;
+
+    /// A metric as kube-proxy declares it, or as rsdn's exposition shows it.
+    #[derive(Debug, Clone, PartialEq)]
+    struct Shape {
+        kind: String,
+        labels: BTreeSet<String>,
+        buckets: Vec<f64>,
+    }
+
+    /// `exponential(start,factor,count)`, or `merge(linear(start,width,count),...)` with
+    /// component-base's leading 0.
+    fn buckets(spec: &str) -> Vec<f64> {
+        let args = |s: &str| -> Vec<f64> { s.split(',').map(|a| a.parse().unwrap()).collect() };
+        if spec == "-" {
+            vec![]
+        } else if let Some(a) = spec.strip_prefix("exponential(") {
+            let a = args(a.trim_end_matches(')'));
+            (0..a[2] as i32).map(|i| a[0] * a[1].powi(i)).collect()
+        } else if let Some(m) = spec.strip_prefix("merge(") {
+            let mut out = vec![0.0];
+            for l in m.trim_end_matches(')').split("),") {
+                let a = args(l.trim_start_matches("linear(").trim_end_matches(')'));
+                out.extend((0..a[2] as usize).map(|i| a[0] + a[1] * i as f64));
+            }
+            out
+        } else {
+            panic!("unknown bucket layout {spec}")
+        }
+    }
+
+    /// src/proxy/testdata/kube-proxy-metrics.txt: name -> (shape, whether rsdn exports it).
+    fn kube_proxy() -> BTreeMap<String, (Shape, bool)> {
+        include_str!("proxy/testdata/kube-proxy-metrics.txt")
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .map(|l| {
+                let c: Vec<&str> = l.split(" | ").map(str::trim).collect();
+                assert_eq!(c.len(), 5, "{l}");
+                let labels = match c[2] {
+                    "-" => BTreeSet::new(),
+                    ls => ls.split(',').map(String::from).collect(),
+                };
+                let shape = Shape {
+                    kind: c[1].into(),
+                    labels,
+                    buckets: buckets(c[3]),
+                };
+                (c[0].to_string(), (shape, c[4] == "yes"))
+            })
+            .collect()
+    }
+
+    /// The label names and values of a sample line, `name{a="x",b="y"} value`.
+    fn labels(sample: &str) -> Vec<(String, String)> {
+        let Some(open) = sample.find('{') else {
+            return vec![];
+        };
+        let mut out = Vec::new();
+        let mut rest = &sample[open + 1..];
+        while let Some(eq) = rest.find("=\"") {
+            let name = rest[..eq].trim_start_matches(',').to_string();
+            let mut value = String::new();
+            let mut chars = rest[eq + 2..].char_indices();
+            let mut end = 0;
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => value.extend(chars.next().map(|(_, c)| c)),
+                    '"' => {
+                        end = eq + 2 + i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            out.push((name, value));
+            rest = &rest[end..];
+            if rest.starts_with('}') {
+                break;
+            }
+        }
+        out
+    }
+
+    /// What the exposition shows of each family, under the name kube-proxy's text format
+    /// gives it (a counter's samples end in `_total`), with how many samples it has.
+    fn exposed(text: &str) -> BTreeMap<String, (Shape, usize)> {
+        let mut out: BTreeMap<String, (Shape, usize)> = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in text.lines() {
+            if let Some(t) = line.strip_prefix("# TYPE ") {
+                let (family, kind) = t.split_once(' ').unwrap();
+                let name = match kind {
+                    "counter" => format!("{family}_total"),
+                    _ => family.to_string(),
+                };
+                let shape = Shape {
+                    kind: kind.into(),
+                    labels: BTreeSet::new(),
+                    buckets: vec![],
+                };
+                out.insert(name.clone(), (shape, 0));
+                current = Some(name);
+            } else if !line.starts_with('#') {
+                let (shape, samples) = out.get_mut(current.as_ref().unwrap()).unwrap();
+                *samples += 1;
+                for (name, value) in labels(line) {
+                    if name == "le" {
+                        if value != "+Inf" && line.contains("_bucket{") {
+                            let le: f64 = value.parse().unwrap();
+                            if !shape.buckets.contains(&le) {
+                                shape.buckets.push(le);
+                            }
+                        }
+                    } else {
+                        shape.labels.insert(name);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Every metric the daemon registers, each with a sample or more.
+    fn exposition() -> String {
+        let config = NodeConfig::for_test("a");
+        let Instruments {
+            registry,
+            engine,
+            probes,
+            mut producers,
+            ..
+        } = instruments(&config);
+        let health = crate::health::Health::new(Duration::from_secs(5));
+        for path in ["/healthz", "/livez"] {
+            crate::http::health_route(path, &health, &probes);
+        }
+        let model = Arc::new(testing::model(&testing::three()));
+        for p in producers.iter_mut() {
+            p.render(&model);
+            p.synced(&model, &SyncReport::default());
+        }
+        engine.synced(Synced {
+            full: false,
+            took: Duration::from_millis(3),
+            written: &Default::default(),
+            ruleset: &Ruleset::default(),
+            at: SystemTime::now(),
+        });
+        engine.restore_failed(false);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn kube_proxy_named_metrics_are_kube_proxys_own() {
+        let known = kube_proxy();
+        assert_eq!(known.len(), 23, "the fixture lists kube-proxy's 23 metrics");
+        let text = exposition();
+        let ours: BTreeMap<String, (Shape, usize)> = exposed(&text)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("kubeproxy_"))
+            .collect();
+        for (name, (shape, samples)) in &ours {
+            let Some((theirs, _)) = known.get(name) else {
+                panic!("{name} is not one of kube-proxy's metrics");
+            };
+            assert!(*samples > 0, "{name} has no sample to check labels on");
+            assert_eq!(shape.kind, theirs.kind, "{name}: type");
+            assert_eq!(shape.labels, theirs.labels, "{name}: labels");
+            assert_eq!(shape.buckets.len(), theirs.buckets.len(), "{name}: buckets");
+            for (a, b) in shape.buckets.iter().zip(&theirs.buckets) {
+                assert!(
+                    (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                    "{name}: bucket {a} vs {b}"
+                );
+            }
+        }
+        let exported: BTreeSet<&String> = ours.keys().collect();
+        let promised: BTreeSet<&String> = known
+            .iter()
+            .filter(|(_, (_, yes))| *yes)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            exported, promised,
+            "exported vs marked `yes` in the fixture"
+        );
+        // Nothing of rsdn's own borrows the prefix, and every family is rsdn's or kube-proxy's.
+        for name in exposed(&text).keys() {
+            assert!(
+                name.starts_with("kubeproxy_") || name.starts_with("rsdn_"),
+                "{name}"
+            );
+        }
+    }
 }

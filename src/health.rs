@@ -1,11 +1,15 @@
-//! Health of the daemon as the probes and operators see it. `/healthz` tells whether the
-//! datapath is being kept right: the cluster source delivered, the overlay passes run and go
-//! through, the iptables rules are in the kernel (changes and repairs of drift included), and
-//! no repair keeps failing. `/readyz` tells whether the node network was programmed (the CNI
-//! config written). Both answer JSON: a check per part, each with what it found, including
-//! what was repaired lately (a pod put back on tun0, a flushed table restored, chains
-//! rewritten) and conflicts between Nodes, so an operator sees damage that was healed too.
+//! Health of the daemon as the probes and operators see it. `/livez` tells whether the
+//! process is alive: its loops keep coming round (none is stuck, none has ended), whatever the
+//! datapath's state; a failure there is one a restart cures. `/healthz` tells whether the
+//! datapath is being kept right: the loops are alive, the cluster source delivered, the
+//! overlay passes run and go through, the iptables rules are in the kernel (changes and
+//! repairs of drift included), and no repair keeps failing. `/readyz` tells whether the node
+//! network was programmed (the CNI config written). All answer JSON: a check per part, each
+//! with what it found, including what was repaired lately (a pod put back on tun0, a flushed
+//! table restored, chains rewritten) and conflicts between Nodes, so an operator sees damage
+//! that was healed too. docs/operations.md says why liveness and health differ.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,6 +19,44 @@ use serde::Serialize;
 /// (kube-proxy's healthz allows two sync periods of 30 s). The same bound applies to overlay
 /// passes that keep failing.
 pub const STALE: Duration = Duration::from_secs(60);
+
+/// A sync of iptables that runs longer than this is taken as hung (`/livez` fails). A full
+/// sync of a 10000-Service cluster on nf_tables takes minutes (docs/benchmarks.md: 280 s),
+/// so the bound is far above that.
+pub const BUSY_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// The daemon's long-running parts whose life `/livez` follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Loop {
+    /// The cluster source: followed only once it stops (its watches retry by themselves).
+    Source,
+    /// The overlay's reconcile loop: comes round every resync at the latest.
+    Overlay,
+    /// The netfilter engine's task: comes round every resync at the latest, and is busy while
+    /// a sync runs.
+    Iptables,
+}
+
+impl Loop {
+    fn name(self) -> &'static str {
+        match self {
+            Loop::Source => "source",
+            Loop::Overlay => "overlay",
+            Loop::Iptables => "iptables",
+        }
+    }
+}
+
+/// What a loop last said of itself.
+#[derive(Debug, Clone)]
+struct Beat {
+    /// It came round (or finished a busy step).
+    last: Instant,
+    /// In a step that may take long (an iptables sync), since then.
+    busy_since: Option<Instant>,
+    /// It ended, and why: only a restart brings it back.
+    stopped: Option<String>,
+}
 
 /// A repair, as reported: when, and what.
 #[derive(Debug, Clone)]
@@ -45,6 +87,9 @@ struct State {
     conflicts: Vec<String>,
     /// Standing remarks on the node's setup, by subject (`setup_note`).
     setup_notes: std::collections::BTreeMap<&'static str, String>,
+    loops: BTreeMap<Loop, Beat>,
+    /// Why the node takes no new connections (being deleted, tainted for deletion).
+    leaving: Option<String>,
 }
 
 /// What an overlay pass reports.
@@ -64,7 +109,7 @@ pub struct OverlayPass {
 #[derive(Debug)]
 pub struct Health {
     started: Instant,
-    /// The overlay loop passes every resync; a last pass older than this is stale.
+    /// The loops come round every resync; a last pass (or heartbeat) older than this is stale.
     overlay_stale: Duration,
     state: Mutex<State>,
 }
@@ -119,6 +164,94 @@ impl Health {
 
     pub fn source_ready(&self) {
         self.with(|s| s.source_ready = true);
+    }
+
+    /// What loop `l` said last, updated by `f` (a loop is followed from its first word).
+    fn beat(&self, l: Loop, now: Instant, f: impl FnOnce(&mut Beat)) {
+        self.with(|s| {
+            f(s.loops.entry(l).or_insert(Beat {
+                last: now,
+                busy_since: None,
+                stopped: None,
+            }))
+        });
+    }
+
+    /// Loop `l` came round (or finished its busy step): it is alive.
+    pub fn alive(&self, l: Loop, now: Instant) {
+        self.beat(l, now, |b| {
+            b.last = now;
+            b.busy_since = None;
+        });
+    }
+
+    /// Loop `l` enters a step that may take long (up to `BUSY_LIMIT`).
+    pub fn busy(&self, l: Loop, now: Instant) {
+        self.beat(l, now, |b| b.busy_since = Some(now));
+    }
+
+    /// Loop `l` ended for good.
+    pub fn stopped(&self, l: Loop, why: String, now: Instant) {
+        self.beat(l, now, |b| b.stopped = Some(why));
+    }
+
+    /// The loops' check: each alive, coming round in time, not stuck in a step.
+    fn loops(&self, s: &State, now: Instant) -> Check {
+        let since = |t: Instant| now.saturating_duration_since(t);
+        let mut ok = true;
+        let mut found = Vec::new();
+        for (l, b) in &s.loops {
+            let (alive, what) = match (&b.stopped, b.busy_since) {
+                (Some(why), _) => (false, format!("stopped: {why}")),
+                (None, Some(t)) => (
+                    since(t) <= BUSY_LIMIT,
+                    format!(
+                        "busy for {:.1}s (limit {}s)",
+                        since(t).as_secs_f64(),
+                        BUSY_LIMIT.as_secs()
+                    ),
+                ),
+                (None, None) => (
+                    since(b.last) <= self.overlay_stale,
+                    format!(
+                        "came round {} (limit {}s)",
+                        ago(now, b.last),
+                        self.overlay_stale.as_secs()
+                    ),
+                ),
+            };
+            ok &= alive;
+            found.push(format!("{}: {what}", l.name()));
+        }
+        Check {
+            name: "loops",
+            ok,
+            detail: if found.is_empty() {
+                "none started yet".into()
+            } else {
+                found.join("; ")
+            },
+            repaired: None,
+        }
+    }
+
+    /// `/livez`: the process is alive and its loops are not stuck. Nothing about the datapath:
+    /// a repair that keeps failing is `/healthz`'s business, and a restart would not cure it.
+    pub fn livez(&self, now: Instant) -> Answer {
+        self.with(|s| {
+            let loops = self.loops(s, now);
+            Answer {
+                ok: loops.ok,
+                checks: vec![loops],
+                notes: vec![],
+            }
+        })
+    }
+
+    /// The local node is going away (why) or not (None), from its Node object. Returns
+    /// whether that changed.
+    pub fn node_leaving(&self, why: Option<String>) -> bool {
+        self.with(|s| std::mem::replace(&mut s.leaving, why.clone()) != why)
     }
 
     /// Nodes left out because their podCIDR overlaps another's (one line each).
@@ -208,130 +341,21 @@ impl Health {
         });
     }
 
-    /// `/healthz` (and `/livez`): the loops are alive and keeping the kernel in line with the
-    /// cluster; a repair that keeps failing for `STALE` is unhealthy.
+    /// `/healthz`: the daemon keeps the kernel in line with the cluster (`datapath`), and the
+    /// node is not going away: a node being deleted, or tainted for deletion by the cluster
+    /// autoscaler, answers 503 so that load balancers send it no new connections, as
+    /// kube-proxy's does (KEP-3836).
     pub fn healthz(&self, now: Instant) -> Answer {
         self.with(|s| {
-            let mut checks = Vec::new();
+            let mut checks = self.datapath(s, now);
             checks.push(Check {
-                name: "source",
-                ok: s.source_ready,
-                detail: if s.source_ready {
-                    "initial state received".into()
-                } else {
-                    format!(
-                        "initial lists not received after {}s",
-                        now.saturating_duration_since(self.started).as_secs()
-                    )
-                },
-                repaired: None,
-            });
-            let (ok, detail) = match (s.overlay_done, &s.overlay_failing) {
-                (_, Some((since, why))) if now.saturating_duration_since(*since) > STALE => (
-                    false,
-                    format!(
-                        "passes failing for {}s (limit {}s): {why}",
-                        now.saturating_duration_since(*since).as_secs(),
-                        STALE.as_secs()
-                    ),
-                ),
-                (Some(t), _) if now.saturating_duration_since(t) > self.overlay_stale => (
-                    false,
-                    format!(
-                        "last pass {} (limit {}s){}",
-                        ago(now, t),
-                        self.overlay_stale.as_secs(),
-                        s.overlay_failing
-                            .as_ref()
-                            .map(|(_, e)| format!(": {e}"))
-                            .unwrap_or_default()
-                    ),
-                ),
-                (Some(t), Some((since, why))) => (
-                    true,
-                    format!(
-                        "last pass {}; failing for {}s, retrying: {why}",
-                        ago(now, t),
-                        now.saturating_duration_since(*since).as_secs()
-                    ),
-                ),
-                (Some(t), None) => (
-                    true,
-                    format!("last pass {}, all of it applied", ago(now, t)),
-                ),
-                (None, failing) => (
-                    !s.source_ready,
-                    format!(
-                        "no pass yet{}",
-                        failing
-                            .as_ref()
-                            .map(|(_, e)| format!(": {e}"))
-                            .unwrap_or_default()
-                    ),
-                ),
-            };
-            checks.push(Check {
-                name: "overlay",
-                ok,
-                detail,
-                repaired: None,
-            });
-            checks.push(Check {
-                name: "pods",
-                ok: true,
-                detail: format!("{} pod veth(s) on tun0", s.pod_ports),
-                repaired: repaired(now, &s.pods_repaired),
-            });
-            let drift = s
-                .iptables_drift
-                .map(|(t, n)| format!("; {n} drifted chain(s) found {} to rewrite", ago(now, t)))
-                .unwrap_or_default();
-            let error = s
-                .iptables_error
-                .as_ref()
-                .map(|e| format!(": {e}"))
-                .unwrap_or_default();
-            let (ok, detail) = match s.iptables_pending {
-                Some(t) if now.saturating_duration_since(t) > STALE => (
-                    false,
-                    format!(
-                        "a change has waited {}s for iptables (limit {}s){drift}{error}",
-                        now.saturating_duration_since(t).as_secs(),
-                        STALE.as_secs()
-                    ),
-                ),
-                Some(t) => (
-                    true,
-                    format!(
-                        "sync pending for {:.1}s{drift}{error}",
-                        now.saturating_duration_since(t).as_secs_f64()
-                    ),
-                ),
-                None => (true, format!("rules up to date{drift}")),
-            };
-            checks.push(Check {
-                name: "iptables",
-                ok,
-                detail,
-                repaired: (!s.iptables_repaired.is_empty()).then(|| {
-                    s.iptables_repaired
-                        .values()
-                        .map(|r| format!("{}: {}", ago(now, r.at), r.what))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                }),
-            });
-            checks.push(Check {
-                name: "nodes",
-                ok: true,
-                detail: if s.conflicts.is_empty() {
-                    "no podCIDR conflicts".into()
-                } else {
-                    format!(
-                        "{} Node(s) left out for podCIDR conflicts: {}",
-                        s.conflicts.len(),
-                        s.conflicts.join("; ")
-                    )
+                name: "eligible",
+                ok: s.leaving.is_none(),
+                detail: match &s.leaving {
+                    None => "the node takes new connections".into(),
+                    Some(why) => {
+                        format!("{why}: load balancers are told to stop sending new connections")
+                    }
                 },
                 repaired: None,
             });
@@ -346,6 +370,141 @@ impl Health {
                     .collect(),
             }
         })
+    }
+
+    /// The proxy's health without the node's state: what kube-proxy's health check node ports
+    /// report as `serviceProxyHealthy` (its `IsHealthy`, which ignores the node).
+    pub fn proxy_healthy(&self, now: Instant) -> bool {
+        self.with(|s| self.datapath(s, now).iter().all(|c| c.ok))
+    }
+
+    /// The checks of `/healthz` but the node's: the loops are alive and keep the kernel in
+    /// line with the cluster; a repair that keeps failing for `STALE` is unhealthy.
+    fn datapath(&self, s: &State, now: Instant) -> Vec<Check> {
+        let mut checks = vec![self.loops(s, now)];
+        checks.push(Check {
+            name: "source",
+            ok: s.source_ready,
+            detail: if s.source_ready {
+                "initial state received".into()
+            } else {
+                format!(
+                    "initial lists not received after {}s",
+                    now.saturating_duration_since(self.started).as_secs()
+                )
+            },
+            repaired: None,
+        });
+        let (ok, detail) = match (s.overlay_done, &s.overlay_failing) {
+            (_, Some((since, why))) if now.saturating_duration_since(*since) > STALE => (
+                false,
+                format!(
+                    "passes failing for {}s (limit {}s): {why}",
+                    now.saturating_duration_since(*since).as_secs(),
+                    STALE.as_secs()
+                ),
+            ),
+            (Some(t), _) if now.saturating_duration_since(t) > self.overlay_stale => (
+                false,
+                format!(
+                    "last pass {} (limit {}s){}",
+                    ago(now, t),
+                    self.overlay_stale.as_secs(),
+                    s.overlay_failing
+                        .as_ref()
+                        .map(|(_, e)| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+            ),
+            (Some(t), Some((since, why))) => (
+                true,
+                format!(
+                    "last pass {}; failing for {}s, retrying: {why}",
+                    ago(now, t),
+                    now.saturating_duration_since(*since).as_secs()
+                ),
+            ),
+            (Some(t), None) => (
+                true,
+                format!("last pass {}, all of it applied", ago(now, t)),
+            ),
+            (None, failing) => (
+                !s.source_ready,
+                format!(
+                    "no pass yet{}",
+                    failing
+                        .as_ref()
+                        .map(|(_, e)| format!(": {e}"))
+                        .unwrap_or_default()
+                ),
+            ),
+        };
+        checks.push(Check {
+            name: "overlay",
+            ok,
+            detail,
+            repaired: None,
+        });
+        checks.push(Check {
+            name: "pods",
+            ok: true,
+            detail: format!("{} pod veth(s) on tun0", s.pod_ports),
+            repaired: repaired(now, &s.pods_repaired),
+        });
+        let drift = s
+            .iptables_drift
+            .map(|(t, n)| format!("; {n} drifted chain(s) found {} to rewrite", ago(now, t)))
+            .unwrap_or_default();
+        let error = s
+            .iptables_error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        let (ok, detail) = match s.iptables_pending {
+            Some(t) if now.saturating_duration_since(t) > STALE => (
+                false,
+                format!(
+                    "a change has waited {}s for iptables (limit {}s){drift}{error}",
+                    now.saturating_duration_since(t).as_secs(),
+                    STALE.as_secs()
+                ),
+            ),
+            Some(t) => (
+                true,
+                format!(
+                    "sync pending for {:.1}s{drift}{error}",
+                    now.saturating_duration_since(t).as_secs_f64()
+                ),
+            ),
+            None => (true, format!("rules up to date{drift}")),
+        };
+        checks.push(Check {
+            name: "iptables",
+            ok,
+            detail,
+            repaired: (!s.iptables_repaired.is_empty()).then(|| {
+                s.iptables_repaired
+                    .values()
+                    .map(|r| format!("{}: {}", ago(now, r.at), r.what))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            }),
+        });
+        checks.push(Check {
+            name: "nodes",
+            ok: true,
+            detail: if s.conflicts.is_empty() {
+                "no podCIDR conflicts".into()
+            } else {
+                format!(
+                    "{} Node(s) left out for podCIDR conflicts: {}",
+                    s.conflicts.len(),
+                    s.conflicts.join("; ")
+                )
+            },
+            repaired: None,
+        });
+        checks
     }
 
     /// `/readyz`: the initial lists are in and the node network is programmed.
@@ -523,5 +682,133 @@ mod tests {
         let a = h.healthz(Instant::now());
         assert!(a.ok);
         assert!(check(&a, "nodes").detail.contains("Node/zzz-new"), "{a:?}");
+    }
+
+    #[test]
+    fn a_datapath_fault_is_unhealthy_but_alive() {
+        let h = Health::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        // Waiting for the API server: not healthy, but a restart would not help.
+        assert!(!h.healthz(t0).ok);
+        assert!(h.livez(t0).ok, "{:?}", h.livez(t0));
+        h.source_ready();
+        let t = |s| t0 + Duration::from_secs(s);
+        // Both loops come round every second; the kernel refuses an overlay request and
+        // every restore, for minutes.
+        for sec in 0..=120 {
+            h.alive(Loop::Overlay, t(sec));
+            h.alive(Loop::Iptables, t(sec));
+            h.overlay_passed(
+                OverlayPass {
+                    failed: Some("route replace ...: EINVAL".into()),
+                    ..Default::default()
+                },
+                t(sec),
+            );
+            h.iptables_failed("iptables-restore: line 3 failed".into(), t(sec));
+        }
+        let (healthz, livez) = (h.healthz(t(120)), h.livez(t(120)));
+        assert!(!healthz.ok, "{healthz:?}");
+        assert!(livez.ok, "{livez:?}");
+        assert_eq!(
+            check(&livez, "loops").detail,
+            "overlay: came round 0.0s ago (limit 30s); iptables: came round 0.0s ago (limit 30s)"
+        );
+    }
+
+    #[test]
+    fn a_loop_that_stops_coming_round_or_ends_is_dead() {
+        let h = Health::new(Duration::from_secs(5));
+        h.source_ready();
+        let t0 = Instant::now();
+        let t = |s| t0 + Duration::from_secs(s);
+        h.alive(Loop::Overlay, t0);
+        h.alive(Loop::Iptables, t0);
+        assert!(h.livez(t(30)).ok);
+        // The overlay loop hangs (a netlink request never answered): 3 resyncs, at least 30 s.
+        h.alive(Loop::Iptables, t(31));
+        let a = h.livez(t(31));
+        assert!(
+            !a.ok
+                && check(&a, "loops")
+                    .detail
+                    .contains("overlay: came round 31.0s ago"),
+            "{a:?}"
+        );
+        assert!(!h.healthz(t(31)).ok, "what is not alive is not healthy");
+        h.alive(Loop::Overlay, t(32));
+        assert!(h.livez(t(32)).ok);
+        // The iptables task panics: dead at once.
+        h.stopped(Loop::Iptables, "the sync panicked".into(), t(33));
+        let a = h.livez(t(33));
+        assert!(
+            !a.ok
+                && check(&a, "loops")
+                    .detail
+                    .contains("iptables: stopped: the sync panicked"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_sync_is_busy_not_stuck_until_the_limit() {
+        let h = Health::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        h.alive(Loop::Iptables, t0);
+        // A first full sync of a huge table on nf_tables: minutes.
+        h.busy(Loop::Iptables, t0);
+        assert!(h.livez(t0 + Duration::from_secs(300)).ok);
+        let a = h.livez(t0 + BUSY_LIMIT + Duration::from_secs(1));
+        assert!(
+            !a.ok
+                && check(&a, "loops")
+                    .detail
+                    .contains("iptables: busy for 901.0s"),
+            "{a:?}"
+        );
+        // It returns: alive again.
+        h.alive(Loop::Iptables, t0 + BUSY_LIMIT + Duration::from_secs(2));
+        assert!(h.livez(t0 + BUSY_LIMIT + Duration::from_secs(2)).ok);
+    }
+
+    #[test]
+    fn a_stopped_source_is_dead() {
+        let h = Health::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        h.stopped(
+            Loop::Source,
+            "the cluster source stopped publishing".into(),
+            t0,
+        );
+        let a = h.livez(t0);
+        assert!(
+            !a.ok && check(&a, "loops").detail.contains("source: stopped"),
+            "{a:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_going_away_fails_healthz_only() {
+        let h = Health::new(Duration::from_secs(5));
+        h.source_ready();
+        let t0 = Instant::now();
+        h.alive(Loop::Overlay, t0);
+        h.overlay_passed(OverlayPass::default(), t0);
+        assert!(h.healthz(t0).ok);
+        let why = "the Node is tainted ToBeDeletedByClusterAutoscaler";
+        assert!(h.node_leaving(Some(why.into())), "a change");
+        assert!(!h.node_leaving(Some(why.into())), "no change");
+        let a = h.healthz(t0);
+        assert!(!a.ok, "{a:?}");
+        assert_eq!(
+            check(&a, "eligible").detail,
+            format!("{why}: load balancers are told to stop sending new connections")
+        );
+        // Alive, and the proxy itself healthy: the health check node ports (kube-proxy's
+        // serviceProxyHealthy) and the livenessProbe are not the node's business.
+        assert!(h.livez(t0).ok);
+        assert!(h.proxy_healthy(t0));
+        assert!(h.node_leaving(None));
+        assert!(h.healthz(t0).ok);
     }
 }

@@ -1,5 +1,9 @@
-//! The daemon's HTTP endpoint (default 0.0.0.0:10256, kube-proxy's healthz port):
-//! `/healthz` (liveness), `/readyz` (readiness) and `/metrics` (Prometheus text).
+//! The daemon's HTTP servers, split as kube-proxy splits them. The health server
+//! (`healthzBindAddress`, default 0.0.0.0:10256, kube-proxy's healthz port) answers `/healthz`
+//! (the node's datapath, what load balancers' health checks ask), `/livez` (liveness) and
+//! `/readyz` (readiness), and nothing else: health-check traffic from outside never reaches the
+//! metrics. The metrics server (`metricsBindAddress`, default 127.0.0.1:10249, kube-proxy's)
+//! answers `/metrics` (OpenMetrics text) and nothing else.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -12,6 +16,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -36,50 +42,114 @@ fn probe(a: Answer) -> Response<Full<Bytes>> {
     reply(status, "application/json", a.body())
 }
 
-/// Answers one request; everything is read-only.
-pub fn route(path: &str, health: &Health, registry: &Registry) -> Response<Full<Bytes>> {
+fn not_found(try_paths: &str) -> Response<Full<Bytes>> {
+    reply(
+        StatusCode::NOT_FOUND,
+        "text/plain",
+        format!("not found: try {try_paths}\n"),
+    )
+}
+
+type Code = Vec<(&'static str, &'static str)>;
+
+/// kube-proxy's counts of the health server's answers, by status code
+/// (`kubeproxy_proxy_healthz_total{code}`, `kubeproxy_proxy_livez_total{code}`).
+#[derive(Clone, Default)]
+pub struct ProbeMetrics {
+    healthz: Family<Code, Counter>,
+    livez: Family<Code, Counter>,
+}
+
+impl ProbeMetrics {
+    pub fn register(registry: &mut Registry) -> ProbeMetrics {
+        let m = ProbeMetrics::default();
+        // Counters: the text encoding appends `_total`, giving kube-proxy's names.
+        registry.register(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            m.healthz.clone(),
+        );
+        registry.register(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            m.livez.clone(),
+        );
+        m
+    }
+
+    fn count(family: &Family<Code, Counter>, ok: bool) {
+        let code = if ok { "200" } else { "503" };
+        family.get_or_create(&vec![("code", code)]).inc();
+    }
+}
+
+/// The health server's answer to one request; nothing but the counts changes.
+pub fn health_route(path: &str, health: &Health, probes: &ProbeMetrics) -> Response<Full<Bytes>> {
     match path {
-        "/healthz" | "/livez" => probe(health.healthz(Instant::now())),
-        "/readyz" => probe(health.readyz()),
-        "/metrics" => {
-            let mut text = String::new();
-            match prometheus_client::encoding::text::encode(&mut text, registry) {
-                Ok(()) => reply(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
-                ),
-                Err(e) => reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "text/plain",
-                    format!("cannot encode metrics: {e}\n"),
-                ),
-            }
+        "/healthz" => {
+            let a = health.healthz(Instant::now());
+            ProbeMetrics::count(&probes.healthz, a.ok);
+            probe(a)
         }
-        _ => reply(
-            StatusCode::NOT_FOUND,
+        "/livez" => {
+            let a = health.livez(Instant::now());
+            ProbeMetrics::count(&probes.livez, a.ok);
+            probe(a)
+        }
+        "/readyz" => probe(health.readyz()),
+        _ => not_found("/healthz, /livez or /readyz"),
+    }
+}
+
+/// The metrics server's answer to one request.
+pub fn metrics_route(path: &str, registry: &Registry) -> Response<Full<Bytes>> {
+    if path != "/metrics" {
+        return not_found("/metrics");
+    }
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, registry) {
+        Ok(()) => reply(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            text,
+        ),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
             "text/plain",
-            "not found: try /healthz, /readyz or /metrics\n".into(),
+            format!("cannot encode metrics: {e}\n"),
         ),
     }
 }
 
-/// Binds `addr` (an error if it is taken), then serves until the runtime stops.
-pub async fn serve(
+/// Binds the health server on `addr` (an error if it is taken), then serves until the runtime
+/// stops.
+pub async fn serve_health(
     addr: SocketAddr,
     health: Arc<Health>,
-    registry: Arc<Registry>,
+    probes: ProbeMetrics,
 ) -> std::io::Result<()> {
     let listener = TcpListener::bind(addr).await?;
-    info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    info!(address = %listener.local_addr()?, "serving /healthz, /livez and /readyz");
     spawn_server(listener, Limits::default(), move |path| {
-        route(path, &health, &registry)
+        health_route(path, &health, &probes)
     });
     Ok(())
 }
 
-/// Bounds on what clients can hold of one listener. Every listener faces the network (the
-/// healthz port, and the health check node ports cloud load balancers reach from outside), so
+/// Binds the metrics server on `addr` (an error if it is taken), then serves until the
+/// runtime stops.
+pub async fn serve_metrics(addr: SocketAddr, registry: Arc<Registry>) -> std::io::Result<()> {
+    let listener = TcpListener::bind(addr).await?;
+    info!(address = %listener.local_addr()?, "serving /metrics");
+    spawn_server(listener, Limits::default(), move |path| {
+        metrics_route(path, &registry)
+    });
+    Ok(())
+}
+
+/// Bounds on what clients can hold of one listener. Every listener may face the network (the
+/// healthz port and the health check node ports cloud load balancers reach from outside, the
+/// metrics port where it is opened up), so
 /// idle, slow or numerous clients must not pin descriptors and tasks of the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -276,5 +346,67 @@ where
     };
     if let Err(e) = ended {
         debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn health_and_metrics_are_apart() {
+        let health = Health::new(Duration::from_secs(5));
+        let probes = ProbeMetrics::default();
+        for path in ["/healthz", "/livez", "/readyz"] {
+            assert_ne!(
+                health_route(path, &health, &probes).status(),
+                StatusCode::NOT_FOUND
+            );
+            assert_eq!(
+                metrics_route(path, &Registry::default()).status(),
+                StatusCode::NOT_FOUND,
+                "{path} on the metrics server"
+            );
+        }
+        for path in ["/metrics", "/", "/metrics/"] {
+            assert_eq!(
+                health_route(path, &health, &probes).status(),
+                StatusCode::NOT_FOUND,
+                "{path} on the health server"
+            );
+        }
+        let r = metrics_route("/metrics", &Registry::default());
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"));
+    }
+
+    #[test]
+    fn answers_are_counted_by_code_as_kube_proxy_counts_them() {
+        let mut reg = Registry::default();
+        let probes = ProbeMetrics::register(&mut reg);
+        // The source has not delivered: /healthz fails, /livez does not.
+        let health = Health::new(Duration::from_secs(5));
+        for path in ["/healthz", "/healthz", "/livez", "/readyz"] {
+            health_route(path, &health, &probes);
+        }
+        let r = metrics_route("/metrics", &reg);
+        let text = String::from_utf8(
+            futures::executor::block_on(http_body_util::BodyExt::collect(r.into_body()))
+                .unwrap()
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        for want in [
+            "kubeproxy_proxy_healthz_total{code=\"503\"} 2",
+            "kubeproxy_proxy_livez_total{code=\"200\"} 1",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
     }
 }

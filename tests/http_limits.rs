@@ -1,7 +1,7 @@
-//! The daemon's HTTP listeners (`rsdn::http::spawn_server`, behind :10256 and the health check
-//! node ports) under hostile clients, on 127.0.0.1 port 0 in this process (no privileges): a
-//! flood of idle connections holds at most the cap of the server's descriptors and does not
-//! keep a probe from being answered; idle keep-alive connections, request heads sent too slowly
+//! The daemon's HTTP listeners (`rsdn::http::spawn_server`, behind :10256, :10249 and the
+//! health check node ports) under hostile clients, on 127.0.0.1 port 0 in this process (no
+//! privileges): a flood of idle connections holds at most the cap of the server's descriptors
+//! and does not keep a probe from being answered; idle keep-alive connections, request heads sent too slowly
 //! and connections kept busy for too long are all closed by the server.
 //!
 //! The server's descriptors are told from the test's own client sockets by their local port.
@@ -10,9 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockname, SockaddrIn};
-use prometheus_client::registry::Registry;
 use rsdn::health::Health;
-use rsdn::http::{route, spawn_server, Limits, MAX_CONNECTIONS};
+use rsdn::http::{health_route, spawn_server, Limits, ProbeMetrics, MAX_CONNECTIONS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -52,8 +51,10 @@ async fn daemon_endpoint(limits: Limits) -> (u16, Arc<Health>, JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let health = Arc::new(Health::new(Duration::from_secs(5)));
-    let (h, registry) = (health.clone(), Registry::default());
-    let task = spawn_server(listener, limits, move |path| route(path, &h, &registry));
+    let (h, probes) = (health.clone(), ProbeMetrics::default());
+    let task = spawn_server(listener, limits, move |path| {
+        health_route(path, &h, &probes)
+    });
     (port, health, task)
 }
 

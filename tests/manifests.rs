@@ -222,6 +222,10 @@ fn the_config_map_is_a_valid_daemon_configuration_with_the_defaults() {
         c.healthz_bind_address.map(|a| a.to_string()).as_deref(),
         Some(config::DEFAULT_HEALTHZ_BIND_ADDRESS)
     );
+    assert_eq!(
+        c.metrics_bind_address.map(|a| a.to_string()).as_deref(),
+        Some(config::DEFAULT_METRICS_BIND_ADDRESS)
+    );
     // No cluster directory: the daemon reads the API server, in-cluster.
     assert!(
         matches!(c.source, config::SourceConfig::Kube(None)),
@@ -262,7 +266,9 @@ fn the_daemon_set_agrees_with_the_code() {
         .parse()
         .unwrap();
     for (probe, path) in [
-        (daemon.liveness_probe.as_ref(), "/healthz"),
+        // Liveness is /livez: /healthz fails while the node drains (kube-proxy's KEP-3836) and
+        // while a repair keeps failing, neither of which a restart cures.
+        (daemon.liveness_probe.as_ref(), "/livez"),
         (daemon.readiness_probe.as_ref(), "/readyz"),
     ] {
         let get = probe

@@ -351,7 +351,9 @@ fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
             "{backend:?}: no backoff or no full retry"
         );
         assert!(
-            metrics.contains("kubeproxy_sync_proxy_rules_iptables_restore_failures_total 1"),
+            metrics.contains(
+                "kubeproxy_sync_proxy_rules_iptables_restore_failures_total{ip_family=\"IPv4\"} 1"
+            ),
             "{metrics}"
         );
         let after_failure = normalize(&String::from_utf8_lossy(&after_failure.stdout));

@@ -305,7 +305,20 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
             "2025-01-05T00:00:00Z",
         ),
     ];
-    for n in nodes.into_iter().chain(policy_objects()) {
+    // A slice the EndpointSlice controller wrote, with the time of the change behind it.
+    let triggered = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "svc1-def", "namespace": "ns1",
+            "labels": {"kubernetes.io/service-name": "svc1"},
+            "annotations": {"endpoints.kubernetes.io/last-change-trigger-time": "2025-03-01T10:00:00.25Z"}},
+        "addressType": "IPv4", "ports": [{"name": "p80", "port": 8080}],
+        "endpoints": [{"addresses": ["10.128.2.9"], "nodeName": "n2"}]});
+    // The local node is going away: tainted by the cluster autoscaler and being deleted.
+    let mut nodes = nodes;
+    nodes[0]["spec"]["taints"] = json!([
+        {"key": "ToBeDeletedByClusterAutoscaler", "value": "1700000000", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"}]);
+    nodes[0]["metadata"]["deletionTimestamp"] = json!("2025-06-01T12:00:00Z");
+    for n in nodes.into_iter().chain([triggered]).chain(policy_objects()) {
         yaml.push_str("---\n");
         yaml.push_str(&serde_json::to_string(&n).unwrap());
         yaml.push('\n');
@@ -315,6 +328,9 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
     let from_dir = rsdn::source::dir::read_cluster_dir(dir.path(), &scope()).unwrap();
     assert_eq!(from_dir.nodes.len(), 2, "{:?}", from_dir.skipped);
     assert!(from_dir.services.ports.len() >= 7);
+    assert_eq!(from_dir.services.change_triggers.len(), 1);
+    let leaving = from_dir.local_lifecycle.as_ref().and_then(|l| l.leaving());
+    assert!(leaving.is_some_and(|why| why.contains("being deleted")));
     assert_eq!(from_dir.skipped.len(), 4, "{:?}", from_dir.skipped);
     // Of the pods, those with an address of the pod network that run (or will).
     let pods: Vec<&str> = from_dir.pods.keys().map(|(_, n)| n.as_str()).collect();
@@ -326,6 +342,7 @@ fn the_same_objects_give_the_same_model_as_the_dir_source() {
         assert!(server.sync_objects(docs).is_empty());
         let from_api = model_where(&mut rx, "the nodes", |m| !m.nodes.is_empty()).await;
         assert_eq!(from_api.nodes, from_dir.nodes);
+        assert_eq!(from_api.local_lifecycle, from_dir.local_lifecycle);
         assert_eq!(from_api.services, from_dir.services);
         assert_eq!(from_api.pods, from_dir.pods);
         assert_eq!(from_api.namespaces, from_dir.namespaces);

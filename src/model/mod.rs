@@ -11,7 +11,7 @@ pub mod policy;
 pub mod service;
 
 pub use namespace::{namespace_from_k8s, Namespace};
-pub use node::{node_from_k8s, ClusterNode, NodeSubnet};
+pub use node::{node_from_k8s, ClusterNode, NodeLifecycle, NodeSubnet};
 pub use pod::{pod_from_k8s, Pod};
 pub use policy::{policy_from_k8s, Policy};
 pub use service::{Endpoint, EndpointsBuilder, Protocol, ServicePort, ServicePortName, Services};
@@ -46,6 +46,9 @@ pub struct ClusterModel {
     pub namespaces: BTreeMap<String, Namespace>,
     /// NetworkPolicies by (namespace, name).
     pub policies: BTreeMap<(String, String), Policy>,
+    /// The local Node's deletion and taints (None: no Node object of that name), whether or not
+    /// the node is valid for the overlay.
+    pub local_lifecycle: Option<NodeLifecycle>,
     pub skipped: Vec<Skipped>,
 }
 
@@ -82,6 +85,8 @@ enum Standing {
 #[derive(Debug, Default, Clone)]
 pub struct ModelBuilder {
     candidates: Vec<(Option<String>, ClusterNode)>,
+    /// Every Node's lifecycle by name (the local one is kept), valid or not.
+    lifecycles: Vec<(String, NodeLifecycle)>,
     services: Vec<(ServicePortName, ServicePort)>,
     endpoints: EndpointsBuilder,
     pods: Vec<Pod>,
@@ -94,6 +99,7 @@ impl ModelBuilder {
     /// Adds everything another builder collected (a source caches one builder per file).
     pub fn absorb(&mut self, other: &ModelBuilder) {
         self.candidates.extend(other.candidates.iter().cloned());
+        self.lifecycles.extend(other.lifecycles.iter().cloned());
         self.services.extend(other.services.iter().cloned());
         self.endpoints.absorb(&other.endpoints);
         self.pods.extend(other.pods.iter().cloned());
@@ -147,6 +153,8 @@ impl ModelBuilder {
 
     pub fn add_node(&mut self, node: &Node) {
         let name = node.metadata.name.clone().unwrap_or_default();
+        self.lifecycles
+            .push((name.clone(), NodeLifecycle::from_k8s(node)));
         match node_from_k8s(node) {
             Ok(n) => {
                 let created = node
@@ -179,7 +187,7 @@ impl ModelBuilder {
                     slice.metadata.namespace.clone().unwrap_or_default(),
                     slice.metadata.name.clone().unwrap_or_default(),
                 );
-                self.endpoints.add(key, read.endpoints);
+                self.endpoints.add(key, read.endpoints, read.trigger);
                 if let Some(reason) = read.dropped {
                     self.skip(object, reason);
                 }
@@ -230,6 +238,11 @@ impl ModelBuilder {
             pods: BTreeMap::new(),
             namespaces: BTreeMap::new(),
             policies: BTreeMap::new(),
+            local_lifecycle: self
+                .lifecycles
+                .into_iter()
+                .find(|(name, _)| *name == scope.local_node)
+                .map(|(_, l)| l),
             skipped: self.skipped,
         };
         for p in self.pods {
@@ -250,7 +263,8 @@ impl ModelBuilder {
                 .policies
                 .insert((p.namespace.clone(), p.name.clone()), p);
         }
-        model.services.endpoints = self.endpoints.finish(&scope.local_node);
+        (model.services.endpoints, model.services.change_triggers) =
+            self.endpoints.finish(&scope.local_node);
         for (spn, port) in self.services {
             if model.services.ports.contains_key(&spn) {
                 model.skipped.push(Skipped {
@@ -346,6 +360,22 @@ pub mod testing {
         }
     }
 
+    /// A ClusterIP Service port with every other field unset: change fields by struct update.
+    pub fn service_port(cluster_ip: &str, port: u16) -> ServicePort {
+        ServicePort {
+            cluster_ip: cluster_ip.parse().expect("an IPv4 address"),
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            affinity_seconds: None,
+            internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
+        }
+    }
+
     /// A model of just these nodes.
     pub fn model(nodes: &[ClusterNode]) -> ClusterModel {
         ClusterModel {
@@ -404,6 +434,70 @@ mod tests {
         assert_eq!(n.subnet.to_string(), "10.128.2.0/23");
         assert_eq!(n.subnet.gateway().to_string(), "10.128.2.1");
         assert_eq!(n.subnet.vtep_ip().to_string(), "10.128.2.0");
+    }
+
+    /// `n` with taints of these keys, and a deletionTimestamp if `deleting`.
+    fn leaving(mut n: Node, taints: &[&str], deleting: bool) -> Node {
+        let mut v = serde_json::to_value(&n).unwrap();
+        v["spec"]["taints"] = taints
+            .iter()
+            .map(|k| serde_json::json!({"key": k, "effect": "NoSchedule"}))
+            .collect();
+        if deleting {
+            v["metadata"]["deletionTimestamp"] = serde_json::json!("2025-06-01T12:00:00Z");
+        }
+        n = serde_json::from_value(v).unwrap();
+        n
+    }
+
+    #[test]
+    fn the_local_nodes_lifecycle_reaches_the_model_valid_or_not() {
+        let build = |nodes: &[Node]| {
+            let mut b = ModelBuilder::default();
+            for n in nodes {
+                b.add_node(n);
+            }
+            b.finish(&scope())
+        };
+        let a = node("a", Some("10.128.0.0/23"), Some("192.168.1.11"), None);
+        let b = node("b", Some("10.128.2.0/23"), Some("192.168.1.12"), None);
+        let m = build(&[a.clone(), b.clone()]);
+        assert_eq!(m.local_lifecycle, Some(NodeLifecycle::default()));
+        assert_eq!(m.local_lifecycle.unwrap().leaving(), None);
+        // Cordoned by the autoscaler; a remote node's taints stay out of the model.
+        let tainted = leaving(
+            a.clone(),
+            &[
+                "node.kubernetes.io/unschedulable",
+                node::TO_BE_DELETED_TAINT,
+            ],
+            false,
+        );
+        let m = build(&[tainted, leaving(b.clone(), &["x"], true)]);
+        let l = m.local_lifecycle.unwrap();
+        assert_eq!(
+            l.taints,
+            [
+                "node.kubernetes.io/unschedulable",
+                "ToBeDeletedByClusterAutoscaler"
+            ]
+        );
+        assert_eq!(
+            l.leaving().as_deref(),
+            Some("the Node is tainted ToBeDeletedByClusterAutoscaler")
+        );
+        // Being deleted, and invalid for the overlay (no podCIDR): still known.
+        let gone = leaving(node("a", None, Some("192.168.1.11"), None), &[], true);
+        let m = build(&[gone, b.clone()]);
+        assert!(!m.nodes.contains_key("a"));
+        assert_eq!(
+            m.local_lifecycle.unwrap().leaving().as_deref(),
+            Some("the Node is being deleted (deletionTimestamp 2025-06-01T12:00:00Z)")
+        );
+        // Other taints leave the node eligible; no Node object at all: nothing known.
+        let m = build(&[leaving(a, &["node.kubernetes.io/unschedulable"], false)]);
+        assert_eq!(m.local_lifecycle.unwrap().leaving(), None);
+        assert_eq!(build(&[b]).local_lifecycle, None);
     }
 
     #[test]

@@ -28,6 +28,52 @@ impl std::fmt::Display for NodeSubnet {
     }
 }
 
+/// The cluster autoscaler's taint on a node it is about to delete (kube-proxy's
+/// `ToBeDeletedTaint`).
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// What a Node object says of the node's life: kept for the local node, whose `/healthz` tells
+/// load balancers to stop sending it new connections while it goes away (kube-proxy's node
+/// eligibility, KEP-3836).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLifecycle {
+    /// `metadata.deletionTimestamp`, as the API gives it: the Node is being deleted.
+    pub deletion_timestamp: Option<String>,
+    /// The keys of `spec.taints`, in order.
+    pub taints: Vec<String>,
+}
+
+impl NodeLifecycle {
+    pub fn from_k8s(node: &Node) -> NodeLifecycle {
+        NodeLifecycle {
+            deletion_timestamp: node
+                .metadata
+                .deletion_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
+            taints: node
+                .spec
+                .iter()
+                .flat_map(|s| s.taints.iter().flatten())
+                .map(|t| t.key.clone())
+                .collect(),
+        }
+    }
+
+    /// Why load balancers should send the node no new connections, as kube-proxy decides it:
+    /// the Node is being deleted, or the cluster autoscaler tainted it for deletion. None: the
+    /// node is eligible.
+    pub fn leaving(&self) -> Option<String> {
+        if let Some(t) = &self.deletion_timestamp {
+            return Some(format!("the Node is being deleted (deletionTimestamp {t})"));
+        }
+        self.taints
+            .iter()
+            .any(|k| k == TO_BE_DELETED_TAINT)
+            .then(|| format!("the Node is tainted {TO_BE_DELETED_TAINT}"))
+    }
+}
+
 /// A node of the cluster, valid for the overlay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterNode {

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::Ipv4Addr;
+use std::time::SystemTime;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Service;
@@ -13,6 +14,10 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The annotation the EndpointSlice controller sets to the time of the change (a pod's, a
+/// Service's) that made it write the slice: where kube-proxy's network programming latency
+/// starts.
+pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
 
@@ -274,6 +279,20 @@ pub struct SliceRead {
     pub endpoints: SliceEndpoints,
     /// How many endpoints and ports were dropped as invalid, and why; `None` when none was.
     pub dropped: Option<String>,
+    /// Its `LAST_CHANGE_TRIGGER_TIME`; None when absent or not a time (kube-proxy ignores
+    /// those too).
+    pub trigger: Option<SystemTime>,
+}
+
+/// A slice's `LAST_CHANGE_TRIGGER_TIME` (RFC 3339, as the controller writes it).
+fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
+    let text = slice
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(LAST_CHANGE_TRIGGER_TIME)?;
+    let t: k8s_openapi::jiff::Timestamp = text.trim().parse().ok()?;
+    Some(t.into())
 }
 
 /// Reads a slice. Slices of another address type yield nothing; endpoints without an address
@@ -350,6 +369,7 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, Strin
     Ok(Some(SliceRead {
         endpoints: ((namespace, service), out),
         dropped: (!dropped.is_empty()).then(|| dropped.join("; ")),
+        trigger: trigger_time(slice),
     }))
 }
 
@@ -371,6 +391,17 @@ fn dropped(what: &str, reasons: &[String], of: usize) -> Option<String> {
     Some(text)
 }
 
+/// An EndpointSlice by namespace and name.
+pub type SliceKey = (String, String);
+
+/// When the change behind a slice's last write happened (`LAST_CHANGE_TRIGGER_TIME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeTrigger {
+    /// The slice's Service, in the slice's namespace.
+    pub service: String,
+    pub at: SystemTime,
+}
+
 /// Every proxied Service port and its endpoints: what the ruleset is computed from.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Services {
@@ -378,18 +409,27 @@ pub struct Services {
     /// Endpoints per Service port, deduplicated by `ip:port` (a local copy wins) and sorted by
     /// their `ip:port` text, as kube-proxy orders them.
     pub endpoints: BTreeMap<ServicePortName, Vec<Endpoint>>,
+    /// The trigger time of every slice that has one: a new one is a change the proxy
+    /// measures from there to the kernel (`kubeproxy_network_programming_duration_seconds`).
+    pub change_triggers: BTreeMap<SliceKey, ChangeTrigger>,
 }
 
 /// Collects slices (in any order) and merges them deterministically.
 #[derive(Debug, Default, Clone)]
 pub struct EndpointsBuilder {
-    /// (namespace, slice name) -> its endpoints, so the merge does not depend on file order.
-    slices: BTreeMap<(String, String), SliceEndpoints>,
+    /// Each slice's endpoints and trigger time, by slice, so the merge does not depend on
+    /// file order.
+    slices: BTreeMap<SliceKey, (SliceEndpoints, Option<SystemTime>)>,
 }
 
 impl EndpointsBuilder {
-    pub fn add(&mut self, slice_key: (String, String), endpoints: SliceEndpoints) {
-        self.slices.insert(slice_key, endpoints);
+    pub fn add(
+        &mut self,
+        slice_key: SliceKey,
+        endpoints: SliceEndpoints,
+        trigger: Option<SystemTime>,
+    ) {
+        self.slices.insert(slice_key, (endpoints, trigger));
     }
 
     pub fn absorb(&mut self, other: &EndpointsBuilder) {
@@ -397,9 +437,21 @@ impl EndpointsBuilder {
             .extend(other.slices.iter().map(|(k, v)| (k.clone(), v.clone())));
     }
 
-    pub fn finish(self, local_node: &str) -> BTreeMap<ServicePortName, Vec<Endpoint>> {
+    /// The endpoints per Service port, and the slices' trigger times.
+    pub fn finish(
+        self,
+        local_node: &str,
+    ) -> (
+        BTreeMap<ServicePortName, Vec<Endpoint>>,
+        BTreeMap<SliceKey, ChangeTrigger>,
+    ) {
         let mut merged: BTreeMap<ServicePortName, BTreeMap<String, Endpoint>> = BTreeMap::new();
-        for ((namespace, name), eps) in self.slices.into_values() {
+        let mut triggers = BTreeMap::new();
+        for (key, (((namespace, name), eps), trigger)) in self.slices {
+            if let Some(at) = trigger {
+                let service = name.clone();
+                triggers.insert(key, ChangeTrigger { service, at });
+            }
             for ((port, protocol), ep) in eps {
                 let spn = ServicePortName {
                     namespace: namespace.clone(),
@@ -415,10 +467,11 @@ impl EndpointsBuilder {
                 }
             }
         }
-        merged
+        let endpoints = merged
             .into_iter()
             .map(|(spn, set)| (spn, set.into_values().collect()))
-            .collect()
+            .collect();
+        (endpoints, triggers)
     }
 }
 
@@ -587,9 +640,11 @@ status:
             builder.add(
                 ("ns".into(), s.metadata.name.clone().unwrap()),
                 read.endpoints,
+                read.trigger,
             );
         }
-        let merged = builder.finish("n1");
+        let (merged, triggers) = builder.finish("n1");
+        assert!(triggers.is_empty(), "neither slice has a trigger time");
         assert_eq!(merged.len(), 1, "the port without a number is skipped");
         let (spn, eps) = merged.into_iter().next().unwrap();
         assert_eq!(spn.to_string(), "ns/web:http");
@@ -609,6 +664,46 @@ status:
                 "10.128.0.10:8080 Some(\"n1\") true true false",
                 "10.128.0.9:8080 Some(\"n1\") false true false",
                 "10.128.2.5:8080 Some(\"n2\") false true true",
+            ]
+        );
+    }
+
+    #[test]
+    fn trigger_times_are_read_per_slice() {
+        let with = |name: &str, value: &str| {
+            let mut s = slice(name, "- {addresses: [10.128.0.10]}\n");
+            s.metadata.annotations = Some(
+                [(LAST_CHANGE_TRIGGER_TIME.to_string(), value.to_string())]
+                    .into_iter()
+                    .collect(),
+            );
+            s
+        };
+        let at =
+            |secs: u64, nanos: u32| SystemTime::UNIX_EPOCH + std::time::Duration::new(secs, nanos);
+        // RFC 3339 as the EndpointSlice controller writes it, with or without fractions.
+        let a = with("web-a", "2025-01-01T00:00:00Z");
+        let b = with("web-b", "2025-01-01T00:00:01.5Z");
+        let bad = with("web-c", "yesterday");
+        let mut builder = EndpointsBuilder::default();
+        for s in [&a, &b, &bad] {
+            let read = slice_endpoints(s).unwrap().unwrap();
+            builder.add(
+                ("ns".into(), s.metadata.name.clone().unwrap()),
+                read.endpoints,
+                read.trigger,
+            );
+        }
+        let (_, triggers) = builder.finish("n1");
+        let shown: Vec<(&str, &str, SystemTime)> = triggers
+            .iter()
+            .map(|((_, slice), t)| (slice.as_str(), t.service.as_str(), t.at))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("web-a", "web", at(1735689600, 0)),
+                ("web-b", "web", at(1735689601, 500_000_000)),
             ]
         );
     }

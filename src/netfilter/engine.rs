@@ -156,6 +156,10 @@ impl<I: Iptables> Engine<I> {
         &self.ipt
     }
 
+    pub fn metrics(&self) -> &EngineMetrics {
+        &self.metrics
+    }
+
     /// The last ruleset written successfully.
     pub fn applied(&self) -> Option<&Ruleset> {
         self.applied.as_ref()
@@ -327,7 +331,7 @@ impl<I: Iptables> Engine<I> {
         self.metrics.synced(Synced {
             full,
             took: report.compute + report.restore + report.checks,
-            lines: report.lines,
+            written: &p.rules,
             ruleset: &desired.ruleset,
             at: SystemTime::now(),
         });
@@ -460,6 +464,8 @@ impl<I: Iptables> Engine<I> {
                     "iptables chains of rsdn changed by someone else; rewriting them"
                 );
                 self.metrics.drift(t, drift.len());
+                // Drift queues a sync as a change of the cluster does.
+                self.metrics.queued(SystemTime::now());
                 for d in &drift {
                     self.dirty.entry(t).or_default().insert(d.chain.clone());
                     if d.kind == DriftKind::Missing {
@@ -505,6 +511,7 @@ impl<I: Iptables> Engine<I> {
         }
         warn!(sets = drifted.len(), first = %drifted[0], "ipsets of rsdn changed by someone else; rewriting them");
         self.metrics.drift_sets(drifted.len());
+        self.metrics.queued(SystemTime::now());
         self.drift_since.get_or_insert(now);
         for name in drifted {
             r.drift.push(Drift {

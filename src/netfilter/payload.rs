@@ -44,6 +44,8 @@ pub struct Payload {
     /// Chains written, per table (for a partial payload; a full one writes every chain).
     pub written: ChainSet,
     pub deleted: ChainSet,
+    /// Rules (`-A` lines) written, per table: kube-proxy's `sync_proxy_rules_iptables_last`.
+    pub rules: BTreeMap<TableName, usize>,
 }
 
 impl Payload {
@@ -109,6 +111,12 @@ pub fn payload(before: Option<&Ruleset>, after: &Ruleset, scope: Scope, cx: Cont
         changed.sort_unstable_by(|a, b| a.0.cmp(b.0));
         changed.dedup_by(|a, b| a.0 == b.0);
         write_table(&mut out.text, table, &changed, &gone);
+        // A chain's text is one `-A` line per rule.
+        let rules = changed
+            .iter()
+            .map(|(_, r)| r.bytes().filter(|b| *b == b'\n').count())
+            .sum();
+        out.rules.insert(table, rules);
         if !full {
             out.written
                 .insert(table, changed.iter().map(|(n, _)| (*n).clone()).collect());
@@ -260,6 +268,8 @@ mod tests {
             "*nat\n:B - [0:0]\n:C - [0:0]\n:B2 - [0:0]\n:OLD - [0:0]\n-A B -j DROP\n-A C -j RETURN\n-X B2\n-X OLD\nCOMMIT\n"
         );
         assert_eq!(p.written[&TableName::Nat].len(), 2);
+        // Rules written, as kube-proxy counts them: `-A` lines, not declarations or deletions.
+        assert_eq!(p.rules, BTreeMap::from([(TableName::Nat, 2)]));
         assert!(payload(Some(&after), &after, Scope::Partial, Context::default()).is_empty());
     }
 

@@ -4,7 +4,7 @@
 //! large table and must hold up nothing else.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 use tracing::{error, info, warn};
@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use super::engine::{CheckReport, Engine, SyncReport};
 use super::producer::{combine, Producer};
 use super::tools::{Iptables, IptablesError};
-use crate::health::Health;
+use crate::health::{Health, Loop};
 use crate::model::ClusterModel;
 
 /// What one round did.
@@ -33,8 +33,15 @@ pub async fn run<I: Iptables>(
     health: Arc<Health>,
 ) {
     let mut synced: Option<Arc<ClusterModel>> = None;
+    // The model last seen: a new one queues a sync (kube-proxy's last queued timestamp).
+    let mut seen: Option<Arc<ClusterModel>> = None;
     loop {
+        health.alive(Loop::Iptables, Instant::now());
         let model = Arc::clone(&models.borrow_and_update());
+        if !seen.as_ref().is_some_and(|m| Arc::ptr_eq(m, &model)) {
+            engine.metrics().queued(SystemTime::now());
+            seen = Some(Arc::clone(&model));
+        }
         let mut next = tokio::time::Instant::now() + resync;
         if model.nodes.contains_key(&local_node) {
             let now = Instant::now();
@@ -44,6 +51,8 @@ pub async fn run<I: Iptables>(
             if check || (!backing_off && (changed || engine.pending(now))) {
                 let h = health.clone();
                 let m = Arc::clone(&model);
+                // A restore may take minutes on a huge table: busy, not stuck.
+                health.busy(Loop::Iptables, now);
                 let joined = tokio::task::spawn_blocking(move || {
                     let mut round = Round::default();
                     if check {
@@ -95,13 +104,12 @@ pub async fn run<I: Iptables>(
                     Ok(x) => x,
                     Err(e) => {
                         error!(error = %e, "the iptables sync task panicked; stopping it");
-                        health.iptables_failed(
-                            format!("the iptables task stopped: {e}"),
-                            Instant::now(),
-                        );
+                        let why = format!("the sync panicked: {e}");
+                        health.stopped(Loop::Iptables, why, Instant::now());
                         return;
                     }
                 };
+                health.alive(Loop::Iptables, Instant::now());
                 if let Some(Ok(_)) = &round.sync {
                     synced = Some(Arc::clone(&model));
                 }

@@ -19,7 +19,7 @@ use super::ports::{self, PortRepair};
 use super::{Action, BRIDGE};
 use crate::cniconf::{conflist, ConflistOptions};
 use crate::config::{NodeConfig, VXLAN_OVERHEAD};
-use crate::health::{Health, OverlayPass};
+use crate::health::{Health, Loop, OverlayPass};
 use crate::model::{ClusterModel, ClusterNode};
 use crate::overlay;
 
@@ -262,7 +262,11 @@ pub async fn run<K: OverlayKernel>(
     let mut missing_plugins: Vec<PathBuf> = Vec::new();
     // The model of the last clean pass: changes made on the same model repair drift.
     let mut programmed: Option<Arc<ClusterModel>> = None;
+    // The source's channel closed: the last model stays, passes go on repairing drift, and
+    // /livez asks for a restart that brings the source back.
+    let mut source_gone = false;
     loop {
+        health.alive(Loop::Overlay, Instant::now());
         let model = Arc::clone(&model_rx.borrow_and_update());
         if !programmed.as_ref().is_some_and(|p| Arc::ptr_eq(p, &model)) {
             overlay_metrics.model(&model);
@@ -272,6 +276,13 @@ pub async fn run<K: OverlayKernel>(
                     .map(|s| format!("{}: {}", s.object, s.reason))
                     .collect(),
             );
+            let leaving = model.local_lifecycle.as_ref().and_then(|l| l.leaving());
+            if health.node_leaving(leaving.clone()) {
+                match leaving {
+                    Some(why) => warn!(reason = %why, "the node is going away: /healthz answers 503 so that load balancers send it no new connections"),
+                    None => info!("the node takes new connections again: /healthz no longer answers 503 for it"),
+                }
+            }
         }
         let started = Instant::now();
         let next = match reconciler.reconcile(&model).await {
@@ -318,7 +329,11 @@ pub async fn run<K: OverlayKernel>(
             }
         };
         tokio::select! {
-            r = model_rx.changed() => if r.is_err() { warn!("cluster source stopped"); },
+            r = model_rx.changed(), if !source_gone => if r.is_err() {
+                error!("the cluster source stopped; the last model stays programmed");
+                health.stopped(Loop::Source, "the cluster source stopped publishing".into(), Instant::now());
+                source_gone = true;
+            },
             _ = wake.notified() => tokio::time::sleep(EVENT_DEBOUNCE).await,
             _ = tokio::time::sleep_until(next) => {}
             _ = &mut shutdown => {

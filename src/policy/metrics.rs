@@ -10,6 +10,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use super::render::Stats;
+use crate::netfilter::metrics::RuleCount;
 
 type Labels = Vec<(&'static str, &'static str)>;
 
@@ -21,9 +22,9 @@ pub struct PolicyMetrics {
     isolated: Family<Labels, Gauge>,
     sets: Gauge,
     denied: Family<Labels, Counter>,
-    /// The DROP rules' counters last read, per direction: the counter grows by the difference
-    /// (a rewritten chain starts again from 0).
-    seen: [u64; 2],
+    /// The DROP rules' counters, per direction: the metric grows by the difference (a
+    /// rewritten chain starts again from 0).
+    seen: [RuleCount; 2],
 }
 
 fn seconds() -> Histogram {
@@ -39,7 +40,7 @@ impl PolicyMetrics {
             isolated: Family::default(),
             sets: Gauge::default(),
             denied: Family::default(),
-            seen: [0; 2],
+            seen: [RuleCount::default(); 2],
         };
         let r = registry.sub_registry_with_prefix("rsdn_network_policy");
         r.register(
@@ -105,12 +106,7 @@ impl PolicyMetrics {
             .enumerate()
         {
             let Some(now) = now else { continue };
-            let grew = if now >= self.seen[i] {
-                now - self.seen[i]
-            } else {
-                now
-            };
-            self.seen[i] = now;
+            let grew = self.seen[i].grew(now);
             self.denied
                 .get_or_create(&vec![("direction", dir)])
                 .inc_by(grew);

@@ -133,16 +133,8 @@ mod tests {
         s.ports.insert(
             spn.clone(),
             ServicePort {
-                cluster_ip: "172.30.0.10".parse().unwrap(),
-                port: 53,
                 node_port: Some(30053),
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                affinity_seconds: None,
-                internal_local: false,
-                external_local: false,
-                health_check_node_port: None,
+                ..crate::model::testing::service_port("172.30.0.10", 53)
             },
         );
         s.endpoints.insert(

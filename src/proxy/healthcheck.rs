@@ -168,7 +168,9 @@ impl HealthCheckServers {
             let (key, count, health) = (name.clone(), local_endpoints.clone(), self.health.clone());
             // Any path, as kube-proxy answers.
             let task = crate::http::spawn_server(listener, Limits::default(), move |_path| {
-                let healthy = health.healthz(Instant::now()).ok;
+                // As kube-proxy's: the proxy's health, not the node's (a node going away still
+                // tells load balancers where the endpoints are; its /healthz drains it).
+                let healthy = health.proxy_healthy(Instant::now());
                 let (status, body) = answer(&key, count.load(Ordering::Relaxed), healthy);
                 let mut r = crate::http::reply(status, "application/json", body);
                 r.headers_mut().insert(
@@ -204,16 +206,10 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             ServicePort {
-                cluster_ip: Ipv4Addr::new(172, 30, 0, 1),
-                port: 80,
                 node_port: Some(30080),
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                affinity_seconds: None,
-                internal_local: false,
                 external_local: hc.is_some(),
                 health_check_node_port: hc,
+                ..crate::model::testing::service_port("172.30.0.1", 80)
             },
         )
     }

@@ -11,16 +11,18 @@ pub mod render;
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use ipnet::Ipv4Net;
 
 use crate::model::ClusterModel;
 use crate::netfilter::engine::SyncReport;
 use crate::netfilter::jumps::Jump;
+use crate::netfilter::metrics::RuleCount;
 use crate::netfilter::producer::{Owner, Producer};
-use crate::netfilter::ruleset::Ruleset;
+use crate::netfilter::ruleset::{Ruleset, TableName};
 use conntrack::Conntrack;
-use metrics::ProxyMetrics;
+use metrics::{Changes, ProxyMetrics};
 use render::{ProxyScope, RenderCache, RenderStats};
 
 /// What the proxy is configured with; the rest of its scope comes from the model.
@@ -59,6 +61,14 @@ pub struct Proxy {
     synced: Option<Arc<ClusterModel>>,
     conntrack: Box<dyn Conntrack>,
     metrics: ProxyMetrics,
+    /// What the last render carries that the kernel does not hold yet.
+    pending: Changes,
+    /// Changes triggered before are not this proxy's to measure.
+    started: SystemTime,
+    /// Where KUBE-FORWARD's DROP of conntrack-INVALID packets stands, as last rendered, and
+    /// its packet counter.
+    invalid_rule: Option<usize>,
+    invalid_dropped: RuleCount,
 }
 
 impl Proxy {
@@ -74,6 +84,10 @@ impl Proxy {
             synced: None,
             conntrack,
             metrics,
+            pending: Changes::default(),
+            started: SystemTime::now(),
+            invalid_rule: None,
+            invalid_dropped: RuleCount::default(),
         }
     }
 }
@@ -84,11 +98,19 @@ impl Producer for Proxy {
     }
 
     fn render(&mut self, model: &Arc<ClusterModel>) -> Ruleset {
+        self.pending = Changes::between(self.synced.as_ref().map(|m| &m.services), &model.services);
+        self.metrics.pending(self.pending);
         let Some(scope) = self.settings.scope(model) else {
             return Ruleset::default();
         };
         let (r, stats) = render::render_cached(&scope, &model.services, &mut self.cache);
         self.stats = stats;
+        self.invalid_rule = r
+            .tables
+            .filter
+            .lines(names::KUBE_FORWARD)
+            .iter()
+            .position(|l| l.contains(render::INVALID_DROP));
         r
     }
 
@@ -104,7 +126,67 @@ impl Producer for Proxy {
         if let Some(old) = &self.synced {
             conntrack::clear_stale_udp(&*self.conntrack, &old.services, &model.services);
         }
-        self.metrics.synced(&self.stats);
+        self.metrics.synced(&self.stats, self.pending);
+        self.pending = Changes::default();
+        let old = self.synced.as_ref().map(|m| &m.services);
+        let triggers = metrics::programmed(old, &model.services, self.started);
+        self.metrics.programmed(&triggers, SystemTime::now());
         self.synced = Some(Arc::clone(model));
+    }
+
+    fn counters(&mut self, packets: &dyn Fn(TableName, &str) -> Option<Vec<u64>>) {
+        let Some(i) = self.invalid_rule else { return };
+        if let Some(&now) = packets(TableName::Filter, names::KUBE_FORWARD)
+            .as_ref()
+            .and_then(|c| c.get(i))
+        {
+            let grew = self.invalid_dropped.grew(now);
+            self.metrics.invalid_dropped(grew);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::registry::Registry;
+
+    use super::*;
+    use crate::model::testing;
+
+    #[test]
+    fn invalid_drops_are_read_from_kube_forwards_counter() {
+        let mut reg = Registry::default();
+        let settings = ProxySettings {
+            cluster_network: "10.128.0.0/14".parse().unwrap(),
+            service_network: "172.30.0.0/16".parse().unwrap(),
+            masquerade_bit: 0,
+            node_name: "a".into(),
+            node_ip: None,
+        };
+        let mut p = Proxy::new(
+            settings,
+            Box::new(conntrack::Recorder::default()),
+            ProxyMetrics::register(&mut reg),
+        );
+        let counters = |p: &mut Proxy, invalid: u64| {
+            // KUBE-FORWARD's rules' packet counters, the DROP's where it was rendered.
+            let forward = vec![invalid, 1000, 2000, 3000];
+            p.counters(&|t, c| {
+                (t == TableName::Filter && c == names::KUBE_FORWARD).then(|| forward.clone())
+            });
+        };
+        // Before a render, the rule's place is unknown: nothing is read.
+        counters(&mut p, 99);
+        p.render(&Arc::new(testing::model(&testing::three())));
+        counters(&mut p, 5);
+        counters(&mut p, 8);
+        // The chain was rewritten: its counter starts again.
+        counters(&mut p, 2);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        assert!(
+            text.contains("kubeproxy_iptables_ct_state_invalid_dropped_packets_total 10\n"),
+            "{text}"
+        );
     }
 }

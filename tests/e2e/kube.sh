@@ -3,7 +3,7 @@
 # watch the lab's stand-in API server (real list/watch protocol over HTTP, on the outside host)
 # instead of reading the cluster directory. Objects added, modified and deleted at the server
 # must reach the nodes' kernels, also across a cut watch connection and a 410 Gone; /healthz,
-# /readyz and /metrics answer on port 10256.
+# /livez and /readyz answer on port 10256 (from outside), /metrics on 127.0.0.1:10249 only.
 # Usage: tests/e2e/kube.sh [dir-with-rsdn-and-rsdn-cni]   (root; prints "N passed, N failed")
 set -uo pipefail
 
@@ -14,6 +14,8 @@ source "$(dirname "$0")/lib.sh"
 trap lab_cleanup EXIT
 put() { cat >"$LAB/cluster/.$1.tmp" && mv "$LAB/cluster/.$1.tmp" "$LAB/cluster/$1.yaml"; }
 http() { inns ext curl -s -o "$T/body" -w '%{http_code}' "http://$1:10256$2"; }
+# metrics_of NODE: its /metrics, from the node itself (the default address is 127.0.0.1:10249).
+metrics_of() { inns "$1" curl -s -o "$T/body" -w '%{http_code}' "http://127.0.0.1:10249/metrics"; }
 route_to() { inns "$1" ip route show "$2" proto 212 | grep -q vxlan0; }
 no_route_to() { ! route_to "$@"; }
 api_pid() { cat "$LAB/apiserver.pid"; }
@@ -33,11 +35,15 @@ for n in 1 2 3; do
   check "node$n: /healthz and /readyz answer 200" \
     eval "status_is 192.168.77.1$n /healthz 200 && status_is 192.168.77.1$n /readyz 200"
 done
-check "/metrics has overlay, proxy and build metrics" eval "status_is 192.168.77.11 /metrics 200 &&
+check "node1: /livez answers 200; /metrics is not on the health port" \
+  eval "status_is 192.168.77.11 /livez 200 && status_is 192.168.77.11 /metrics 404"
+check "/metrics on 127.0.0.1:10249 has overlay and proxy metrics" eval "[ \$(metrics_of node1) = 200 ] &&
   grep -q '^rsdn_overlay_remote_nodes 2' $T/body &&
-  grep -q '^kubeproxy_sync_proxy_rules_last_timestamp_seconds' $T/body &&
+  grep -q '^kubeproxy_sync_proxy_rules_last_timestamp_seconds{ip_family=\"IPv4\"}' $T/body &&
   grep -q '^rsdn_cluster_source_ready 1' $T/body &&
   grep -q '^rsdn_build_info{version=\"[0-9.]*\",revision=\"[0-9a-f]*\",build_date=\"' $T/body"
+check "/metrics is not reachable from outside by default" \
+  eval "! inns ext curl -s -m 2 -o /dev/null http://192.168.77.11:10249/metrics"
 # Each daemon, once its node is programmed, sets its Node's NetworkUnavailable to False.
 condition_set() {
   for n in 1 2 3; do
@@ -71,6 +77,18 @@ endpoints: [{addresses: [$pod2], nodeName: node2}]
 EOF
 answer() { [ "$(inns node1-pod1 socat -T2 - TCP:172.30.9.9:80,connect-timeout=2 </dev/null 2>/dev/null)" = node2-pod1 ]; }
 check "a Service created at the API server answers from node1's pod" eventually 5 answer
+
+# The cluster autoscaler taints node2 for deletion: its /healthz answers 503 so that load
+# balancers drain it (kube-proxy's KEP-3836), its /livez stays 200 (no restart), and the taint
+# going away makes it healthy again.
+sed -i 's/^spec:$/spec:\n  taints: [{key: ToBeDeletedByClusterAutoscaler, value: "1700000000", effect: NoSchedule}]/' \
+  "$LAB/cluster/node2.yaml"
+check "node2 tainted ToBeDeletedByClusterAutoscaler: /healthz 503, /livez 200" eventually 5 \
+  eval "status_is 192.168.77.12 /healthz 503 && grep -q ToBeDeletedByClusterAutoscaler $T/body &&
+    status_is 192.168.77.12 /livez 200 && status_is 192.168.77.11 /healthz 200"
+sed -i '/ToBeDeletedByClusterAutoscaler/d' "$LAB/cluster/node2.yaml"
+check "the taint removed: node2's /healthz is 200 again" eventually 5 \
+  status_is 192.168.77.12 /healthz 200
 
 # Delete and re-add a Node at the server: the other nodes' kernels follow.
 rm "$LAB/cluster/node3.yaml"

@@ -498,7 +498,7 @@ sets() {
     [ "$(inns node1 ipset list RSDN-ISOLATED-INGRESS | sed -n '/^Members:/,$p' | tail -n +2)" = "$xa" ]
 }
 check "ipset list on node1: RSDN-ISOLATED-INGRESS (holding x/a only), RSDN-ISOLATED-EGRESS, RSDN-P-*" sets
-metrics() { inns node1 curl -s "http://127.0.0.1:10256/metrics"; }
+metrics() { inns node1 curl -s "http://127.0.0.1:10249/metrics"; }
 metric() { metrics | awk -v m="$1" '$1 == m {print $2; found = 1} END {if (!found) print 0}'; }
 isolated() {
   [ "$(metric 'rsdn_network_policy_isolated_pods{direction="ingress"}')" = 1 ] &&

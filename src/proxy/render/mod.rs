@@ -81,6 +81,10 @@ pub struct RenderStats {
     pub no_local_endpoints_external: usize,
 }
 
+/// KUBE-FORWARD's rule that drops what conntrack finds INVALID (kube-proxy's, whose packets
+/// `kubeproxy_iptables_ct_state_invalid_dropped_packets_total` counts).
+pub const INVALID_DROP: &str = "-m conntrack --ctstate INVALID -j DROP";
+
 /// The jumps from the built-in chains into the proxy's, in the order they stand at the top of
 /// each built-in chain (kube-proxy's order).
 pub fn jumps() -> Vec<Jump> {
@@ -227,10 +231,7 @@ pub fn render_cached(
     let filter = &mut r.tables.filter;
     // Without nf_conntrack_tcp_be_liberal, out-of-window packets would otherwise reach pods
     // un-NATed and get reset (kubernetes#74839).
-    filter.add(
-        KUBE_FORWARD,
-        format_args!("-m conntrack --ctstate INVALID -j DROP"),
-    );
+    filter.add(KUBE_FORWARD, format_args!("{INVALID_DROP}"));
     filter.add(
         KUBE_FORWARD,
         format_args!(
