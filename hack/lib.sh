@@ -27,3 +27,9 @@ require_root() {
     exit 1
   fi
 }
+
+# The workspace version (Cargo.toml [workspace.package]): the crates', the image tag's and the
+# manifests' (manifests/kustomization.yaml; tests/manifests.rs keeps them equal).
+crate_version() {
+  sed -n '/^\[workspace\.package\]/,/^\[/ s/^version = "\(.*\)"$/\1/p' Cargo.toml
+}
