@@ -17,6 +17,10 @@ if [ -z "$engine" ]; then
   if docker info >/dev/null 2>&1; then engine=docker; else engine=podman; fi
 fi
 image=${IMAGE:-rsdn:$version}
+# --label as well as the build args: podman 4.3 (buildah) reuses a cached LABEL layer when only
+# a build arg changed, and the image would keep the previous build's revision.
 "$engine" build -t "$image" \
-  --build-arg VERSION="$version" --build-arg REVISION="$revision" "$@" .
+  --build-arg VERSION="$version" --build-arg REVISION="$revision" \
+  --label org.opencontainers.image.version="$version" \
+  --label org.opencontainers.image.revision="$revision" "$@" .
 echo "built $image (version $version, revision $revision)"
