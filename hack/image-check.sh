@@ -10,16 +10,16 @@
 # without the token.
 # The image must rebuild node2's datapath, answer /healthz, follow a new Service, and exit 0 on
 # SIGTERM leaving the datapath in place.
-# Usage: hack/image-check.sh [IMAGE]   (root; default localhost/rsdn:dev; prints "N passed, N failed")
-# Build the image first: `podman build -t localhost/rsdn:dev .` (docs/operations.md says how
-# it was built on a machine without a registry).
+# Usage: hack/image-check.sh [IMAGE]   (root; default localhost/rsdn:<crate version>; prints
+# "N passed, N failed"). Build the image first: `ENGINE=podman hack/build-image.sh`
+# (docs/operations.md says how it was built on a machine without a registry).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source hack/lib.sh
 require_root
-IMAGE=${1:-localhost/rsdn:dev}
+IMAGE=${1:-localhost/rsdn:$(crate_version)}
 if ! podman image exists "$IMAGE"; then
-  echo "no image $IMAGE: build it first (podman build -t $IMAGE .)" >&2
+  echo "no image $IMAGE: build it first (ENGINE=podman IMAGE=$IMAGE hack/build-image.sh)" >&2
   exit 1
 fi
 hack/build.sh --lab >/dev/null || exit 1   # the lab (rsdn-lab) plays the cluster
@@ -65,8 +65,7 @@ eventually 10 test -s "$T/sa/token" || { cat "$T/apiserver-tls.log"; exit 1; }
 
 # The daemon container, configured by the ConfigMap's config.yaml.
 mkdir -p "$T/etc-rsdn"
-awk '/config.yaml: \|/ {on = 1; next} on {sub(/^    /, ""); print}' manifests/02-config.yaml \
-  >"$T/etc-rsdn/config.yaml"
+cp manifests/config.yaml "$T/etc-rsdn/config.yaml"
 touch /run/xtables.lock
 pm run -d --name "$NAME" --network=host --cap-add NET_ADMIN,NET_RAW \
   -v "$T/etc-rsdn:/etc/rsdn:ro" -v "$LAB/node2/net.d:/etc/cni/net.d" \

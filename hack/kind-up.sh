@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLUSTER=${CLUSTER:-rsdn}
-IMAGE=rsdn:dev   # the image manifests/03-daemonset.yaml names
+source hack/lib.sh
+IMAGE=rsdn:$(crate_version)   # the image manifests/kustomization.yaml names
 
 if [ "${1:-}" = down ]; then exec kind delete cluster --name "$CLUSTER"; fi
 for tool in docker kind kubectl; do
@@ -17,7 +18,7 @@ done
 kind get clusters | grep -qx "$CLUSTER" ||
   kind create cluster --name "$CLUSTER" --config hack/kind/config.yaml
 kubectl config use-context "kind-$CLUSTER" >/dev/null
-docker build -t "$IMAGE" .
+ENGINE=docker IMAGE=$IMAGE hack/build-image.sh
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 # Without kube-proxy the "kubernetes" Service's ClusterIP answers only once rsdn runs, so rsdn
@@ -28,7 +29,7 @@ kubectl -n rsdn create configmap kubernetes-services-endpoint \
   --from-literal=KUBERNETES_SERVICE_HOST="$(api 'endpoints[0].addresses[0]')" \
   --from-literal=KUBERNETES_SERVICE_PORT="$(api 'ports[0].port')" \
   --dry-run=client -o yaml | kubectl apply -f -
-kubectl apply -f manifests/
+kubectl apply -k manifests/
 # A new image under the same tag: restart the pods so they run it.
 kubectl -n rsdn rollout restart daemonset/rsdn
 kubectl -n rsdn rollout status daemonset/rsdn --timeout=300s

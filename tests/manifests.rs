@@ -2,9 +2,12 @@
 //! type, the RBAC rules grant exactly what the daemon watches and patches, the DaemonSet's
 //! probes, ports, mounts and command lines match the daemon's defaults and flags, the ConfigMap
 //! is a valid daemon configuration, and the cleanup DaemonSet docs/operations.md gives runs
-//! `rsdn cleanup`. No cluster needed.
+//! `rsdn cleanup`. The kustomization (`manifests/kustomization.yaml`) lists every file, tags the
+//! image with the crate version and generates the ConfigMap with a hash suffix; where kubectl
+//! or kustomize is installed, its output is rendered and a configuration change shown to roll
+//! the DaemonSet. No cluster needed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -38,16 +41,79 @@ fn parse<T: serde::de::DeserializeOwned>(v: serde_json::Value, file: &Path) -> T
     })
 }
 
+/// What `manifests/kustomization.yaml` says, as far as the tests need it.
+struct Kustomization {
+    resources: Vec<String>,
+    /// (name, namespace, files) of each configMapGenerator entry.
+    generators: Vec<(String, String, Vec<String>)>,
+    /// (name, newName, newTag) of each image.
+    images: Vec<(String, Option<String>, Option<String>)>,
+    raw: serde_json::Value,
+}
+
+fn kustomization() -> Kustomization {
+    let f = dir().join("kustomization.yaml");
+    let text = std::fs::read_to_string(&f).unwrap();
+    let mut docs = rsdn::source::dir::read_documents(&text).unwrap();
+    assert_eq!(docs.len(), 1);
+    let raw = docs.remove(0);
+    assert_eq!(raw["kind"], "Kustomization");
+    let strings = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| a.iter().map(|s| s.as_str().unwrap().to_string()).collect())
+            .unwrap_or_default()
+    };
+    let opt = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    Kustomization {
+        resources: strings(&raw["resources"]),
+        generators: raw["configMapGenerator"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .map(|g| {
+                let name = g["name"].as_str().unwrap().to_string();
+                let ns = g["namespace"].as_str().unwrap_or_default().to_string();
+                (name, ns, strings(&g["files"]))
+            })
+            .collect(),
+        images: raw["images"]
+            .as_array()
+            .unwrap_or(&vec![])
+            .iter()
+            .map(|i| {
+                let name = i["name"].as_str().unwrap().to_string();
+                (name, opt(&i["newName"]), opt(&i["newTag"]))
+            })
+            .collect(),
+        raw,
+    }
+}
+
+/// The objects `kubectl apply -k manifests/` creates, before kustomize's renaming: the listed
+/// resources and the generated ConfigMaps (under their generator names).
 fn load() -> Manifests {
     let mut m = Manifests::default();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty());
-    for f in files {
+    let k = kustomization();
+    assert!(!k.resources.is_empty());
+    for (name, namespace, files) in &k.generators {
+        let data: BTreeMap<String, String> = files
+            .iter()
+            .map(|f| {
+                assert!(!f.contains('='), "{f}: keys are the file names");
+                let text = std::fs::read_to_string(dir().join(f)).unwrap();
+                (f.clone(), text)
+            })
+            .collect();
+        m.config_maps.push(parse(
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": namespace},
+                "data": data,
+            }),
+            &dir().join("kustomization.yaml"),
+        ));
+    }
+    for f in k.resources.iter().map(|r| dir().join(r)) {
         let text = std::fs::read_to_string(&f).unwrap();
         for doc in rsdn::source::dir::read_documents(&text)
             .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
@@ -445,22 +511,11 @@ fn the_cleanup_daemon_set_of_the_docs_runs_rsdn_cleanup() {
     let cmd = c.command.clone().unwrap();
     assert_eq!(&cmd[..2], ["rsdn", "cleanup"]);
     assert_eq!(added_capabilities(c), ["NET_ADMIN", "NET_RAW"].into());
-    let config_dir = Path::new(flag(&cmd, "--config")).parent().unwrap();
-    let mount = c
-        .volume_mounts
-        .as_deref()
-        .unwrap()
-        .iter()
-        .find(|v| Path::new(&v.mount_path) == config_dir);
-    let volume = pod
-        .volumes
-        .as_deref()
-        .unwrap()
-        .iter()
-        .find(|v| v.name == mount.unwrap().name);
-    assert_eq!(
-        volume.unwrap().config_map.as_ref().unwrap().name,
-        "rsdn-config"
+    // The installed ConfigMap's name carries kustomize's hash: a DaemonSet applied on its own
+    // cannot name it, so cleanup runs on its defaults and flags.
+    assert!(
+        pod.volumes.iter().flatten().all(|v| v.config_map.is_none()),
+        "the cleanup DaemonSet mounts no ConfigMap"
     );
     for path in [config::DEFAULT_CNI_CONF_DIR, "/run/xtables.lock"] {
         assert_eq!(host_path(pod, c, path).as_deref(), Some(path), "{path}");
@@ -469,8 +524,6 @@ fn the_cleanup_daemon_set_of_the_docs_runs_rsdn_cleanup() {
     rsdn_testkit::need_root!();
     let ns = rsdn_testkit::Netns::new("cleanupds");
     let tmp = tempfile::tempdir().unwrap();
-    let config_file = tmp.path().join("config.yaml");
-    std::fs::write(&config_file, config_text(&m)).unwrap();
     let net_d = tmp.path().join("net.d");
     let conflist = net_d.join(config::DEFAULT_CNI_CONF_FILE);
     std::fs::create_dir(&net_d).unwrap();
@@ -483,13 +536,7 @@ fn the_cleanup_daemon_set_of_the_docs_runs_rsdn_cleanup() {
     );
     std::fs::write(&conflist, list.to_string()).unwrap();
     let run = || {
-        let args: Vec<String> = cmd[2..]
-            .iter()
-            .map(|a| match a.as_str() {
-                "/etc/rsdn/config.yaml" => config_file.to_str().unwrap().to_string(),
-                _ => a.clone(),
-            })
-            .collect();
+        let args: Vec<String> = cmd[2..].to_vec();
         let mut c = Command::new(env!("CARGO_BIN_EXE_rsdn"));
         c.arg("cleanup")
             .args(&args)
@@ -514,4 +561,187 @@ fn the_cleanup_daemon_set_of_the_docs_runs_rsdn_cleanup() {
         second.contains("nothing of rsdn's to remove on this node"),
         "{second}"
     );
+}
+
+#[test]
+fn the_kustomization_lists_every_file_and_generates_the_config_map_with_a_hash() {
+    let k = kustomization();
+    let mut listed: BTreeSet<String> = k.resources.iter().cloned().collect();
+    listed.insert("kustomization.yaml".into());
+    for (_, _, files) in &k.generators {
+        listed.extend(files.iter().cloned());
+    }
+    let present: BTreeSet<String> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        present, listed,
+        "manifests/ vs what kustomization.yaml uses"
+    );
+
+    // The hash suffix is what rolls the DaemonSet when the configuration changes.
+    assert!(
+        k.raw["generatorOptions"]["disableNameSuffixHash"].is_null(),
+        "generatorOptions must keep the hash suffix"
+    );
+    assert_eq!(k.generators.len(), 1);
+    let (name, namespace, files) = &k.generators[0];
+    assert_eq!(name, "rsdn-config");
+    assert_eq!(files, &["config.yaml"]);
+    let generator = &k.raw["configMapGenerator"][0];
+    assert!(generator["options"]["disableNameSuffixHash"].is_null());
+    assert!(generator["behavior"].is_null());
+
+    let m = load();
+    assert_eq!(Some(namespace), m.namespaces[0].metadata.name.as_ref());
+    let (_, pod) = daemon_set(&m);
+    let referenced: Vec<&str> = pod
+        .volumes
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| Some(v.config_map.as_ref()?.name.as_str()))
+        .collect();
+    assert_eq!(referenced, [name.as_str()]);
+}
+
+#[test]
+fn the_image_tag_is_the_crate_version() {
+    let version = env!("CARGO_PKG_VERSION");
+    // One version for the workspace: every package inherits it.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for member in [".", "cni", "lab", "testkit"] {
+        let text = std::fs::read_to_string(root.join(member).join("Cargo.toml")).unwrap();
+        assert!(
+            text.contains("\nversion.workspace = true\n"),
+            "{member}/Cargo.toml must inherit the workspace version"
+        );
+    }
+
+    let k = kustomization();
+    assert_eq!(k.images.len(), 1, "{:?}", k.images);
+    let (name, _, tag) = &k.images[0];
+    assert_eq!(
+        tag.as_deref(),
+        Some(version),
+        "manifests/kustomization.yaml images[0].newTag vs the workspace version in Cargo.toml"
+    );
+    // The DaemonSet names the image without a tag: the kustomization is the one place for it.
+    let m = load();
+    let (_, pod) = daemon_set(&m);
+    let containers = pod.init_containers.iter().flatten().chain(&pod.containers);
+    for c in containers {
+        assert_eq!(c.image.as_ref(), Some(name), "container {}", c.name);
+    }
+}
+
+#[test]
+fn the_daemon_set_runs_on_linux_nodes_under_the_runtime_default_seccomp_profile() {
+    let m = load();
+    let (_, pod) = daemon_set(&m);
+    assert_eq!(
+        pod.node_selector.as_ref().unwrap()["kubernetes.io/os"],
+        "linux"
+    );
+    let profile = pod
+        .security_context
+        .as_ref()
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .expect("a pod seccompProfile");
+    assert_eq!(profile.type_, "RuntimeDefault");
+    // No container opts out of it (the privileged init container is unconfined anyway).
+    for c in pod.init_containers.iter().flatten().chain(&pod.containers) {
+        let own = c
+            .security_context
+            .as_ref()
+            .and_then(|s| s.seccomp_profile.as_ref());
+        assert!(own.is_none(), "container {} sets its own seccomp", c.name);
+    }
+}
+
+/// `kubectl kustomize DIR` (or `kustomize build DIR`), parsed; None when neither is installed.
+fn render(dir: &Path) -> Option<Vec<serde_json::Value>> {
+    let tries: [(&str, &[&str]); 2] = [("kubectl", &["kustomize"]), ("kustomize", &["build"])];
+    for (tool, args) in tries {
+        let out = match Command::new(tool).args(args).arg(dir).output() {
+            Ok(out) => out,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{tool}: {e}"),
+        };
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        return Some(rsdn::source::dir::read_documents(&text).unwrap());
+    }
+    None
+}
+
+/// The rendered ConfigMap's name, the name the DaemonSet's config volume references, the
+/// DaemonSet's pod template and its containers' images.
+fn rendered_parts(docs: &[serde_json::Value]) -> (String, String, serde_json::Value, Vec<String>) {
+    let cm = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .expect("a ConfigMap");
+    let ds = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    let template = ds["spec"]["template"].clone();
+    let spec = &template["spec"];
+    let volume = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    let images = ["initContainers", "containers"]
+        .iter()
+        .flat_map(|k| spec[k].as_array().unwrap().iter())
+        .map(|c| c["image"].as_str().unwrap().to_string())
+        .collect();
+    (
+        cm["metadata"]["name"].as_str().unwrap().to_string(),
+        volume["configMap"]["name"].as_str().unwrap().to_string(),
+        template,
+        images,
+    )
+}
+
+#[test]
+fn the_rendered_kustomization_rolls_the_daemon_set_on_a_config_change() {
+    let tmp = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(dir()).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, tmp.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let Some(before) = render(tmp.path()) else {
+        eprintln!("SKIP rendering the kustomization: neither kubectl nor kustomize is installed");
+        return;
+    };
+    let (cm, referenced, template, images) = rendered_parts(&before);
+    let hash = cm.strip_prefix("rsdn-config-").expect("rsdn-config-<hash>");
+    assert!(!hash.is_empty() && hash.chars().all(|c| c.is_ascii_alphanumeric()));
+    assert_eq!(
+        referenced, cm,
+        "the DaemonSet mounts the generated ConfigMap"
+    );
+    let image = format!("rsdn:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(images, [image.clone(), image]);
+    let config = std::fs::read_to_string(dir().join("config.yaml")).unwrap();
+    let cm_doc = before.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    assert_eq!(cm_doc["data"]["config.yaml"], config.as_str());
+
+    // A configuration change: a new ConfigMap name, so a new pod template, so a rollout.
+    let changed = config.replace("\nvni: 1\n", "\nvni: 2\n");
+    assert_ne!(changed, config);
+    std::fs::write(tmp.path().join("config.yaml"), changed).unwrap();
+    let (cm2, referenced2, template2, _) = rendered_parts(&render(tmp.path()).unwrap());
+    assert_ne!(cm2, cm);
+    assert_eq!(referenced2, cm2);
+    assert_ne!(template2, template);
 }
