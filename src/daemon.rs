@@ -64,7 +64,7 @@ pub fn producers(
         };
         out.push(Box::new(Proxy::new(
             settings,
-            Box::new(conntrack::Tool),
+            Box::new(conntrack::Netlink),
             ProxyMetrics::register(registry),
         )));
     }

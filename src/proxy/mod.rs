@@ -1,8 +1,10 @@
 //! The Service proxy: kube-proxy-compatible iptables NAT, as a producer of the netfilter
 //! engine. `names` computes kube-proxy's chain names, `render` the ruleset as data from the
-//! model's Services, `conntrack` clears the UDP flows of endpoints that went away,
-//! `healthcheck` serves the health check node ports of Local load balancers.
+//! model's Services, `conntrack` clears the UDP flows that do not go to a serving endpoint,
+//! `addresses` reads the host's addresses, `healthcheck` serves the health check node ports of
+//! Local load balancers.
 
+pub mod addresses;
 pub mod conntrack;
 pub mod healthcheck;
 pub mod metrics;
@@ -19,6 +21,7 @@ use crate::netfilter::engine::SyncReport;
 use crate::netfilter::jumps::Jump;
 use crate::netfilter::producer::{Owner, Producer};
 use crate::netfilter::ruleset::Ruleset;
+use addresses::{Interfaces, LocalAddresses};
 use conntrack::Conntrack;
 use metrics::ProxyMetrics;
 use render::{ProxyScope, RenderCache, RenderStats};
@@ -55,9 +58,10 @@ pub struct Proxy {
     settings: ProxySettings,
     cache: RenderCache,
     stats: RenderStats,
-    /// The model whose Services the kernel holds.
-    synced: Option<Arc<ClusterModel>>,
+    /// Whether the last render programmed the Services (the local node was in the model).
+    rendered: bool,
     conntrack: Box<dyn Conntrack>,
+    addresses: Box<dyn LocalAddresses>,
     metrics: ProxyMetrics,
 }
 
@@ -71,10 +75,17 @@ impl Proxy {
             settings,
             cache: RenderCache::default(),
             stats: RenderStats::default(),
-            synced: None,
+            rendered: false,
             conntrack,
+            addresses: Box::new(Interfaces),
             metrics,
         }
+    }
+
+    /// Reads the host's addresses from `addresses` instead of the kernel.
+    pub fn with_addresses(mut self, addresses: Box<dyn LocalAddresses>) -> Proxy {
+        self.addresses = addresses;
+        self
     }
 }
 
@@ -85,8 +96,10 @@ impl Producer for Proxy {
 
     fn render(&mut self, model: &Arc<ClusterModel>) -> Ruleset {
         let Some(scope) = self.settings.scope(model) else {
+            self.rendered = false;
             return Ruleset::default();
         };
+        self.rendered = true;
         let (r, stats) = render::render_cached(&scope, &model.services, &mut self.cache);
         self.stats = stats;
         r
@@ -101,10 +114,10 @@ impl Producer for Proxy {
     }
 
     fn synced(&mut self, model: &Arc<ClusterModel>, _report: &SyncReport) {
-        if let Some(old) = &self.synced {
-            conntrack::clear_stale_udp(&*self.conntrack, &old.services, &model.services);
+        if self.rendered {
+            let node_port_ips = self.addresses.ipv4().into_iter().collect();
+            conntrack::reconcile(&*self.conntrack, &model.services, &node_port_ips);
         }
         self.metrics.synced(&self.stats);
-        self.synced = Some(Arc::clone(model));
     }
 }

@@ -138,6 +138,35 @@ endpoints dns node2-pod2
 udp_moved() { ask node3-pod1 172.30.0.53 53 udp | grep -q '^node2-pod2 '; }
 check "UDP Service keeps working after its endpoint is replaced (stale flow cleared)" eventually 5 udp_moved
 
+# The conntrack reconciler works from the kernel's table, not from remembered changes: an
+# endpoint replaced while node3's daemon is down (the old server still answers, node3's rules
+# still DNAT to it) is cleared by the first sync after the restart.
+udp_on() { ask node3-pod1 "$1" 53 udp | grep -q "^$2 "; }   # udp_on SERVICE-IP POD
+dpid=$(cat "$LAB/node3/rsdn.pid")
+kill -TERM "$dpid"
+eventually 10 eval '! kill -0 '"$dpid"' 2>/dev/null'
+endpoints dns node1-pod2
+check "daemon down: the client's UDP flow stays where node3 sent it (node2-pod2)" udp_on 172.30.0.53 node2-pod2
+lab up --nodes 3 --pods-per-node 2 >"$T/restart.log" 2>&1 || cat "$T/restart.log"
+check "daemon restarted: the flow to the replaced endpoint is cleared (node1-pod2 answers)" \
+  eventually 10 udp_on 172.30.0.53 node1-pod2
+# A client that sent before its Service had endpoints has an un-NATed flow (its packets go out
+# by the default route): the first endpoint must take it over at once, not when the client
+# pauses for 30 s. (Once a Service exists without endpoints its packets are refused before
+# conntrack confirms a flow, so the flow must predate the Service.)
+ask node3-pod1 172.30.0.60 53 udp >/dev/null 2>&1
+unnated() { inns node3 conntrack -L -p udp --orig-dst 172.30.0.60 2>/dev/null | grep -q 'src=172.30.0.60 '; }
+check "a UDP client of a Service not there yet has an un-NATed flow on node3" unnated
+endpoints zero node2-pod1
+start=$(date +%s%3N)
+service zero 172.30.0.60
+if eventually 5 udp_on 172.30.0.60 node2-pod1; then
+  took=$(( $(date +%s%3N) - start ))
+  check "0 -> 1 endpoint: the client's UDP flow moves to it within 2 s: ${took} ms" [ "$took" -lt 2000 ]
+else
+  check "0 -> 1 endpoint: the client's UDP flow moves to it" false
+fi
+
 rules_read_well() {
   local save
   save=$(inns node1 iptables-save -t nat) || return 1
