@@ -65,6 +65,7 @@ fn main() {
         masquerade_bit: 0,
         node_name: "n1".into(),
         node_ip: Ipv4Addr::new(100, 64, 0, 1),
+        node_ports: rsdn::proxy::render::NodePorts::Local,
     };
     println!(
         "{:>6} {:>8} {:>9} {:>9}",

@@ -47,6 +47,7 @@ fn producers(proxy: bool) -> Vec<Box<dyn Producer>> {
                 masquerade_bit: 0,
                 node_name: "n1".into(),
                 node_ip: Some("192.168.77.11".parse().unwrap()),
+                node_port_addresses: rsdn::config::NodePortAddresses::All,
             },
             Box::new(Fake::default()),
             ProxyMetrics::unregistered(),

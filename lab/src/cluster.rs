@@ -239,10 +239,14 @@ fn start_daemon(lab: &Lab, i: u32) -> Result<()> {
     } else {
         format!("clusterDir: {}", lab.cluster_dir().display())
     };
-    let config = format!(
+    let mut config = format!(
         "nodeName: node{i}\n{source}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\nresyncSeconds: 5\n",
         dir = dir.display()
     );
+    // A test's own options for this node (nodePortAddresses, ...), kept across restarts.
+    if let Ok(extra) = std::fs::read_to_string(dir.join("config.extra.yaml")) {
+        config.push_str(&extra);
+    }
     std::fs::write(dir.join("config.yaml"), config)?;
     let log = std::fs::OpenOptions::new()
         .create(true)

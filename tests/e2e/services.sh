@@ -167,6 +167,25 @@ else
   check "0 -> 1 endpoint: the client's UDP flow moves to it" false
 fi
 
+# nodePortAddresses: node1 answers NodePorts only on its addresses inside 192.168.77.96/27
+# (a second address on eth0), not on its node IP; an address added later answers too.
+ip -n "${NSP}node1" addr add 192.168.77.111/24 dev eth0
+np_answers() { ask ext "$1" 30080 | grep -Eq '^node2-pod1 '; }
+check "NodePort answers on every local address by default (192.168.77.111)" eventually 5 np_answers 192.168.77.111
+echo 'nodePortAddresses: [192.168.77.96/27]' >"$LAB/node1/config.extra.yaml"
+dpid=$(cat "$LAB/node1/rsdn.pid")
+kill -TERM "$dpid"
+eventually 10 eval '! kill -0 '"$dpid"' 2>/dev/null'
+lab up --nodes 3 --pods-per-node 2 >"$T/restart.log" 2>&1 || cat "$T/restart.log"
+np_only_inside() { np_answers 192.168.77.111 && ! np_answers 192.168.77.11; }
+check "nodePortAddresses 192.168.77.96/27: NodePort answers on 192.168.77.111, not on the node IP" \
+  eventually 10 np_only_inside
+np_rule() { inns node1 iptables-save -t nat | grep -q -- '-A KUBE-SERVICES -d 192.168.77.111/32 -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -j KUBE-NODEPORTS'; }
+check "nodePortAddresses: KUBE-SERVICES jumps to KUBE-NODEPORTS per address (-d)" np_rule
+ip -n "${NSP}node1" addr add 192.168.77.112/24 dev eth0
+check "nodePortAddresses: an address added inside the CIDR answers within the resync period" \
+  eventually 8 np_answers 192.168.77.112
+
 rules_read_well() {
   local save
   save=$(inns node1 iptables-save -t nat) || return 1
