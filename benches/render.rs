@@ -21,18 +21,7 @@ fn services(n: usize) -> Services {
         };
         s.ports.insert(
             spn.clone(),
-            ServicePort {
-                cluster_ip: Ipv4Addr::new(172, 30, hi, lo),
-                port: 80,
-                node_port: None,
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                affinity_seconds: None,
-                internal_local: false,
-                external_local: false,
-                health_check_node_port: None,
-            },
+            ServicePort::cluster_ip(Ipv4Addr::new(172, 30, hi, lo), 80),
         );
         let eps = (0..10)
             .map(|e| Endpoint {
@@ -42,6 +31,9 @@ fn services(n: usize) -> Services {
                 ready: true,
                 serving: true,
                 terminating: false,
+                zone: None,
+                zone_hints: vec![],
+                node_hints: vec![],
             })
             .collect();
         s.endpoints.insert(spn, eps);
@@ -66,6 +58,7 @@ fn main() {
         node_name: "n1".into(),
         node_ip: Ipv4Addr::new(100, 64, 0, 1),
         node_ports: rsdn::proxy::render::NodePorts::Local,
+        zone: None,
     };
     println!(
         "{:>6} {:>8} {:>9} {:>9}",

@@ -343,6 +343,7 @@ pub mod testing {
             name: name.into(),
             ip: ip.parse().expect("an IPv4 address"),
             subnet: NodeSubnet(subnet.parse().expect("an IPv4 CIDR")),
+            zone: None,
         }
     }
 
@@ -388,6 +389,16 @@ mod tests {
             cluster_network: "10.128.0.0/14".parse().unwrap(),
             local_node: "a".into(),
             programmed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_nodes_zone_is_its_zone_label() {
+        let mut n = node("a", Some("10.128.2.0/23"), Some("192.168.1.12"), None);
+        assert_eq!(node_from_k8s(&n).unwrap().zone, None);
+        for (value, want) in [("zone-a", Some("zone-a")), ("", None)] {
+            n.metadata.labels = Some([(node::ZONE_LABEL.to_string(), value.to_string())].into());
+            assert_eq!(node_from_k8s(&n).unwrap().zone.as_deref(), want);
         }
     }
 

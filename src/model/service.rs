@@ -82,9 +82,48 @@ pub struct ServicePort {
     /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy: Local`
     /// (the only ones that have one): where load balancers ask whether this node has endpoints.
     pub health_check_node_port: Option<u16>,
+    /// `spec.trafficDistribution`, where it asks for close endpoints.
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// `spec.trafficDistribution` values that prefer close endpoints. The EndpointSlice controller
+/// turns them into hints on the endpoints; the proxy follows the hints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficDistribution {
+    /// `PreferClose` and its newer name `PreferSameZone`.
+    PreferSameZone,
+    PreferSameNode,
+}
+
+impl TrafficDistribution {
+    /// None for an absent or unknown value (a newer API's: traffic goes cluster-wide).
+    pub fn parse(s: Option<&str>) -> Option<TrafficDistribution> {
+        match s? {
+            "PreferClose" | "PreferSameZone" => Some(TrafficDistribution::PreferSameZone),
+            "PreferSameNode" => Some(TrafficDistribution::PreferSameNode),
+            _ => None,
+        }
+    }
 }
 
 impl ServicePort {
+    /// A plain ClusterIP port: no NodePort, external address, affinity or policy.
+    pub fn cluster_ip(cluster_ip: Ipv4Addr, port: u16) -> ServicePort {
+        ServicePort {
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            affinity_seconds: None,
+            internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
+            traffic_distribution: None,
+        }
+    }
+
     pub fn externally_accessible(&self) -> bool {
         self.node_port.is_some()
             || !self.external_ips.is_empty()
@@ -111,6 +150,12 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// The slice endpoint's `zone`.
+    pub zone: Option<String>,
+    /// `hints.forZones[].name` and `hints.forNodes[].name`: where the EndpointSlice controller
+    /// wants this endpoint used (topology-aware routing, `trafficDistribution`).
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 impl fmt::Display for Endpoint {
@@ -258,6 +303,9 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
                 internal_local,
                 external_local,
                 health_check_node_port,
+                traffic_distribution: TrafficDistribution::parse(
+                    spec.traffic_distribution.as_deref(),
+                ),
             },
         ));
     }
@@ -326,6 +374,7 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, Strin
     for (key, number) in &ports {
         for (ip, ep) in &addressed {
             let c = ep.conditions.as_ref();
+            let hints = ep.hints.as_ref();
             out.push((
                 key.clone(),
                 Endpoint {
@@ -336,6 +385,19 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, Strin
                     // The API says an absent serving condition means true (not "same as ready").
                     serving: c.and_then(|c| c.serving).unwrap_or(true),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    zone: ep.zone.clone().filter(|z| !z.is_empty()),
+                    zone_hints: hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    node_hints: hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
                 },
             ));
         }
@@ -611,6 +673,34 @@ status:
                 "10.128.2.5:8080 Some(\"n2\") false true true",
             ]
         );
+    }
+
+    #[test]
+    fn zones_hints_and_traffic_distribution_are_read() {
+        let read = slice_endpoints(&slice(
+            "z",
+            "- {addresses: [10.128.0.10], zone: zone-a, hints: {forZones: [{name: zone-a}, {name: zone-b}], forNodes: [{name: n1}]}}\n- {addresses: [10.128.0.11], zone: ''}\n",
+        ))
+        .unwrap()
+        .unwrap();
+        let eps: Vec<&Endpoint> = read.endpoints.1.iter().map(|(_, e)| e).collect();
+        assert_eq!(eps[0].zone.as_deref(), Some("zone-a"));
+        assert_eq!(eps[0].zone_hints, ["zone-a", "zone-b"]);
+        assert_eq!(eps[0].node_hints, ["n1"]);
+        assert_eq!((eps[1].zone.as_deref(), eps[1].zone_hints.len()), (None, 0));
+        for (value, want) in [
+            ("PreferClose", Some(TrafficDistribution::PreferSameZone)),
+            ("PreferSameZone", Some(TrafficDistribution::PreferSameZone)),
+            ("PreferSameNode", Some(TrafficDistribution::PreferSameNode)),
+            ("Anywhere", None),
+        ] {
+            let s = svc(&format!("metadata: {{name: a}}\nspec:\n  clusterIP: 172.30.0.1\n  trafficDistribution: {value}\n  ports: [{{port: 80}}]\n"));
+            assert_eq!(
+                service_ports(&s).unwrap()[0].1.traffic_distribution,
+                want,
+                "{value}"
+            );
+        }
     }
 
     #[test]

@@ -423,16 +423,10 @@ mod tests {
             s.ports.insert(
                 spn.clone(),
                 ServicePort {
-                    cluster_ip: ip("172.30.0.10"),
-                    port: 53,
                     node_port: (protocol == Protocol::Udp).then_some(30053),
                     external_ips: vec![ip("192.168.77.200")],
                     load_balancer_ips: vec![ip("192.168.77.201")],
-                    load_balancer_source_ranges: vec![],
-                    affinity_seconds: None,
-                    internal_local: false,
-                    external_local: false,
-                    health_check_node_port: None,
+                    ..ServicePort::cluster_ip(ip("172.30.0.10"), 53)
                 },
             );
             s.endpoints.insert(
@@ -445,6 +439,9 @@ mod tests {
                         ready: *serving,
                         serving: *serving,
                         terminating: false,
+                        zone: None,
+                        zone_hints: vec![],
+                        node_hints: vec![],
                     })
                     .collect(),
             );

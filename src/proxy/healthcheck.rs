@@ -204,16 +204,10 @@ mod tests {
                 protocol: Protocol::Tcp,
             },
             ServicePort {
-                cluster_ip: Ipv4Addr::new(172, 30, 0, 1),
-                port: 80,
                 node_port: Some(30080),
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                affinity_seconds: None,
-                internal_local: false,
                 external_local: hc.is_some(),
                 health_check_node_port: hc,
+                ..ServicePort::cluster_ip(Ipv4Addr::new(172, 30, 0, 1), 80)
             },
         )
     }
@@ -226,6 +220,9 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
+            zone: None,
+            zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 

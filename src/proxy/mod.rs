@@ -54,6 +54,10 @@ impl ProxySettings {
             node_name: self.node_name.clone(),
             node_ip,
             node_ports: self.node_ports(node_ip, host).0,
+            zone: model
+                .nodes
+                .get(&self.node_name)
+                .and_then(|n| n.zone.clone()),
         })
     }
 

@@ -41,6 +41,8 @@ pub struct ProxyScope {
     pub node_ip: Ipv4Addr,
     /// Where NodePorts answer.
     pub node_ports: NodePorts,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
+    pub zone: Option<String>,
 }
 
 /// The destinations KUBE-SERVICES sends to KUBE-NODEPORTS (kube-proxy's nodePortAddresses).

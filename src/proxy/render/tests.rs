@@ -11,6 +11,7 @@ fn scope() -> ProxyScope {
         node_name: "n1".into(),
         node_ip: "192.168.77.11".parse().unwrap(),
         node_ports: NodePorts::Local,
+        zone: Some("zone-a".into()),
     }
 }
 
@@ -104,6 +105,9 @@ fn chain_names_match_kube_proxys_own_test_vectors() {
         ready: true,
         serving: true,
         terminating: false,
+        zone: None,
+        zone_hints: vec![],
+        node_hints: vec![],
     };
     // Names that appear in kube-proxy's proxier_test.go for these services and endpoints.
     let vectors = [
@@ -147,11 +151,12 @@ fn chain_names_match_kube_proxys_own_test_vectors() {
     );
 }
 
-/// Seven Service shapes (ClusterIP with a named target port; NodePort; no endpoints with
+/// Eight Service shapes (ClusterIP with a named target port; NodePort; no endpoints with
 /// NodePort and external IP over UDP; LoadBalancer with source ranges and
 /// externalTrafficPolicy Local; SCTP with ClientIP affinity and an external IP;
-/// internalTrafficPolicy Local without a local endpoint; only terminating endpoints). Every
-/// line of the golden file was checked by hand against kube-proxy's proxier.
+/// internalTrafficPolicy Local without a local endpoint; only terminating endpoints; zone
+/// hints, n1 being in zone-a: only the endpoint hinted for zone-a). Every line of the golden
+/// file was checked by hand against kube-proxy's proxier.
 #[test]
 fn full_payload_matches_the_golden_file() {
     let (r, stats) = render(&scope(), &services(CLUSTER));
