@@ -13,6 +13,22 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services (and their EndpointSlices, which the controller gives the Service's labels) with
+/// this label, whatever its value, belong to another proxy: kube-proxy does not watch them.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The EndpointSlice controller's mark on the slices of headless Services: kube-proxy does not
+/// watch Services or slices that carry it.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Both, as the label selector kube-proxy watches Services and EndpointSlices with.
+pub const PROXIED_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Whether kube-proxy leaves an object alone: it has either label, with any value.
+fn left_to_others(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+}
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
 
@@ -189,9 +205,12 @@ fn port_number(n: i32, what: &str) -> Result<u16, String> {
 }
 
 /// The Service ports a Service yields, or why the whole Service is skipped. Headless Services
-/// (`clusterIP: None`), ExternalName Services and Services of another IP family yield none:
-/// kube-proxy does not proxy them either.
+/// (`clusterIP: None`), ExternalName Services, Services of another IP family and Services
+/// labelled for another proxy or as headless yield none: kube-proxy does not proxy them either.
 pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+    if left_to_others(&svc.metadata) {
+        return Ok(vec![]);
+    }
     let namespace = svc
         .metadata
         .namespace
@@ -324,11 +343,15 @@ pub struct SliceRead {
     pub dropped: Option<String>,
 }
 
-/// Reads a slice. Slices of another address type yield nothing; endpoints without an address
+/// Reads a slice. Slices of another address type or labelled for another proxy or as headless
+/// yield nothing; endpoints without an address
 /// and ports without a number are left out silently (kube-proxy skips them too). An invalid
 /// endpoint or port is dropped with a reason and the rest is kept: one bad address must not
 /// take a Service's other endpoints away. Only a slice that names no Service fails whole.
 pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, String> {
+    if left_to_others(&slice.metadata) {
+        return Ok(None);
+    }
     let namespace = slice
         .metadata
         .namespace
@@ -578,6 +601,35 @@ status:
             let s = svc(&format!("metadata: {{name: a}}\nspec:\n  {spec}\n"));
             assert_eq!(service_ports(&s).unwrap(), vec![], "{spec}");
         }
+    }
+
+    #[test]
+    fn services_and_slices_of_another_proxy_or_headless_are_left_alone() {
+        for label in [
+            "service.kubernetes.io/service-proxy-name: other",
+            "service.kubernetes.io/service-proxy-name: ''",
+            "service.kubernetes.io/headless: ''",
+        ] {
+            // Even an invalid one: it is not ours to judge.
+            let s = svc(&format!(
+                "metadata: {{name: a, labels: {{{label}}}}}\nspec:\n  clusterIP: 172.30.0.1\n  ports: [{{port: 80}}, {{port: 0}}]\n"
+            ));
+            assert_eq!(service_ports(&s), Ok(vec![]), "{label}");
+            let mut sl = slice("x", "- {addresses: [10.128.0.10]}\n");
+            let (k, v) = label.split_once(": ").unwrap();
+            sl.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(k.into(), v.trim_matches('\'').into());
+            assert_eq!(slice_endpoints(&sl), Ok(None), "{label}");
+        }
+        // Other labels of that domain change nothing.
+        let s = svc("metadata: {name: a, labels: {service.kubernetes.io/topology-mode: Auto}}\nspec:\n  clusterIP: 172.30.0.1\n  ports: [{port: 80}]\n");
+        assert_eq!(service_ports(&s).unwrap().len(), 1);
+        assert_eq!(
+            PROXIED_SELECTOR,
+            format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+        );
     }
 
     #[test]
