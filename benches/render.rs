@@ -5,7 +5,7 @@
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use rsdn::model::service::{Endpoint, Protocol, ServicePortName, Services};
+use rsdn::model::service::{Endpoint, Protocol, ServicePort, ServicePortName, Services};
 use rsdn::netfilter::payload::{payload, Context, Scope};
 use rsdn::proxy::render::{render_cached, ProxyScope, RenderCache};
 
@@ -21,7 +21,7 @@ fn services(n: usize) -> Services {
         };
         s.ports.insert(
             spn.clone(),
-            rsdn::model::testing::service_port(&Ipv4Addr::new(172, 30, hi, lo).to_string(), 80),
+            ServicePort::cluster_ip(Ipv4Addr::new(172, 30, hi, lo), 80),
         );
         let eps = (0..10)
             .map(|e| Endpoint {
@@ -31,6 +31,9 @@ fn services(n: usize) -> Services {
                 ready: true,
                 serving: true,
                 terminating: false,
+                zone: None,
+                zone_hints: vec![],
+                node_hints: vec![],
             })
             .collect();
         s.endpoints.insert(spn, eps);
@@ -54,6 +57,8 @@ fn main() {
         masquerade_bit: 0,
         node_name: "n1".into(),
         node_ip: Ipv4Addr::new(100, 64, 0, 1),
+        node_ports: rsdn::proxy::render::NodePorts::Local,
+        zone: None,
     };
     println!(
         "{:>6} {:>8} {:>9} {:>9}",

@@ -57,6 +57,85 @@ impl std::str::FromStr for IptablesBackend {
     }
 }
 
+/// Where NodePorts answer (kube-proxy's `--nodeport-addresses`): every local address (unset,
+/// or a CIDR of 0.0.0.0/0), the node's primary address (`primary`: its InternalIP or
+/// `nodeIp`), or the local addresses inside these CIDRs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "Vec<String>", into = "Vec<String>")]
+pub enum NodePortAddresses {
+    All,
+    Primary,
+    Cidrs(Vec<Ipv4Net>),
+}
+
+impl NodePortAddresses {
+    /// kube-proxy's value spelling: CIDRs, or `primary` alone.
+    fn parse(items: &[String]) -> Result<NodePortAddresses, String> {
+        let items: Vec<&str> = items
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if items.contains(&"primary") {
+            return match items.len() {
+                1 => Ok(NodePortAddresses::Primary),
+                _ => Err("\"primary\" cannot be combined with CIDRs".into()),
+            };
+        }
+        let mut cidrs = Vec::new();
+        for item in items {
+            if item.contains(':') {
+                return Err(format!("{item:?} is IPv6; rsdn proxies IPv4 only"));
+            }
+            let net: Ipv4Net = item
+                .parse()
+                .map_err(|_| format!("{item:?} is neither an IPv4 CIDR nor \"primary\""))?;
+            // As kube-proxy: host bits are ignored, and the zero CIDR means every address.
+            if net.prefix_len() == 0 {
+                return Ok(NodePortAddresses::All);
+            }
+            cidrs.push(net.trunc());
+        }
+        Ok(if cidrs.is_empty() {
+            NodePortAddresses::All
+        } else {
+            NodePortAddresses::Cidrs(cidrs)
+        })
+    }
+}
+
+impl TryFrom<Vec<String>> for NodePortAddresses {
+    type Error = String;
+    fn try_from(items: Vec<String>) -> Result<Self, String> {
+        NodePortAddresses::parse(&items)
+    }
+}
+
+impl From<NodePortAddresses> for Vec<String> {
+    fn from(a: NodePortAddresses) -> Vec<String> {
+        match a {
+            NodePortAddresses::All => vec![],
+            NodePortAddresses::Primary => vec!["primary".into()],
+            NodePortAddresses::Cidrs(c) => c.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+}
+
+/// The flag's spelling: comma-separated.
+impl std::str::FromStr for NodePortAddresses {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let items: Vec<String> = s.split(',').map(String::from).collect();
+        NodePortAddresses::parse(&items)
+    }
+}
+
+impl std::fmt::Display for NodePortAddresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&Vec::<String>::from(self.clone()).join(","))
+    }
+}
+
 /// Declares the options of `rsdn node` once: each becomes a `--kebab-case` flag (its doc
 /// comment is the help) and a camelCase file key, both optional. `= DEFAULT` states the default
 /// both `--help` shows and [`NodeConfig::resolve`] applies; options without one say in their
@@ -151,6 +230,10 @@ node_options! {
     iptables_backend: IptablesBackend = IptablesBackend::Auto,
     /// Seconds between full proxy syncs, which rewrite every chain.
     proxy_full_sync_seconds: u64 = DEFAULT_PROXY_FULL_SYNC_SECONDS,
+    /// Where NodePorts answer, as kube-proxy's --nodeport-addresses: IPv4 CIDRs (the node's
+    /// addresses inside them) or `primary` (the node IP) [default: every local address].
+    #[arg(alias = "nodeport-addresses")]
+    node_port_addresses: NodePortAddresses,
 }
 
 /// The `--help` line of an option: its doc comment as clap shows it (lines joined, no final
@@ -267,6 +350,7 @@ pub struct NodeConfig {
     pub masquerade_bit: u8,
     pub iptables_backend: IptablesBackend,
     pub proxy_full_sync_seconds: u64,
+    pub node_port_addresses: NodePortAddresses,
 }
 
 impl NodeConfig {
@@ -393,6 +477,7 @@ impl NodeConfig {
             masquerade_bit,
             iptables_backend: defaulted(f.iptables_backend),
             proxy_full_sync_seconds,
+            node_port_addresses: f.node_port_addresses.unwrap_or(NodePortAddresses::All),
         })
     }
 
@@ -535,6 +620,44 @@ mod tests {
     }
 
     #[test]
+    fn node_port_addresses_read_as_kube_proxy_reads_them() {
+        let read = |yaml: &str| resolve(yaml).map(|c| c.node_port_addresses);
+        assert_eq!(read("{}"), Ok(NodePortAddresses::All));
+        assert_eq!(read("nodePortAddresses: []\n"), Ok(NodePortAddresses::All));
+        assert_eq!(
+            read("nodePortAddresses: [primary]\n"),
+            Ok(NodePortAddresses::Primary)
+        );
+        assert_eq!(
+            read("nodePortAddresses: [192.168.77.0/24, 10.0.0.1/8]\n"),
+            Ok(NodePortAddresses::Cidrs(vec![
+                "192.168.77.0/24".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap()
+            ]))
+        );
+        assert_eq!(
+            read("nodePortAddresses: [10.0.0.0/8, 0.0.0.0/0]\n"),
+            Ok(NodePortAddresses::All)
+        );
+        for (bad, word) in [
+            ("[primary, 10.0.0.0/8]", "combined"),
+            ("[\"fd00::/64\"]", "IPv6"),
+            ("[banana]", "neither"),
+        ] {
+            let e = read(&format!("nodePortAddresses: {bad}\n")).unwrap_err();
+            assert!(e.problem.contains(word), "{bad}: {e}");
+        }
+        // The flag: comma-separated, also under kube-proxy's name.
+        for flag in ["--node-port-addresses", "--nodeport-addresses"] {
+            let m = options_command()
+                .try_get_matches_from(["node", flag, "192.168.77.0/24,10.1.0.0/16"])
+                .unwrap();
+            let v: &NodePortAddresses = m.get_one("node_port_addresses").unwrap();
+            assert_eq!(v.to_string(), "192.168.77.0/24,10.1.0.0/16");
+        }
+    }
+
+    #[test]
     fn iptables_backend_accepts_what_it_always_did() {
         for (text, backend) in [
             ("auto", IptablesBackend::Auto),
@@ -598,7 +721,7 @@ mod tests {
             },
             NodeConfig::resolve(NodeOptions::defaults(), Some("a".into())).unwrap()
         );
-        // 15 of the 21 options have a value default; unset, the others are derived or off.
+        // 15 of the 22 options have a value default; unset, the others are derived or off.
         assert_eq!(declared_defaults().len(), 15, "{:?}", declared_defaults());
     }
 

@@ -63,10 +63,11 @@ pub fn producers(
             masquerade_bit: config.masquerade_bit,
             node_name: config.node_name.clone(),
             node_ip: config.node_ip,
+            node_port_addresses: config.node_port_addresses.clone(),
         };
         out.push(Box::new(Proxy::new(
             settings,
-            Box::new(conntrack::Tool),
+            Box::new(conntrack::Netlink),
             ProxyMetrics::register(registry),
         )));
     }

@@ -12,7 +12,7 @@ use rsdn::netfilter::engine::{CheckReport, Engine, Settings, SyncReport};
 use rsdn::netfilter::metrics::EngineMetrics;
 use rsdn::netfilter::producer::{combine, Producer};
 use rsdn::netfilter::tools::{Iptables, Tools};
-use rsdn::proxy::conntrack::Recorder;
+use rsdn::proxy::conntrack::Fake;
 use rsdn::proxy::metrics::ProxyMetrics;
 use rsdn::proxy::{Proxy, ProxySettings};
 use rsdn_testkit::{need_root, Netns};
@@ -47,8 +47,9 @@ fn producers(proxy: bool) -> Vec<Box<dyn Producer>> {
                 masquerade_bit: 0,
                 node_name: "n1".into(),
                 node_ip: Some("192.168.77.11".parse().unwrap()),
+                node_port_addresses: rsdn::config::NodePortAddresses::All,
             },
-            Box::new(Recorder::default()),
+            Box::new(Fake::default()),
             ProxyMetrics::unregistered(),
         )));
     }
@@ -510,4 +511,88 @@ fn shell_words(line: &str) -> Vec<String> {
         out.push(word);
     }
     out
+}
+
+/// `conntrack -I` of a UDP flow from 10.128.4.2:`sport` to `dst:dport`, answered by `by:bport`.
+fn insert_udp_flow(ns: &Netns, sport: u16, dst: &str, dport: u16, by: &str, bport: u16) {
+    let (sport, dport, bport) = (sport.to_string(), dport.to_string(), bport.to_string());
+    let (ok, out) = ns.run(&[
+        "conntrack",
+        "-I",
+        "-p",
+        "udp",
+        "-s",
+        "10.128.4.2",
+        "-d",
+        dst,
+        "--sport",
+        &sport,
+        "--dport",
+        &dport,
+        "-r",
+        by,
+        "-q",
+        "10.128.4.2",
+        "--reply-port-src",
+        &bport,
+        "--reply-port-dst",
+        &sport,
+        "-t",
+        "120",
+    ]);
+    assert!(ok, "{out}");
+}
+
+/// The conntrack reconciler against the kernel's table (ctnetlink), in a namespace of its
+/// own: flows inserted with the conntrack tool, the stale ones deleted, the others kept.
+#[test]
+fn the_conntrack_reconciler_deletes_stale_udp_flows_through_netlink() {
+    need_root!();
+    use rsdn::proxy::conntrack::{reconcile, Conntrack, Netlink};
+    let ns = Netns::new("ct");
+    let m = model(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: dns, namespace: ns}\nspec:\n  type: NodePort\n  clusterIP: 172.30.0.10\n  ports: [{name: dns, port: 53, protocol: UDP, nodePort: 30053}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: dns-1, namespace: ns, labels: {kubernetes.io/service-name: dns}}\naddressType: IPv4\nports: [{name: dns, port: 5353, protocol: UDP}]\nendpoints:\n- {addresses: [10.128.0.5]}\n",
+    );
+    insert_udp_flow(&ns, 40001, "172.30.0.10", 53, "10.128.0.5", 5353); // live
+    insert_udp_flow(&ns, 40002, "172.30.0.10", 53, "10.128.9.9", 5353); // a gone endpoint
+    insert_udp_flow(&ns, 40003, "172.30.0.10", 53, "172.30.0.10", 53); // never DNATed
+    insert_udp_flow(&ns, 40004, "192.168.77.11", 30053, "10.128.9.9", 5353); // NodePort, gone
+    insert_udp_flow(&ns, 40005, "192.168.77.12", 30053, "192.168.77.12", 30053); // another host
+    insert_udp_flow(&ns, 40006, "203.0.113.7", 53, "203.0.113.7", 53); // not a Service
+    let (ok, out) = ns.run(&[
+        "conntrack",
+        "-I",
+        "-p",
+        "tcp",
+        "-s",
+        "10.128.4.2",
+        "-d",
+        "172.30.0.10",
+        "--sport",
+        "40007",
+        "--dport",
+        "53",
+        "--state",
+        "ESTABLISHED",
+        "-t",
+        "120",
+    ]);
+    assert!(ok, "{out}");
+    let node_ips = ["192.168.77.11".parse().unwrap()].into();
+    let (listed, deleted, again, left) = ns.on_thread(move || {
+        let listed = Netlink.list_udp().unwrap();
+        let deleted = reconcile(&Netlink, &m.services, &node_ips);
+        let again = reconcile(&Netlink, &m.services, &node_ips);
+        (listed, deleted, again, Netlink.list_udp().unwrap())
+    });
+    assert_eq!(listed.len(), 6, "the TCP flow is not listed: {listed:?}");
+    assert_eq!((deleted, again), (3, 0));
+    let mut kept: Vec<u16> = left.iter().map(|f| f.orig.sport).collect();
+    kept.sort();
+    assert_eq!(kept, [40001, 40005, 40006]);
+    let (_, tcp) = ns.run(&["conntrack", "-L", "-p", "tcp"]);
+    assert!(tcp.contains("sport=40007"), "{tcp}");
+    // Deleting a flow that is already gone is no error.
+    let gone = listed.into_iter().find(|f| f.orig.sport == 40002).unwrap();
+    assert_eq!(ns.on_thread(move || Netlink.delete(&[gone]).unwrap()), 0);
 }

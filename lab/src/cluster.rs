@@ -240,12 +240,16 @@ fn start_daemon(lab: &Lab, i: u32) -> Result<()> {
         format!("clusterDir: {}", lab.cluster_dir().display())
     };
     // The lab wires pods with the conflist's first plugin only (`lab pod`), never with portmap.
-    let config = format!(
+    let mut config = format!(
         "nodeName: node{i}\n{source}\ncniConfDir: {dir}/net.d\ncniDataDir: {dir}/ipam\n\
          cniBinDir: {bin}\nportmap: false\nresyncSeconds: 5\n",
         dir = dir.display(),
         bin = node_cni_bin(lab, i).display()
     );
+    // A test's own options for this node (nodePortAddresses, ...), kept across restarts.
+    if let Ok(extra) = std::fs::read_to_string(dir.join("config.extra.yaml")) {
+        config.push_str(&extra);
+    }
     std::fs::write(dir.join("config.yaml"), config)?;
     let log = std::fs::OpenOptions::new()
         .create(true)

@@ -357,22 +357,7 @@ pub mod testing {
             name: name.into(),
             ip: ip.parse().expect("an IPv4 address"),
             subnet: NodeSubnet(subnet.parse().expect("an IPv4 CIDR")),
-        }
-    }
-
-    /// A ClusterIP Service port with every other field unset: change fields by struct update.
-    pub fn service_port(cluster_ip: &str, port: u16) -> ServicePort {
-        ServicePort {
-            cluster_ip: cluster_ip.parse().expect("an IPv4 address"),
-            port,
-            node_port: None,
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            affinity_seconds: None,
-            internal_local: false,
-            external_local: false,
-            health_check_node_port: None,
+            zone: None,
         }
     }
 
@@ -418,6 +403,16 @@ mod tests {
             cluster_network: "10.128.0.0/14".parse().unwrap(),
             local_node: "a".into(),
             programmed: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_nodes_zone_is_its_zone_label() {
+        let mut n = node("a", Some("10.128.2.0/23"), Some("192.168.1.12"), None);
+        assert_eq!(node_from_k8s(&n).unwrap().zone, None);
+        for (value, want) in [("zone-a", Some("zone-a")), ("", None)] {
+            n.metadata.labels = Some([(node::ZONE_LABEL.to_string(), value.to_string())].into());
+            assert_eq!(node_from_k8s(&n).unwrap().zone.as_deref(), want);
         }
     }
 

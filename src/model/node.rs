@@ -1,4 +1,4 @@
-//! Nodes: a node's name, underlay address and pod subnet, read from a Node object.
+//! Nodes: a node's name, underlay address, pod subnet and zone, read from a Node object.
 
 use std::net::Ipv4Addr;
 
@@ -81,7 +81,13 @@ pub struct ClusterNode {
     /// The underlay address VXLAN packets for this node go to (its InternalIP).
     pub ip: Ipv4Addr,
     pub subnet: NodeSubnet,
+    /// Its `topology.kubernetes.io/zone` label, where set and not empty (the Service proxy's
+    /// topology-aware routing reads the local node's).
+    pub zone: Option<String>,
 }
+
+/// The label that names a node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// Validates one Node object on its own: a name, an IPv4 pod CIDR, an IPv4 InternalIP.
 pub fn node_from_k8s(node: &Node) -> Result<ClusterNode, String> {
@@ -122,9 +128,17 @@ pub fn node_from_k8s(node: &Node) -> Result<ClusterNode, String> {
                 .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
         })
         .ok_or("no IPv4 InternalIP in status.addresses")?;
+    let zone = node
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ZONE_LABEL))
+        .filter(|z| !z.is_empty())
+        .cloned();
     Ok(ClusterNode {
         name,
         ip,
         subnet: NodeSubnet(subnet),
+        zone,
     })
 }

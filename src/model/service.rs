@@ -18,6 +18,22 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Service's) that made it write the slice: where kube-proxy's network programming latency
 /// starts.
 pub const LAST_CHANGE_TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+/// Services (and their EndpointSlices, which the controller gives the Service's labels) with
+/// this label, whatever its value, belong to another proxy: kube-proxy does not watch them.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The EndpointSlice controller's mark on the slices of headless Services: kube-proxy does not
+/// watch Services or slices that carry it.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// Both, as the label selector kube-proxy watches Services and EndpointSlices with.
+pub const PROXIED_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// Whether kube-proxy leaves an object alone: it has either label, with any value.
+fn left_to_others(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> bool {
+    meta.labels
+        .as_ref()
+        .is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL) || l.contains_key(HEADLESS_LABEL))
+}
 /// kube-proxy's default ClientIP affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10800;
 
@@ -87,9 +103,48 @@ pub struct ServicePort {
     /// `spec.healthCheckNodePort` of a LoadBalancer Service with `externalTrafficPolicy: Local`
     /// (the only ones that have one): where load balancers ask whether this node has endpoints.
     pub health_check_node_port: Option<u16>,
+    /// `spec.trafficDistribution`, where it asks for close endpoints.
+    pub traffic_distribution: Option<TrafficDistribution>,
+}
+
+/// `spec.trafficDistribution` values that prefer close endpoints. The EndpointSlice controller
+/// turns them into hints on the endpoints; the proxy follows the hints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrafficDistribution {
+    /// `PreferClose` and its newer name `PreferSameZone`.
+    PreferSameZone,
+    PreferSameNode,
+}
+
+impl TrafficDistribution {
+    /// None for an absent or unknown value (a newer API's: traffic goes cluster-wide).
+    pub fn parse(s: Option<&str>) -> Option<TrafficDistribution> {
+        match s? {
+            "PreferClose" | "PreferSameZone" => Some(TrafficDistribution::PreferSameZone),
+            "PreferSameNode" => Some(TrafficDistribution::PreferSameNode),
+            _ => None,
+        }
+    }
 }
 
 impl ServicePort {
+    /// A plain ClusterIP port: no NodePort, external address, affinity or policy.
+    pub fn cluster_ip(cluster_ip: Ipv4Addr, port: u16) -> ServicePort {
+        ServicePort {
+            cluster_ip,
+            port,
+            node_port: None,
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            affinity_seconds: None,
+            internal_local: false,
+            external_local: false,
+            health_check_node_port: None,
+            traffic_distribution: None,
+        }
+    }
+
     pub fn externally_accessible(&self) -> bool {
         self.node_port.is_some()
             || !self.external_ips.is_empty()
@@ -116,6 +171,12 @@ pub struct Endpoint {
     pub ready: bool,
     pub serving: bool,
     pub terminating: bool,
+    /// The slice endpoint's `zone`.
+    pub zone: Option<String>,
+    /// `hints.forZones[].name` and `hints.forNodes[].name`: where the EndpointSlice controller
+    /// wants this endpoint used (topology-aware routing, `trafficDistribution`).
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 impl fmt::Display for Endpoint {
@@ -149,9 +210,12 @@ fn port_number(n: i32, what: &str) -> Result<u16, String> {
 }
 
 /// The Service ports a Service yields, or why the whole Service is skipped. Headless Services
-/// (`clusterIP: None`), ExternalName Services and Services of another IP family yield none:
-/// kube-proxy does not proxy them either.
+/// (`clusterIP: None`), ExternalName Services, Services of another IP family and Services
+/// labelled for another proxy or as headless yield none: kube-proxy does not proxy them either.
 pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)>, String> {
+    if left_to_others(&svc.metadata) {
+        return Ok(vec![]);
+    }
     let namespace = svc
         .metadata
         .namespace
@@ -263,6 +327,9 @@ pub fn service_ports(svc: &Service) -> Result<Vec<(ServicePortName, ServicePort)
                 internal_local,
                 external_local,
                 health_check_node_port,
+                traffic_distribution: TrafficDistribution::parse(
+                    spec.traffic_distribution.as_deref(),
+                ),
             },
         ));
     }
@@ -295,11 +362,15 @@ fn trigger_time(slice: &EndpointSlice) -> Option<SystemTime> {
     Some(t.into())
 }
 
-/// Reads a slice. Slices of another address type yield nothing; endpoints without an address
+/// Reads a slice. Slices of another address type or labelled for another proxy or as headless
+/// yield nothing; endpoints without an address
 /// and ports without a number are left out silently (kube-proxy skips them too). An invalid
 /// endpoint or port is dropped with a reason and the rest is kept: one bad address must not
 /// take a Service's other endpoints away. Only a slice that names no Service fails whole.
 pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, String> {
+    if left_to_others(&slice.metadata) {
+        return Ok(None);
+    }
     let namespace = slice
         .metadata
         .namespace
@@ -345,6 +416,7 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, Strin
     for (key, number) in &ports {
         for (ip, ep) in &addressed {
             let c = ep.conditions.as_ref();
+            let hints = ep.hints.as_ref();
             out.push((
                 key.clone(),
                 Endpoint {
@@ -355,6 +427,19 @@ pub fn slice_endpoints(slice: &EndpointSlice) -> Result<Option<SliceRead>, Strin
                     // The API says an absent serving condition means true (not "same as ready").
                     serving: c.and_then(|c| c.serving).unwrap_or(true),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    zone: ep.zone.clone().filter(|z| !z.is_empty()),
+                    zone_hints: hints
+                        .and_then(|h| h.for_zones.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    node_hints: hints
+                        .and_then(|h| h.for_nodes.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .map(|n| n.name.clone())
+                        .collect(),
                 },
             ));
         }
@@ -572,6 +657,35 @@ status:
     }
 
     #[test]
+    fn services_and_slices_of_another_proxy_or_headless_are_left_alone() {
+        for label in [
+            "service.kubernetes.io/service-proxy-name: other",
+            "service.kubernetes.io/service-proxy-name: ''",
+            "service.kubernetes.io/headless: ''",
+        ] {
+            // Even an invalid one: it is not ours to judge.
+            let s = svc(&format!(
+                "metadata: {{name: a, labels: {{{label}}}}}\nspec:\n  clusterIP: 172.30.0.1\n  ports: [{{port: 80}}, {{port: 0}}]\n"
+            ));
+            assert_eq!(service_ports(&s), Ok(vec![]), "{label}");
+            let mut sl = slice("x", "- {addresses: [10.128.0.10]}\n");
+            let (k, v) = label.split_once(": ").unwrap();
+            sl.metadata
+                .labels
+                .get_or_insert_default()
+                .insert(k.into(), v.trim_matches('\'').into());
+            assert_eq!(slice_endpoints(&sl), Ok(None), "{label}");
+        }
+        // Other labels of that domain change nothing.
+        let s = svc("metadata: {name: a, labels: {service.kubernetes.io/topology-mode: Auto}}\nspec:\n  clusterIP: 172.30.0.1\n  ports: [{port: 80}]\n");
+        assert_eq!(service_ports(&s).unwrap().len(), 1);
+        assert_eq!(
+            PROXIED_SELECTOR,
+            format!("!{SERVICE_PROXY_NAME_LABEL},!{HEADLESS_LABEL}")
+        );
+    }
+
+    #[test]
     fn invalid_services_are_refused_with_a_reason() {
         for (spec, word) in [
             ("clusterIP: 172.30.0.300\n  ports: [{port: 80}]", "clusterIP"),
@@ -706,6 +820,34 @@ status:
                 ("web-b", "web", at(1735689601, 500_000_000)),
             ]
         );
+    }
+
+    #[test]
+    fn zones_hints_and_traffic_distribution_are_read() {
+        let read = slice_endpoints(&slice(
+            "z",
+            "- {addresses: [10.128.0.10], zone: zone-a, hints: {forZones: [{name: zone-a}, {name: zone-b}], forNodes: [{name: n1}]}}\n- {addresses: [10.128.0.11], zone: ''}\n",
+        ))
+        .unwrap()
+        .unwrap();
+        let eps: Vec<&Endpoint> = read.endpoints.1.iter().map(|(_, e)| e).collect();
+        assert_eq!(eps[0].zone.as_deref(), Some("zone-a"));
+        assert_eq!(eps[0].zone_hints, ["zone-a", "zone-b"]);
+        assert_eq!(eps[0].node_hints, ["n1"]);
+        assert_eq!((eps[1].zone.as_deref(), eps[1].zone_hints.len()), (None, 0));
+        for (value, want) in [
+            ("PreferClose", Some(TrafficDistribution::PreferSameZone)),
+            ("PreferSameZone", Some(TrafficDistribution::PreferSameZone)),
+            ("PreferSameNode", Some(TrafficDistribution::PreferSameNode)),
+            ("Anywhere", None),
+        ] {
+            let s = svc(&format!("metadata: {{name: a}}\nspec:\n  clusterIP: 172.30.0.1\n  trafficDistribution: {value}\n  ports: [{{port: 80}}]\n"));
+            assert_eq!(
+                service_ports(&s).unwrap()[0].1.traffic_distribution,
+                want,
+                "{value}"
+            );
+        }
     }
 
     #[test]

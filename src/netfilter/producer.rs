@@ -17,6 +17,11 @@ pub trait Producer: Send {
     fn name(&self) -> &'static str;
     /// This producer's chains for `model`. Cheap when little changed: producers cache.
     fn render(&mut self, model: &Arc<ClusterModel>) -> Ruleset;
+    /// Whether what it rendered last is out of date for a reason the model does not show (the
+    /// host's addresses changed): asked on every resync tick, so cheap.
+    fn stale(&mut self) -> bool {
+        false
+    }
     /// Its jumps from the built-in chains, in the order they must stand.
     fn jumps(&self) -> Vec<Jump>;
     /// Which chains are its own: stale ones found in the kernel are deleted.

@@ -45,7 +45,8 @@ pub async fn run<I: Iptables>(
         let mut next = tokio::time::Instant::now() + resync;
         if model.nodes.contains_key(&local_node) {
             let now = Instant::now();
-            let changed = !synced.as_ref().is_some_and(|m| Arc::ptr_eq(m, &model));
+            let changed = !synced.as_ref().is_some_and(|m| Arc::ptr_eq(m, &model))
+                || producers.iter_mut().any(|p| p.stale());
             let backing_off = engine.retry_at().is_some_and(|t| t > now);
             let check = engine.next_check().is_some_and(|t| t <= now);
             if check || (!backing_off && (changed || engine.pending(now))) {

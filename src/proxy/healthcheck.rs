@@ -209,7 +209,7 @@ mod tests {
                 node_port: Some(30080),
                 external_local: hc.is_some(),
                 health_check_node_port: hc,
-                ..crate::model::testing::service_port("172.30.0.1", 80)
+                ..ServicePort::cluster_ip(Ipv4Addr::new(172, 30, 0, 1), 80)
             },
         )
     }
@@ -222,6 +222,9 @@ mod tests {
             ready,
             serving: ready,
             terminating: false,
+            zone: None,
+            zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 

@@ -262,7 +262,7 @@ mod tests {
     }
 
     fn port(n: u16) -> ServicePort {
-        crate::model::testing::service_port("172.30.0.1", n)
+        ServicePort::cluster_ip(std::net::Ipv4Addr::new(172, 30, 0, 1), n)
     }
 
     fn ep(last: u8) -> Endpoint {
@@ -273,6 +273,9 @@ mod tests {
             ready: true,
             serving: true,
             terminating: false,
+            zone: None,
+            zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 

@@ -180,6 +180,15 @@ impl<K> Watch<K> {
     }
 }
 
+/// Services and EndpointSlices as kube-proxy watches them: without those labelled for another
+/// proxy or as headless (the model leaves them out too, so the `dir` source agrees).
+fn proxied<K>(kind: &'static str) -> Watch<K> {
+    Watch {
+        config: watcher::Config::default().labels(crate::model::service::PROXIED_SELECTOR),
+        ..Watch::all(kind)
+    }
+}
+
 /// Runs one reflector until its stream ends; every event that changes the store (and every
 /// error, logged) wakes the model builder.
 fn reflect<K>(api: Api<K>, how: Watch<K>, wake: Arc<Notify>) -> Store<K>
@@ -251,12 +260,8 @@ pub async fn run(
     };
     let mut stores = Stores {
         nodes: reflect(Api::all(c.clone()), Watch::all("Node"), wake.clone()),
-        services: reflect(Api::all(c.clone()), Watch::all("Service"), wake.clone()),
-        slices: reflect(
-            Api::all(c.clone()),
-            Watch::all("EndpointSlice"),
-            wake.clone(),
-        ),
+        services: reflect(Api::all(c.clone()), proxied("Service"), wake.clone()),
+        slices: reflect(Api::all(c.clone()), proxied("EndpointSlice"), wake.clone()),
         pods: reflect(Api::all(c.clone()), pods, wake.clone()),
         namespaces: reflect(Api::all(c.clone()), namespaces, wake.clone()),
         policies: reflect(

@@ -138,6 +138,80 @@ endpoints dns node2-pod2
 udp_moved() { ask node3-pod1 172.30.0.53 53 udp | grep -q '^node2-pod2 '; }
 check "UDP Service keeps working after its endpoint is replaced (stale flow cleared)" eventually 5 udp_moved
 
+# The conntrack reconciler works from the kernel's table, not from remembered changes: an
+# endpoint replaced while node3's daemon is down (the old server still answers, node3's rules
+# still DNAT to it) is cleared by the first sync after the restart.
+udp_on() { ask node3-pod1 "$1" 53 udp | grep -q "^$2 "; }   # udp_on SERVICE-IP POD
+dpid=$(cat "$LAB/node3/rsdn.pid")
+kill -TERM "$dpid"
+eventually 10 eval '! kill -0 '"$dpid"' 2>/dev/null'
+endpoints dns node1-pod2
+check "daemon down: the client's UDP flow stays where node3 sent it (node2-pod2)" udp_on 172.30.0.53 node2-pod2
+lab up --nodes 3 --pods-per-node 2 >"$T/restart.log" 2>&1 || cat "$T/restart.log"
+check "daemon restarted: the flow to the replaced endpoint is cleared (node1-pod2 answers)" \
+  eventually 10 udp_on 172.30.0.53 node1-pod2
+# A client that sent before its Service had endpoints has an un-NATed flow (its packets go out
+# by the default route): the first endpoint must take it over at once, not when the client
+# pauses for 30 s. (Once a Service exists without endpoints its packets are refused before
+# conntrack confirms a flow, so the flow must predate the Service.)
+ask node3-pod1 172.30.0.60 53 udp >/dev/null 2>&1
+unnated() { inns node3 conntrack -L -p udp --orig-dst 172.30.0.60 2>/dev/null | grep -q 'src=172.30.0.60 '; }
+check "a UDP client of a Service not there yet has an un-NATed flow on node3" unnated
+endpoints zero node2-pod1
+start=$(date +%s%3N)
+service zero 172.30.0.60
+if eventually 10 udp_on 172.30.0.60 node2-pod1; then
+  took=$(( $(date +%s%3N) - start ))
+  check "0 -> 1 endpoint: the client's UDP flow moves to it within 5 s (not after a 30 s pause): ${took} ms" [ "$took" -lt 5000 ]
+else
+  check "0 -> 1 endpoint: the client's UDP flow moves to it" false
+fi
+
+# nodePortAddresses: node1 answers NodePorts only on its addresses inside 192.168.77.96/27
+# (a second address on eth0), not on its node IP; an address added later answers too.
+ip -n "${NSP}node1" addr add 192.168.77.111/24 dev eth0
+np_answers() { ask ext "$1" 30080 | grep -Eq '^node2-pod1 '; }
+check "NodePort answers on every local address by default (192.168.77.111)" eventually 5 np_answers 192.168.77.111
+echo 'nodePortAddresses: [192.168.77.96/27]' >"$LAB/node1/config.extra.yaml"
+dpid=$(cat "$LAB/node1/rsdn.pid")
+kill -TERM "$dpid"
+eventually 10 eval '! kill -0 '"$dpid"' 2>/dev/null'
+lab up --nodes 3 --pods-per-node 2 >"$T/restart.log" 2>&1 || cat "$T/restart.log"
+np_only_inside() { np_answers 192.168.77.111 && ! np_answers 192.168.77.11; }
+check "nodePortAddresses 192.168.77.96/27: NodePort answers on 192.168.77.111, not on the node IP" \
+  eventually 10 np_only_inside
+np_rule() {
+  inns node1 iptables-save -t nat | grep -- '-j KUBE-NODEPORTS' | tee /dev/stderr |
+    grep -q -- '^-A KUBE-SERVICES -d 192.168.77.111/32 -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -j KUBE-NODEPORTS$'
+}
+check "nodePortAddresses: KUBE-SERVICES jumps to KUBE-NODEPORTS per address (-d)" eventually 3 np_rule
+ip -n "${NSP}node1" addr add 192.168.77.112/24 dev eth0
+check "nodePortAddresses: an address added inside the CIDR answers within the resync period" \
+  eventually 8 np_answers 192.168.77.112
+
+# Topology: node1 and node2 in zone-a, node3 in zone-b (their Node objects' labels; `lab up`
+# writes them without, so this comes after the restarts above). A PreferClose Service keeps
+# each client in its zone; a zone without endpoints falls back to all of them.
+for n in 1 2 3; do
+  zone=zone-a; [ $n = 3 ] && zone=zone-b
+  sed -i "s|^  name: node$n\$|  name: node$n\n  labels: {topology.kubernetes.io/zone: $zone}|" "$LAB/cluster/node$n.yaml"
+done
+zoned() { # zoned SERVICE POD:ZONE...: its EndpointSlice, each endpoint with its zone
+  local name=$1 list="" p; shift
+  for p in "$@"; do list+="- {addresses: [$(pod_ip "${p%%:*}")], nodeName: ${p%%-*}, zone: ${p#*:}}"$'\n'; done
+  printf 'apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: %s-1, namespace: e2e, labels: {kubernetes.io/service-name: %s}}\naddressType: IPv4\nports:\n- {name: http, port: 8080}\n- {name: dns, port: 5353, protocol: UDP}\nendpoints:\n%s' "$name" "$name" "$list" | put "eps-$name"
+}
+zoned close node1-pod1:zone-a node3-pod1:zone-b
+service close 172.30.0.70 "trafficDistribution: PreferClose"
+only() { [ "$(answers "$1" 172.30.0.70 80 "$3" | uniq | tr '\n' ' ')" = "$2 " ]; }   # only CLIENT POD N
+check "PreferClose: a client in zone-a (node2) reaches only the zone-a endpoint (20 requests)" \
+  eventually 10 only node2-pod2 node1-pod1 20
+check "PreferClose: a client in zone-b (node3) reaches only the zone-b endpoint (20 requests)" \
+  only node3-pod2 node3-pod1 20
+zoned close node1-pod1:zone-a node2-pod1:zone-a
+spread() { [ "$(answers node3-pod2 172.30.0.70 80 20 | uniq | tr '\n' ' ')" = "node1-pod1 node2-pod1 " ]; }
+check "PreferClose: no endpoint in zone-b, so node3's client reaches every endpoint" eventually 10 spread
+
 rules_read_well() {
   local save
   save=$(inns node1 iptables-save -t nat) || return 1

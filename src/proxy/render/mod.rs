@@ -39,6 +39,19 @@ pub struct ProxyScope {
     pub masquerade_bit: u8,
     pub node_name: String,
     pub node_ip: Ipv4Addr,
+    /// Where NodePorts answer.
+    pub node_ports: NodePorts,
+    /// This node's zone (`topology.kubernetes.io/zone`), for topology-aware routing.
+    pub zone: Option<String>,
+}
+
+/// The destinations KUBE-SERVICES sends to KUBE-NODEPORTS (kube-proxy's nodePortAddresses).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodePorts {
+    /// Every local address but 127.0.0.0/8 (`-m addrtype --dst-type LOCAL`).
+    Local,
+    /// These addresses (`-d` each).
+    Addresses(Vec<Ipv4Addr>),
 }
 
 impl ProxyScope {
@@ -221,13 +234,24 @@ pub fn render_cached(
         .ports
         .retain(|spn, _| services.ports.contains_key(spn));
 
-    r.tables.nat.add(
-        KUBE_SERVICES,
-        format_args!(
-            "{} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j {KUBE_NODEPORTS}",
-            Quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain")
+    let last =
+        Quoted("kubernetes service nodeports; NOTE: this must be the last rule in this chain");
+    match &scope.node_ports {
+        NodePorts::Local => r.tables.nat.add(
+            KUBE_SERVICES,
+            format_args!(
+                "{last} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j {KUBE_NODEPORTS}"
+            ),
         ),
-    );
+        NodePorts::Addresses(ips) => {
+            for ip in ips {
+                r.tables.nat.add(
+                    KUBE_SERVICES,
+                    format_args!("{last} -d {ip} -j {KUBE_NODEPORTS}"),
+                );
+            }
+        }
+    }
     let filter = &mut r.tables.filter;
     // Without nf_conntrack_tcp_be_liberal, out-of-window packets would otherwise reach pods
     // un-NATed and get reset (kubernetes#74839).

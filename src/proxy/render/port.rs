@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::select::{categorize, Categorized};
+use super::select::{categorize, Categorized, Place};
 use super::{split, Dst, PortRules, ProxyScope};
 use crate::model::service::{Endpoint, ServicePort, ServicePortName};
 use crate::netfilter::ruleset::{Table, Tables};
@@ -39,7 +39,11 @@ impl<'a> Port<'a> {
         eps: &'a [Endpoint],
     ) -> Port<'a> {
         let chains = ServiceChains::of(spn);
-        let c = categorize(eps, svc, &scope.node_name);
+        let here = Place {
+            node: &scope.node_name,
+            zone: scope.zone.as_deref(),
+        };
+        let c = categorize(eps, svc, &here);
         let (internal_chain, has_internal) = if svc.internal_local {
             (chains.local.clone(), c.any && !c.local.is_empty())
         } else {

@@ -10,6 +10,8 @@ fn scope() -> ProxyScope {
         masquerade_bit: 0,
         node_name: "n1".into(),
         node_ip: "192.168.77.11".parse().unwrap(),
+        node_ports: NodePorts::Local,
+        zone: Some("zone-a".into()),
     }
 }
 
@@ -103,6 +105,9 @@ fn chain_names_match_kube_proxys_own_test_vectors() {
         ready: true,
         serving: true,
         terminating: false,
+        zone: None,
+        zone_hints: vec![],
+        node_hints: vec![],
     };
     // Names that appear in kube-proxy's proxier_test.go for these services and endpoints.
     let vectors = [
@@ -146,11 +151,12 @@ fn chain_names_match_kube_proxys_own_test_vectors() {
     );
 }
 
-/// Seven Service shapes (ClusterIP with a named target port; NodePort; no endpoints with
+/// Eight Service shapes (ClusterIP with a named target port; NodePort; no endpoints with
 /// NodePort and external IP over UDP; LoadBalancer with source ranges and
 /// externalTrafficPolicy Local; SCTP with ClientIP affinity and an external IP;
-/// internalTrafficPolicy Local without a local endpoint; only terminating endpoints). Every
-/// line of the golden file was checked by hand against kube-proxy's proxier.
+/// internalTrafficPolicy Local without a local endpoint; only terminating endpoints; zone
+/// hints, n1 being in zone-a: only the endpoint hinted for zone-a). Every line of the golden
+/// file was checked by hand against kube-proxy's proxier.
 #[test]
 fn full_payload_matches_the_golden_file() {
     let (r, stats) = render(&scope(), &services(CLUSTER));
@@ -164,6 +170,37 @@ fn full_payload_matches_the_golden_file() {
     }
     assert_eq!(stats.no_local_endpoints_internal, 1, "svc6");
     assert_eq!(stats.no_local_endpoints_external, 0);
+}
+
+/// nodePortAddresses: the golden payload with KUBE-SERVICES's last rule, the jump to
+/// KUBE-NODEPORTS for local destinations, replaced by one rule per address (kube-proxy's
+/// proxier.go writes `-d <ip>` per node IP when nodePortAddresses is not "match all").
+#[test]
+fn node_port_addresses_replace_the_local_destination_match_with_an_address_each() {
+    let mut s = scope();
+    s.node_ports = NodePorts::Addresses(vec![
+        "192.168.77.11".parse().unwrap(),
+        "192.168.77.111".parse().unwrap(),
+    ]);
+    let (r, _) = render(&s, &services(CLUSTER));
+    let comment = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\"";
+    let want = expand(include_str!("../testdata/cluster.golden")).replace(
+        &format!("{comment} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j KUBE-NODEPORTS\n"),
+        &format!(
+            "{comment} -d 192.168.77.11 -j KUBE-NODEPORTS\n{comment} -d 192.168.77.111 -j KUBE-NODEPORTS\n"
+        ),
+    );
+    assert_eq!(full(&r), want);
+    // No address of the host in nodePortAddresses: NodePorts answer nowhere, and the NodePort
+    // rules stay (kube-proxy writes them too).
+    s.node_ports = NodePorts::Addresses(vec![]);
+    let (r, _) = render(&s, &services(CLUSTER));
+    let services_chain = r.tables.nat.lines(KUBE_SERVICES);
+    assert!(
+        services_chain.iter().all(|l| !l.contains("KUBE-NODEPORTS")),
+        "{services_chain:?}"
+    );
+    assert_eq!(r.tables.nat.lines(KUBE_NODEPORTS).len(), 2);
 }
 
 #[test]
