@@ -14,4 +14,5 @@ pub mod overlay;
 pub mod policy;
 pub mod proxy;
 pub mod source;
+pub mod trace;
 pub mod tunnel;

@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: ProxyCommand,
     },
+    /// Explain a packet's path from SRC to DST, hop by hop: routes, tun0, the nat and filter
+    /// rules it matches (Service endpoints with their probabilities, NetworkPolicy verdicts,
+    /// masquerade), the overlay's entries, down to the destination pod's veth. On a node it
+    /// reads the node's kernel and flags where it differs from the model (exit status 1).
+    Trace(TraceArgs),
     /// A simulated multi-node cluster on this machine, built from network namespaces
     /// (`rsdn lab --help`). A development tool kept out of this binary: runs `rsdn-lab`, from
     /// next to this binary or from PATH (cargo build -p rsdn-lab).
@@ -83,6 +88,31 @@ enum ProxyCommand {
         #[arg(long)]
         ipset: bool,
     },
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// Where the packet comes from: NS/POD, node:NAME (the node itself), or IP (a host
+    /// outside the cluster, or whatever has that address).
+    src: String,
+    /// Where it goes: NS/SERVICE:PORT (a Service port, by name or number),
+    /// IP:PORT[/tcp|udp|sctp] (a pod, a node, a Service's IP, an outside host), or
+    /// node:NAME:NODEPORT.
+    dst: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Predict from the model only, without reading this node's kernel.
+    #[arg(long)]
+    offline: bool,
+    /// The node the network routes an external or load-balancer IP to.
+    #[arg(long)]
+    via: Option<String>,
+    /// The client's source port.
+    #[arg(long, default_value_t = 40000)]
+    sport: u16,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(Args)]
@@ -259,6 +289,21 @@ fn main() -> Result<()> {
             let config = node.into_config()?;
             print!("{}", proxy_render(&config, ipset)?);
             Ok(())
+        }
+        Command::Trace(a) => {
+            let request = rsdn::trace::Request {
+                src: a.src,
+                dst: a.dst,
+                offline: a.offline,
+                via: a.via,
+                sport: a.sport,
+            };
+            let trace = rsdn::trace::run(&a.node.into_config()?, &request)?;
+            match a.output {
+                Output::Table => print!("{}", rsdn::trace::text::render(&trace)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&trace)?),
+            }
+            std::process::exit(i32::from(trace.drift));
         }
         Command::Lab { args } => lab(cli.log_format, args),
     }
