@@ -3,6 +3,7 @@
 pub mod cniconf;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 pub mod egress;
 pub mod health;
 pub mod http;

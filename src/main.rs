@@ -49,6 +49,11 @@ enum Command {
     /// masquerade), the overlay's entries, down to the destination pod's veth. On a node it
     /// reads the node's kernel and flags where it differs from the model (exit status 1).
     Trace(TraceArgs),
+    /// Check this node for what breaks pod networking (sysctls, rp_filter, MTUs, the VXLAN
+    /// port to every peer, the VXLAN checksum-offload bug, the iptables backend and its lock,
+    /// the CNI directory, kube-proxy, conntrack), each result with a one-line fix. Exit
+    /// status 1 when a check fails.
+    Doctor(DoctorArgs),
     /// A simulated multi-node cluster on this machine, built from network namespaces
     /// (`rsdn lab --help`). A development tool kept out of this binary: runs `rsdn-lab`, from
     /// next to this binary or from PATH (cargo build -p rsdn-lab).
@@ -111,6 +116,25 @@ struct TraceArgs {
     /// The client's source port.
     #[arg(long, default_value_t = 40000)]
     sport: u16,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// The CNI binary directory, as mounted from the host.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// Judge the VXLAN checksum check as on this kernel release (what-if: "would this node
+    /// break on 5.4?").
+    #[arg(long)]
+    assume_kernel: Option<String>,
+    /// Seconds each peer has to answer the probes.
+    #[arg(long, default_value_t = 1.0)]
+    timeout: f64,
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -304,6 +328,19 @@ fn main() -> Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&trace)?),
             }
             std::process::exit(i32::from(trace.drift));
+        }
+        Command::Doctor(a) => {
+            let options = rsdn::doctor::Options {
+                cni_bin_dir: a.cni_bin_dir,
+                assume_kernel: a.assume_kernel,
+                timeout: std::time::Duration::from_secs_f64(a.timeout.clamp(0.05, 30.0)),
+            };
+            let report = rsdn::doctor::run(&a.node.into_config()?, &options)?;
+            match a.output {
+                Output::Table => print!("{}", rsdn::doctor::render(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            std::process::exit(i32::from(!report.ok));
         }
         Command::Lab { args } => lab(cli.log_format, args),
     }
