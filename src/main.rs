@@ -47,12 +47,13 @@ enum Command {
     /// Explain a packet's path from SRC to DST, hop by hop: routes, tun0, the nat and filter
     /// rules it matches (Service endpoints with their probabilities, NetworkPolicy verdicts,
     /// masquerade), the overlay's entries, down to the destination pod's veth. On a node it
-    /// reads the node's kernel and flags where it differs from the model (exit status 1).
+    /// reads the node's kernel and flags where it differs from the model (exit status 1; 2
+    /// when it cannot trace).
     Trace(TraceArgs),
     /// Check this node for what breaks pod networking (sysctls, rp_filter, MTUs, the VXLAN
     /// port to every peer, the VXLAN checksum-offload bug, the iptables backend and its lock,
     /// the CNI directory, kube-proxy, conntrack), each result with a one-line fix. Exit
-    /// status 1 when a check fails.
+    /// status 1 when a check fails, 2 when it cannot check.
     Doctor(DoctorArgs),
     /// A simulated multi-node cluster on this machine, built from network namespaces
     /// (`rsdn lab --help`). A development tool kept out of this binary: runs `rsdn-lab`, from
@@ -322,7 +323,17 @@ fn main() -> Result<()> {
                 via: a.via,
                 sport: a.sport,
             };
-            let trace = rsdn::trace::run(&a.node.into_config()?, &request)?;
+            let trace = match a
+                .node
+                .into_config()
+                .and_then(|c| rsdn::trace::run(&c, &request))
+            {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("rsdn trace: {e:#}");
+                    std::process::exit(2);
+                }
+            };
             match a.output {
                 Output::Table => print!("{}", rsdn::trace::text::render(&trace)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&trace)?),
@@ -335,7 +346,17 @@ fn main() -> Result<()> {
                 assume_kernel: a.assume_kernel,
                 timeout: std::time::Duration::from_secs_f64(a.timeout.clamp(0.05, 30.0)),
             };
-            let report = rsdn::doctor::run(&a.node.into_config()?, &options)?;
+            let report = match a
+                .node
+                .into_config()
+                .and_then(|c| rsdn::doctor::run(&c, &options))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("rsdn doctor: {e:#}");
+                    std::process::exit(2);
+                }
+            };
             match a.output {
                 Output::Table => print!("{}", rsdn::doctor::render(&report)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),

@@ -544,7 +544,7 @@ pub fn peers(list: &[Peer], port: u16) -> Finding {
     if list.is_empty() {
         return finding(check, Status::Ok, "no other node to probe".into(), None);
     }
-    let ms = |d: &Duration| format!("{:.1} ms", d.as_secs_f64() * 1000.0);
+    let ms = |d: &Duration| format!("{:.2} ms", d.as_secs_f64() * 1000.0);
     let mut bad = Vec::new();
     for p in list.iter().filter(|p| p.overlay.is_none()) {
         bad.push(match &p.underlay {

@@ -479,6 +479,17 @@ fn plugins_check(config: &NodeConfig, bin_dir: &Path) -> Finding {
     if types.is_empty() {
         return plugins(None, &[], &[], "");
     }
+    if !bin_dir.is_dir() {
+        return Finding {
+            check: "cni-plugins".into(),
+            status: Status::Skip,
+            detail: format!(
+                "{} is not visible here: name the host's CNI binary directory with --cni-bin-dir",
+                bin_dir.display()
+            ),
+            fix: None,
+        };
+    }
     let missing: Vec<String> = types
         .iter()
         .filter(|t| !bin_dir.join(t).is_file())

@@ -149,6 +149,26 @@ pub fn run(config: &NodeConfig, req: &Request) -> anyhow::Result<Trace> {
                 .map(|n| (n.clone(), OnceCell::new()))
                 .collect(),
         };
+        let local = config.node_name.clone();
+        let mut notes = Vec::new();
+        // The kernel's view of this node, read before anything is traced: the recent lists of
+        // ClientIP affinity are state, not configuration, and the model's view takes them too.
+        let theirs = match (&kernel, model.nodes.get(&local)) {
+            (Some(k), Some(node)) => {
+                let mut mine = view::model_view(config, &model, node);
+                let theirs = live::kernel_view(config, &mine, k).await?;
+                mine.recent = theirs.recent.clone();
+                let _ = views.cells[&local].set(mine);
+                Some(theirs)
+            }
+            (Some(_), None) => {
+                notes.push(format!(
+                    "node {local} is not in the model: its kernel was not compared"
+                ));
+                None
+            }
+            _ => None,
+        };
         let by_model = |name: &str| views.get(name);
         let tracer = Tracer {
             model: &model,
@@ -156,14 +176,11 @@ pub fn run(config: &NodeConfig, req: &Request) -> anyhow::Result<Trace> {
             via: req.via.clone(),
         };
         let (packet, mut paths) = tracer.trace(&src, &dst, req.sport).map_err(err)?;
-        let mut notes = Vec::new();
-        let local = config.node_name.clone();
-        let checked_on = match (&kernel, views.get(&local)) {
-            (Some(k), Some(mine)) => {
-                let theirs = live::kernel_view(config, mine, k).await?;
+        let checked_on = match &theirs {
+            Some(theirs) => {
                 let by_kernel = |name: &str| {
                     if name == local {
-                        Some(&theirs)
+                        Some(theirs)
                     } else {
                         views.get(name)
                     }
@@ -177,13 +194,7 @@ pub fn run(config: &NodeConfig, req: &Request) -> anyhow::Result<Trace> {
                 notes.extend(compare::compare(&mut paths, &kernel_paths, &local));
                 Some(local)
             }
-            (Some(_), None) => {
-                notes.push(format!(
-                    "node {local} is not in the model: its kernel was not compared"
-                ));
-                None
-            }
-            _ => None,
+            None => None,
         };
         let drift = notes.iter().any(|n| n.starts_with("drift"))
             || paths

@@ -257,6 +257,22 @@ fn end_word(e: &End) -> String {
     }
 }
 
+/// "accepted by RSDN-FORWARD", "DROP by RSDN-DENY-INGRESS", "accepted" (the policy).
+fn filter_summary(o: &Outcome) -> String {
+    let verdict = if o.end.passes() {
+        "accepted".to_string()
+    } else {
+        end_word(&o.end)
+    };
+    let by = o
+        .hits
+        .last()
+        .filter(|h| !o.end.passes() || h.target == "ACCEPT")
+        .map(|h| format!(" by {}", h.chain))
+        .unwrap_or_default();
+    format!("{verdict}{by}")
+}
+
 fn addr(ip: Ipv4Addr, p: &Packet) -> String {
     if matches!(p.proto.as_str(), "tcp" | "udp" | "sctp") {
         format!("{ip}:{}", p.dport)
@@ -317,12 +333,17 @@ impl Tracer<'_> {
             .clone()
             .or_else(|| src.proto.clone())
             .unwrap_or_else(|| "tcp".into());
+        // Without a port and a protocol: a ping.
+        let proto = match (dst.port, dst.proto.as_deref().or(src.proto.as_deref())) {
+            (None, None) => "icmp".to_string(),
+            _ => proto,
+        };
         let dport = match (dst.port, proto.as_str()) {
             (Some(p), _) => p,
             (None, "icmp") => 0,
             (None, _) => {
                 return Err(format!(
-                    "{} needs a port (IP:PORT, node:NAME:PORT) or /icmp",
+                    "{} needs a port for {proto} (IP:PORT, node:NAME:PORT)",
                     dst.label
                 ))
             }
@@ -662,21 +683,10 @@ impl Tracer<'_> {
         let mut paths = Vec::new();
         for o in walk_on(view, TableName::Filter, chain, p.clone()) {
             let mut g = g.clone();
-            let verdict = if o.end.passes() {
-                "accepted".to_string()
-            } else {
-                end_word(&o.end)
-            };
-            let by = o
-                .hits
-                .last()
-                .filter(|h| !o.end.passes() || h.target == "ACCEPT")
-                .map(|h| format!(" by {}", h.chain))
-                .unwrap_or_default();
             let mut hop = rules_hop(
                 view,
                 &format!("filter {chain}"),
-                format!("{verdict}{by}"),
+                filter_summary(&o),
                 &o.hits,
                 &end_word(&o.end),
             );
@@ -715,11 +725,7 @@ impl Tracer<'_> {
                 let mut hop = rules_hop(
                     view,
                     "filter INPUT",
-                    if passes {
-                        "accepted".into()
-                    } else {
-                        end_word(&o.end)
-                    },
+                    filter_summary(&o),
                     &o.hits,
                     &end_word(&o.end),
                 );

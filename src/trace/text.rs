@@ -66,11 +66,16 @@ fn shared(paths: &[Path]) -> usize {
 pub fn render(t: &Trace) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "trace {} -> {}", t.from, t.to);
-    let _ = writeln!(
-        out,
-        "      {} {}:{} -> {}:{}",
-        t.packet.proto, t.packet.src, t.packet.sport, t.packet.dst, t.packet.dport
-    );
+    let p = &t.packet;
+    let _ = if p.proto == "icmp" {
+        writeln!(out, "      icmp echo {} -> {}", p.src, p.dst)
+    } else {
+        writeln!(
+            out,
+            "      {} {}:{} -> {}:{}",
+            p.proto, p.src, p.sport, p.dst, p.dport
+        )
+    };
     let _ = match &t.checked_on {
         Some(n) => writeln!(
             out,
