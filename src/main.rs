@@ -323,17 +323,12 @@ fn main() -> Result<()> {
                 via: a.via,
                 sport: a.sport,
             };
-            let trace = match a
-                .node
-                .into_config()
-                .and_then(|c| rsdn::trace::run(&c, &request))
-            {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("rsdn trace: {e:#}");
-                    std::process::exit(2);
-                }
-            };
+            let trace = or_exit(
+                "rsdn trace",
+                a.node
+                    .into_config()
+                    .and_then(|c| rsdn::trace::run(&c, &request)),
+            );
             match a.output {
                 Output::Table => print!("{}", rsdn::trace::text::render(&trace)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&trace)?),
@@ -346,17 +341,12 @@ fn main() -> Result<()> {
                 assume_kernel: a.assume_kernel,
                 timeout: std::time::Duration::from_secs_f64(a.timeout.clamp(0.05, 30.0)),
             };
-            let report = match a
-                .node
-                .into_config()
-                .and_then(|c| rsdn::doctor::run(&c, &options))
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("rsdn doctor: {e:#}");
-                    std::process::exit(2);
-                }
-            };
+            let report = or_exit(
+                "rsdn doctor",
+                a.node
+                    .into_config()
+                    .and_then(|c| rsdn::doctor::run(&c, &options)),
+            );
             match a.output {
                 Output::Table => print!("{}", rsdn::doctor::render(&report)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
@@ -365,6 +355,14 @@ fn main() -> Result<()> {
         }
         Command::Lab { args } => lab(cli.log_format, args),
     }
+}
+
+/// The value, or the error on one line and exit status 2 (1 is a command's own verdict).
+fn or_exit<T>(command: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("{command}: {e:#}");
+        std::process::exit(2)
+    })
 }
 
 /// `rsdn proxy render`: the full payload a first sync of this node would write for the
