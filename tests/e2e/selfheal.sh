@@ -20,7 +20,7 @@ healthz() { inns "$1" curl -s -o "$T/healthz-$1.json" -w '%{http_code}' "http://
 detail() { healthz "$1" >/dev/null; jq -r --arg c "$2" --arg f "$3" '.checks[] | select(.name == $c) | .[$f] // ""' "$T/healthz-$1.json"; }
 put() { cat >"$LAB/cluster/.$1.tmp" && mv "$LAB/cluster/.$1.tmp" "$LAB/cluster/$1.yaml"; }
 serve() { # serve POD: a TCP server on 8080 answering the pod's name
-  ip netns exec "rsdn-lab-$1" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $1" &
+  ip netns exec "$NSP$1" socat TCP-LISTEN:8080,fork,reuseaddr SYSTEM:"echo $1" &
   SERVERS+=($!)
 }
 ask() { inns "$1" socat -T2 - "TCP:$2:$3,connect-timeout=2" </dev/null 2>/dev/null; }
@@ -53,8 +53,8 @@ check "setup: every node healthy" all_healthy
 
 # 1. tun0 deleted: the bridge comes back and so do the pods on it.
 repairs_before=$(metric node1 rsdn_pod_port_repairs_total)
-ip -n rsdn-lab-node1 link del tun0
-ports_back() { [ "$(ip -n rsdn-lab-node1 -o link show master tun0 2>/dev/null | grep -c '^[0-9]*: rsdn')" = 2 ]; }
+ip -n ${NSP}node1 link del tun0
+ports_back() { [ "$(ip -n ${NSP}node1 -o link show master tun0 2>/dev/null | grep -c '^[0-9]*: rsdn')" = 2 ]; }
 timed "tun0 deleted on node1: both pod veths back on tun0" 5 ports_back
 reaches_others() {
   inns node1-pod1 ping -c1 -W1 "$(pod_ip node2-pod1)" >/dev/null &&
@@ -162,7 +162,7 @@ wait "$flood" 2>/dev/null
 allocated() { ls "$LAB/node1/ipam/rsdn" | grep -c '^10\.'; }
 before=$(allocated)
 out=$(jq -c '.plugins[0] + {name: .name, cniVersion: .cniVersion}' "$LAB/node1/net.d/10-rsdn.conflist" |
-  ip netns exec rsdn-lab-node1 env -i CNI_COMMAND=ADD CNI_CONTAINERID=bogus CNI_NETNS="$T/not-a-netns" CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni "$LAB/node1/bin/rsdn-cni")
+  ip netns exec ${NSP}node1 env -i CNI_COMMAND=ADD CNI_CONTAINERID=bogus CNI_NETNS="$T/not-a-netns" CNI_IFNAME=eth0 CNI_PATH=/usr/lib/cni "$LAB/node1/bin/rsdn-cni")
 code4() { [ "$(jq .code <<<"$out")" = 4 ] && [ "$(allocated)" = "$before" ]; }
 check "CNI_NETNS a regular file: error code 4, no address taken ($out)" code4
 
