@@ -3,7 +3,7 @@
 # Packages every tier and the demo need (see ../shared/testing.md in the project notes and
 # docs/testing.md): kernel tools, iptables, a real container runtime, reference CNI plugins.
 RSDN_PACKAGES=(iproute2 iptables conntrack iputils-ping iperf3 netcat-openbsd podman runc
-  containernetworking-plugins busybox-static jq hyperfine bc socat curl python3 python3-venv ipset)
+  containernetworking-plugins busybox-static jq hyperfine bc socat curl python3 python3-venv ipset ethtool)
 
 # Installs whatever of RSDN_PACKAGES is missing (Debian/Ubuntu, as root).
 ensure_packages() {

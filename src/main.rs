@@ -51,6 +51,17 @@ enum Command {
         #[command(subcommand)]
         command: ProxyCommand,
     },
+    /// Explain a packet's path from SRC to DST, hop by hop: routes, tun0, the nat and filter
+    /// rules it matches (Service endpoints with their probabilities, NetworkPolicy verdicts,
+    /// masquerade), the overlay's entries, down to the destination pod's veth. On a node it
+    /// reads the node's kernel and flags where it differs from the model (exit status 1; 2
+    /// when it cannot trace).
+    Trace(TraceArgs),
+    /// Check this node for what breaks pod networking (sysctls, rp_filter, MTUs, the VXLAN
+    /// port to every peer, the VXLAN checksum-offload bug, the iptables backend and its lock,
+    /// the CNI directory, kube-proxy, conntrack), each result with a one-line fix. Exit
+    /// status 1 when a check fails, 2 when it cannot check.
+    Doctor(DoctorArgs),
     /// A simulated multi-node cluster on this machine, built from network namespaces
     /// (`rsdn lab --help`). A development tool kept out of this binary: runs `rsdn-lab`, from
     /// next to this binary or from PATH (cargo build -p rsdn-lab).
@@ -90,6 +101,50 @@ enum ProxyCommand {
         #[arg(long)]
         ipset: bool,
     },
+}
+
+#[derive(Args)]
+struct TraceArgs {
+    /// Where the packet comes from: NS/POD, node:NAME (the node itself), or IP (a host
+    /// outside the cluster, or whatever has that address).
+    src: String,
+    /// Where it goes: NS/SERVICE:PORT (a Service port, by name or number),
+    /// IP:PORT[/tcp|udp|sctp] (a pod, a node, a Service's IP, an outside host), or
+    /// node:NAME:NODEPORT.
+    dst: String,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// Predict from the model only, without reading this node's kernel.
+    #[arg(long)]
+    offline: bool,
+    /// The node the network routes an external or load-balancer IP to.
+    #[arg(long)]
+    via: Option<String>,
+    /// The client's source port.
+    #[arg(long, default_value_t = 40000)]
+    sport: u16,
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// The CNI binary directory, as mounted from the host.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// Judge the VXLAN checksum check as on this kernel release (what-if: "would this node
+    /// break on 5.4?").
+    #[arg(long)]
+    assume_kernel: Option<String>,
+    /// Seconds each peer has to answer the probes.
+    #[arg(long, default_value_t = 1.0)]
+    timeout: f64,
+    #[command(flatten)]
+    node: NodeArgs,
 }
 
 #[derive(Args)]
@@ -278,8 +333,54 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Trace(a) => {
+            let request = rsdn::trace::Request {
+                src: a.src,
+                dst: a.dst,
+                offline: a.offline,
+                via: a.via,
+                sport: a.sport,
+            };
+            let trace = or_exit(
+                "rsdn trace",
+                a.node
+                    .into_config()
+                    .and_then(|c| rsdn::trace::run(&c, &request)),
+            );
+            match a.output {
+                Output::Table => print!("{}", rsdn::trace::text::render(&trace)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&trace)?),
+            }
+            std::process::exit(i32::from(trace.drift));
+        }
+        Command::Doctor(a) => {
+            let options = rsdn::doctor::Options {
+                cni_bin_dir: a.cni_bin_dir,
+                assume_kernel: a.assume_kernel,
+                timeout: std::time::Duration::from_secs_f64(a.timeout.clamp(0.05, 30.0)),
+            };
+            let report = or_exit(
+                "rsdn doctor",
+                a.node
+                    .into_config()
+                    .and_then(|c| rsdn::doctor::run(&c, &options)),
+            );
+            match a.output {
+                Output::Table => print!("{}", rsdn::doctor::render(&report)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+            }
+            std::process::exit(i32::from(!report.ok));
+        }
         Command::Lab { args } => lab(cli.log_format, args),
     }
+}
+
+/// The value, or the error on one line and exit status 2 (1 is a command's own verdict).
+fn or_exit<T>(command: &str, r: Result<T>) -> T {
+    r.unwrap_or_else(|e| {
+        eprintln!("{command}: {e:#}");
+        std::process::exit(2)
+    })
 }
 
 /// `rsdn proxy render`: the full payload a first sync of this node would write for the

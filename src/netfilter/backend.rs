@@ -35,7 +35,7 @@ impl Backend {
 /// Everything a backend's save shows (all tables), or None when the tool is missing. Legacy
 /// tables the kernel has not instantiated in this namespace are not read: reading them would
 /// create them, and iptables-nft would warn about "legacy tables present" from then on.
-fn save_all(backend: Backend) -> Option<String> {
+pub fn save_all(backend: Backend) -> Option<String> {
     if backend == Backend::Legacy
         && std::fs::read_to_string("/proc/net/ip_tables_names").is_ok_and(|t| t.trim().is_empty())
     {

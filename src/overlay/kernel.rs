@@ -403,22 +403,12 @@ impl Kernel {
 
     /// The MTU of the interface holding `ip` (the underlay), if any holds it.
     pub async fn mtu_of_address(&self, ip: Ipv4Addr) -> Result<Option<u32>, KernelError> {
-        let msgs: Vec<_> = self
-            .handle()
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl("cannot list addresses"))?;
-        let Some(index) = msgs
+        let Some(index) = self
+            .addresses()
+            .await?
             .iter()
-            .find(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, AddressAttribute::Local(IpAddr::V4(x)) if *x == ip))
-            })
-            .map(|m| m.header.index)
+            .find(|(_, net)| net.addr() == ip)
+            .map(|(index, _)| *index)
         else {
             return Ok(None);
         };
@@ -492,46 +482,68 @@ impl Kernel {
         Ok(e)
     }
 
-    /// Routes with our protocol; a route of ours on another device reads as a wrong target.
-    async fn owned_routes(&self, vxlan: u32) -> Result<Vec<(Ipv4Net, RouteTarget)>, KernelError> {
+    async fn route_messages(&self) -> Result<Vec<RouteMessage>, KernelError> {
         let filter = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let msgs: Vec<RouteMessage> = self
-            .handle()
+        self.handle()
             .route()
             .get(filter)
             .execute()
             .try_collect()
             .await
-            .map_err(nl("cannot dump routes"))?;
+            .map_err(nl("cannot dump routes"))
+    }
+
+    /// Every IPv4 route of the main table, ours or not: what `rsdn trace` and `rsdn doctor`
+    /// look a destination up in.
+    pub async fn routes(&self) -> Result<Vec<KernelRoute>, KernelError> {
+        Ok(self
+            .route_messages()
+            .await?
+            .iter()
+            .filter(|m| m.header.table == 254 || table_attr(m) == Some(254))
+            .filter_map(kernel_route)
+            .collect())
+    }
+
+    /// Every IPv4 address of the namespace, with its interface index.
+    pub async fn addresses(&self) -> Result<Vec<(u32, Ipv4Net)>, KernelError> {
+        let msgs: Vec<_> = self
+            .handle()
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl("cannot list addresses"))?;
         Ok(msgs
             .iter()
-            .filter(|m| {
-                m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL)
-                    && m.header.address_family == AddressFamily::Inet
-            })
             .filter_map(|m| {
-                let (mut dst, mut via, mut src, mut oif) = (
-                    Ipv4Addr::UNSPECIFIED,
-                    Ipv4Addr::UNSPECIFIED,
-                    Ipv4Addr::UNSPECIFIED,
-                    0,
-                );
-                for a in &m.attributes {
-                    match a {
-                        RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = *g,
-                        RouteAttribute::PrefSource(RouteAddress::Inet(s)) => src = *s,
-                        RouteAttribute::Oif(i) => oif = *i,
-                        _ => {}
-                    }
-                }
-                if oif != vxlan {
-                    via = Ipv4Addr::UNSPECIFIED;
-                }
-                Some((
-                    Ipv4Net::new(dst, m.header.destination_prefix_length).ok()?,
-                    RouteTarget { via, src },
-                ))
+                let ip = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                Some((m.header.index, Ipv4Net::new(ip, m.header.prefix_len).ok()?))
+            })
+            .collect())
+    }
+
+    /// Routes with our protocol; a route of ours on another device reads as a wrong target.
+    async fn owned_routes(&self, vxlan: u32) -> Result<Vec<(Ipv4Net, RouteTarget)>, KernelError> {
+        let none = Ipv4Addr::UNSPECIFIED;
+        Ok(self
+            .route_messages()
+            .await?
+            .iter()
+            .filter(|m| m.header.protocol == RouteProtocol::Other(ROUTE_PROTOCOL))
+            .filter_map(kernel_route)
+            .map(|r| {
+                let via = if r.oif == Some(vxlan) {
+                    r.via.unwrap_or(none)
+                } else {
+                    none
+                };
+                let src = r.src.unwrap_or(none);
+                (r.dst, RouteTarget { via, src })
             })
             .collect())
     }
@@ -788,6 +800,49 @@ fn request(vxlan: u32, action: Action) -> batch::Request {
         Action::DelRoute(dst) => (RouteNetlinkMessage::DelRoute(route(dst).build()), false),
     };
     batch::Request { message, create }
+}
+
+/// A route of the main table, as `Kernel::routes` reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelRoute {
+    pub dst: Ipv4Net,
+    pub via: Option<Ipv4Addr>,
+    pub src: Option<Ipv4Addr>,
+    pub oif: Option<u32>,
+    pub protocol: u8,
+}
+
+/// An IPv4 route message as data.
+fn kernel_route(m: &RouteMessage) -> Option<KernelRoute> {
+    if m.header.address_family != AddressFamily::Inet {
+        return None;
+    }
+    let mut r = KernelRoute {
+        dst: Ipv4Net::new(Ipv4Addr::UNSPECIFIED, m.header.destination_prefix_length).ok()?,
+        via: None,
+        src: None,
+        oif: None,
+        protocol: u8::from(m.header.protocol),
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(d)) => {
+                r.dst = Ipv4Net::new(*d, m.header.destination_prefix_length).ok()?
+            }
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.via = Some(*g),
+            RouteAttribute::PrefSource(RouteAddress::Inet(s)) => r.src = Some(*s),
+            RouteAttribute::Oif(i) => r.oif = Some(*i),
+            _ => {}
+        }
+    }
+    Some(r)
+}
+
+fn table_attr(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Table(t) => Some(*t),
+        _ => None,
+    })
 }
 
 fn lladdr(m: &NeighbourMessage) -> Option<Vec<u8>> {
