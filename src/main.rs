@@ -133,9 +133,6 @@ struct DoctorArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     output: Output,
-    /// The CNI binary directory, as mounted from the host.
-    #[arg(long, default_value = "/opt/cni/bin")]
-    cni_bin_dir: PathBuf,
     /// Judge the VXLAN checksum check as on this kernel release (what-if: "would this node
     /// break on 5.4?").
     #[arg(long)]
@@ -355,7 +352,6 @@ fn main() -> Result<()> {
         }
         Command::Doctor(a) => {
             let options = rsdn::doctor::Options {
-                cni_bin_dir: a.cni_bin_dir,
                 assume_kernel: a.assume_kernel,
                 timeout: std::time::Duration::from_secs_f64(a.timeout.clamp(0.05, 30.0)),
             };
@@ -462,6 +458,14 @@ mod tests {
             unreachable!()
         };
         a
+    }
+
+    /// Every subcommand's arguments are well formed (clap checks this only when a
+    /// debug build parses that subcommand: a name used twice panicked `rsdn doctor`).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -61,8 +61,6 @@ pub struct Report {
 /// What `rsdn doctor` was asked.
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// The CNI binary directory (the host's /opt/cni/bin).
-    pub cni_bin_dir: PathBuf,
     /// Judge the checksum check as on this kernel release (what-if).
     pub assume_kernel: Option<String>,
     /// How long peers have to answer.
@@ -152,7 +150,7 @@ pub fn run(config: &NodeConfig, opts: &Options) -> anyhow::Result<Report> {
         .unwrap_or_default();
     f.push(conflist_first(&dir, &files, &config.cni_conf_file));
     f.push(kube_proxy_check(config, &saves));
-    f.push(plugins_check(config, &opts.cni_bin_dir));
+    f.push(plugins_check(config, &config.cni_bin_dir));
     f.push(conntrack(
         read_u64("/proc/sys/net/netfilter/nf_conntrack_count"),
         read_u64("/proc/sys/net/netfilter/nf_conntrack_max"),
