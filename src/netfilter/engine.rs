@@ -4,6 +4,13 @@
 //!   chains found in the kernel deleted, the jumps from the built-in chains checked) at the
 //!   first sync, every `full_every`, and after a failure; otherwise partial: only the chains
 //!   that changed since the last successful sync, and those found drifted.
+//! - On nf_tables a full sync is staged: several transactions in the one iptables-restore
+//!   run, each naming at most `staged_names` chains, because iptables-nft's cost per
+//!   transaction grows with commands × chain names (`payload` has the why). New chains are
+//!   written leaves first, then the top-level chains switch over together, then what is gone
+//!   is deleted. Each chain is written whole, and after the chains it jumps to: a packet
+//!   meets either a Service's old chains or its new ones, never a jump to nothing. If a staged sync fails partway, chains written ahead stay in the kernel
+//!   unreferenced (or already complete); the next, full, sync writes over them.
 //! - A failed sync keeps the last ruleset that succeeded as the base of the next diff, backs
 //!   off (1 s doubling to 30 s) and makes the next sync full.
 //! - `check` reads the kernel back: a cheap probe of the built-in chains' jumps (a flush of a
@@ -18,9 +25,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tracing::{info, warn};
 
+use super::backend::Backend;
 use super::jumps::{self, Jump};
 use super::metrics::{EngineMetrics, Synced};
-use super::payload::{self, ChainSet, Context, Scope};
+use super::payload::{self, ChainSet, Context, Scope, Transactions};
 use super::ruleset::{Ruleset, TableName};
 use super::save::Saved;
 use super::sets;
@@ -29,6 +37,7 @@ use super::verify::{verify, Baseline, Drift, DriftKind};
 
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const STAGED_NAMES: usize = 500;
 
 /// Which chains are ours by their name, so that stale ones found in the kernel are deleted.
 pub type Owned = Arc<dyn Fn(TableName, &str) -> bool + Send + Sync>;
@@ -52,6 +61,9 @@ pub struct Settings {
     /// Share of one CPU the reading back may use (0.01: a table that takes 1.5 s to read is
     /// read every 150 s).
     pub budget: f64,
+    /// A full sync on nf_tables is staged in transactions that each name at most this many
+    /// chains (`payload::Transactions::Staged`; docs/benchmarks.md has the measurements).
+    pub staged_names: usize,
 }
 
 impl Default for Settings {
@@ -61,6 +73,7 @@ impl Default for Settings {
             probe_every: Duration::from_secs(5),
             verify_every: Duration::from_secs(10),
             budget: 0.01,
+            staged_names: STAGED_NAMES,
         }
     }
 }
@@ -77,6 +90,8 @@ pub struct SyncReport {
     pub checks: Duration,
     /// Payload lines written; 0: nothing had changed and nothing was run.
     pub lines: usize,
+    /// iptables transactions the payload took (more than one per table: a staged full sync).
+    pub transactions: usize,
     pub jumps_fixed: Vec<String>,
     /// Chains deleted (stale, or gone from the ruleset).
     pub deleted: usize,
@@ -258,6 +273,13 @@ impl<I: Iptables> Engine<I> {
             absent: Some(&self.missing),
             kernel: full.then_some(&kernel),
             owned: full.then_some(&*owned as payload::Owns),
+            // iptables-legacy rewrites a whole table per transaction: one is cheapest there.
+            transactions: match self.ipt.backend() {
+                Backend::Nft => Transactions::Staged {
+                    names: self.settings.staged_names,
+                },
+                Backend::Legacy => Transactions::PerTable,
+            },
         };
         let scope = if full { Scope::Full } else { Scope::Partial };
         let p = payload::payload(self.applied.as_ref(), &desired.ruleset, scope, cx);
@@ -274,6 +296,7 @@ impl<I: Iptables> Engine<I> {
         );
         report.compute = started.elapsed();
         report.lines = p.lines() + sp.before.lines().count() + sp.after.lines().count();
+        report.transactions = p.transactions;
         report.deleted = p.deleted.values().map(|d| d.len()).sum::<usize>() + sp.destroyed.len();
         report.repaired =
             self.dirty.values().map(|d| d.len()).sum::<usize>() + self.dirty_sets.len();

@@ -146,6 +146,7 @@ fn report(round: &Round) {
         Some(Ok(r)) if r.lines > 0 || !r.jumps_fixed.is_empty() => info!(
             full = r.full,
             lines = r.lines,
+            transactions = r.transactions,
             deleted = r.deleted,
             repaired = r.repaired,
             compute_ms = r.compute.as_millis() as u64,
