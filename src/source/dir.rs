@@ -68,6 +68,8 @@ impl DirCache {
         scope: &ModelScope,
         previous: Option<&ClusterModel>,
     ) -> Result<ClusterModel, std::io::Error> {
+        #[cfg(test)]
+        READS.lock().unwrap().push(dir.to_path_buf());
         let mut files: Vec<(PathBuf, Stamp)> = std::fs::read_dir(dir)?
             .filter_map(|e| e.ok())
             .filter(|e| is_manifest(&e.path()))
@@ -257,8 +259,8 @@ pub async fn run(
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Change>();
     let mut watcher = match notify::recommended_watcher(
         move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                let _ = ev_tx.send(Change::of(&ev.kind));
+            if let Some(change) = res.ok().and_then(|ev| Change::of(&ev.kind)) {
+                let _ = ev_tx.send(change);
             }
         },
     ) {
@@ -333,7 +335,10 @@ enum Change {
 }
 
 impl Change {
-    fn of(kind: &notify::EventKind) -> Change {
+    /// None for an event that changes nothing: a file or the directory opened, read or closed
+    /// without writing (inotify reports those too, our own reads among them: taken as changes,
+    /// each read caused the next, dozens a second).
+    fn of(kind: &notify::EventKind) -> Option<Change> {
         use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
         use notify::EventKind;
         match kind {
@@ -341,11 +346,16 @@ impl Change {
             | EventKind::Modify(ModifyKind::Name(
                 RenameMode::To | RenameMode::Both | RenameMode::From,
             ))
-            | EventKind::Remove(_) => Change::Complete,
-            _ => Change::InProgress,
+            | EventKind::Remove(_) => Some(Change::Complete),
+            EventKind::Access(_) => None,
+            _ => Some(Change::InProgress),
         }
     }
 }
+
+/// Reads of each directory so far (tests count them).
+#[cfg(test)]
+static READS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
 
 #[cfg(test)]
 mod tests {
@@ -513,6 +523,31 @@ mod tests {
             .ok()
             .and_then(|r| r.ok().map(|m| Arc::clone(&m)));
         got.unwrap_or_else(|| panic!("not published: {what}; last {:?}", rx.borrow()))
+    }
+
+    fn reads_of(dir: &Path) -> usize {
+        READS.lock().unwrap().iter().filter(|d| *d == dir).count()
+    }
+
+    /// Reading the directory is no change of it: an idle directory is read once, a write
+    /// once more (inotify reports opens and reads too; taken as changes, the source read its
+    /// directory in a loop, 46 times a second).
+    #[tokio::test]
+    async fn an_idle_directory_is_read_once_and_a_change_once_more() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("n1.yaml"), N1).unwrap();
+        let (task, mut rx) = watch_dir(d.path());
+        published(&mut rx, "n1", |m| m.nodes.contains_key("n1")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(reads_of(d.path()), 1, "reads of an idle directory");
+        let node2 = node_yaml("node2", "10.128.2.0/23", "192.168.77.12", None);
+        std::fs::write(d.path().join("node2.yaml"), node2).unwrap();
+        published(&mut rx, "node2", |m| m.nodes.contains_key("node2")).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The write is seen as a create, a modify and a close-write: a read or two.
+        let reads = reads_of(d.path());
+        assert!((2..=3).contains(&reads), "{reads} reads after one write");
+        task.abort();
     }
 
     #[tokio::test]
