@@ -48,6 +48,8 @@ pub struct Desired {
     pub ruleset: Ruleset,
     pub jumps: Vec<Jump>,
     pub owned: Owned,
+    /// How long the producers took to render it (part of a sync's compute time).
+    pub rendered_in: Duration,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -82,8 +84,10 @@ impl Default for Settings {
 #[derive(Debug, Default, Clone)]
 pub struct SyncReport {
     pub full: bool,
-    /// Computing the payload.
+    /// Computing: the producers' render (`render`) and the payload.
     pub compute: Duration,
+    /// The producers' render alone.
+    pub render: Duration,
     /// iptables-restore itself.
     pub restore: Duration,
     /// Full syncs: reading the tables and putting the jumps right.
@@ -294,7 +298,8 @@ impl<I: Iptables> Engine<I> {
             kernel_sets.as_ref(),
             &|n| n.starts_with(sets::PREFIX),
         );
-        report.compute = started.elapsed();
+        report.render = desired.rendered_in;
+        report.compute = desired.rendered_in + started.elapsed();
         report.lines = p.lines() + sp.before.lines().count() + sp.after.lines().count();
         report.transactions = p.transactions;
         report.deleted = p.deleted.values().map(|d| d.len()).sum::<usize>() + sp.destroyed.len();

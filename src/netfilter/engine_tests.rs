@@ -54,6 +54,7 @@ fn desired(endpoints: &[&str]) -> Desired {
             ),
         ],
         owned: Arc::new(|_, c: &str| c.starts_with("KUBE-SVC-") || c.starts_with("KUBE-SEP-")),
+        rendered_in: Duration::ZERO,
     }
 }
 

@@ -37,6 +37,7 @@ pub trait Producer: Send {
 /// must stand in a built-in chain they share (NetworkPolicy before the proxy's forwarding
 /// rules, for example). A chain two producers both render is a bug: logged, the first kept.
 pub fn combine(producers: &mut [Box<dyn Producer>], model: &Arc<ClusterModel>) -> Desired {
+    let started = std::time::Instant::now();
     let mut ruleset = Ruleset::default();
     let mut jumps = Vec::new();
     let mut owners: Vec<Owner> = Vec::new();
@@ -51,5 +52,6 @@ pub fn combine(producers: &mut [Box<dyn Producer>], model: &Arc<ClusterModel>) -
         ruleset,
         jumps,
         owned: Arc::new(move |t, c| owners.iter().any(|own| own(t, c))),
+        rendered_in: started.elapsed(),
     }
 }

@@ -150,6 +150,7 @@ fn report(round: &Round) {
             deleted = r.deleted,
             repaired = r.repaired,
             compute_ms = r.compute.as_millis() as u64,
+            render_ms = r.render.as_millis() as u64,
             restore_ms = r.restore.as_millis() as u64,
             checks_ms = r.checks.as_millis() as u64,
             jumps_fixed = r.jumps_fixed.len(),
