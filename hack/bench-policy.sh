@@ -98,9 +98,12 @@ ip netns exec "$NS-bare" iptables-nft-restore --noflush --wait=5 <"$W/payload"
 bare=$(( $(now_ms) - start ))
 ip netns del "$NS-bare"
 echo "  full sync: $s-> ${total} ms ($sets sets, $rules policy rules); the same sets and rules restored bare: ${bare} ms (restore/bare $(printf '%.2f' "$(echo "$restore / $bare" | bc -l)"))"
-# p1 (ns1, role r1) becomes role r6: it leaves the peer sets of role r1 and joins those of r6.
+# p10 (ns10 of team t0, on node n11) becomes role r6 instead of r3: it leaves the peer sets of
+# role r3 in team t0 namespaces and joins those of r6, which policies selecting pods of this
+# node use (pol150 and pol300: the policies of ns0, where n1's pods are, admit team t0). A pod
+# of another team would change no set of this node, and no sync would follow.
 f=$dir/pods-00.yaml
-sed 's/name: p1, namespace: ns1, labels: {app: a1, role: r1}/name: p1, namespace: ns1, labels: {app: a1, role: r6}/' "$f" >"$dir/.tmp" && mv "$dir/.tmp" "$f"
+sed 's/name: p10, namespace: ns10, labels: {app: a10, role: r3}/name: p10, namespace: ns10, labels: {app: a10, role: r6}/' "$f" >"$dir/.tmp" && mv "$dir/.tmp" "$f"
 p=$(synced "$log" 2)
 pfull=$(( $(field compute_ms "$p") + $(field restore_ms "$p") + $(field checks_ms "$p") ))
 echo "  partial sync after one pod relabel: $p-> ${pfull} ms vs full ${total} ms = $(printf '%.2f' "$(echo "100 * $pfull / $total" | bc -l)")% (target <= 5%)"

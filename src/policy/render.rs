@@ -531,21 +531,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_chains_and_sets_match_the_golden_file() {
-        let (r, stats) = render(
-            &Arc::new(model(include_str!("testdata/cluster.yaml"))),
-            "n1",
-        );
+    /// Renders `yaml` for n1 and compares it with `want`, line by line (what it got is
+    /// written to /tmp/policy-NAME.golden for review).
+    fn golden(name: &str, yaml: &str, want: &str) -> Stats {
+        let (r, stats) = render(&Arc::new(model(yaml)), "n1");
         let got = text(&r);
-        let want = include_str!("testdata/cluster.golden");
         if got != want {
-            std::fs::write("/tmp/policy.golden", &got).unwrap();
+            std::fs::write(format!("/tmp/policy-{name}.golden"), &got).unwrap();
             for (i, (g, w)) in got.lines().zip(want.lines()).enumerate() {
-                assert_eq!(g, w, "line {}", i + 1);
+                assert_eq!(g, w, "{name}: line {}", i + 1);
             }
             assert_eq!(got.lines().count(), want.lines().count(), "{got}");
         }
+        stats
+    }
+
+    #[test]
+    fn the_chains_and_sets_match_the_golden_file() {
+        let stats = golden(
+            "cluster",
+            include_str!("testdata/cluster.yaml"),
+            include_str!("testdata/cluster.golden"),
+        );
         assert_eq!(
             (
                 stats.isolated_ingress,
@@ -553,6 +560,27 @@ mod tests {
                 stats.policies
             ),
             (2, 1, 3)
+        );
+    }
+
+    /// The forms of the API one by one (wide.yaml says which policy shows which): an empty
+    /// rule, AND and OR of peers, named and SCTP ports, DNS without a peer, a range to a block
+    /// with holes, both directions with nothing allowed, a policy of another node's pod, a
+    /// finished pod, egress to the peers' named port.
+    #[test]
+    fn a_wider_set_matches_its_golden_file() {
+        let stats = golden(
+            "wide",
+            include_str!("testdata/wide.yaml"),
+            include_str!("testdata/wide.golden"),
+        );
+        assert_eq!(
+            (
+                stats.isolated_ingress,
+                stats.isolated_egress,
+                stats.policies
+            ),
+            (3, 3, 6)
         );
     }
 }
