@@ -28,8 +28,10 @@ export RSDN_LAB=rsdn-bpol-lab
 PID=
 cleanup() {
   [ -n "$PID" ] && kill "$PID" 2>/dev/null
-  for ns in $(ip netns list | awk '{print $1}' | grep -E "^$NS-" || true); do ip netns del "$ns"; done
+  # The lab first: it finds its processes by their namespaces, which the next line deletes
+  # (its names share the prefix); the other way round, the pods' servers outlived the run.
   "$RSDN" lab down >/dev/null 2>&1 || true
+  for ns in $(ip netns list | awk '{print $1}' | grep -E "^$NS-" || true); do ip netns del "$ns"; done
   rm -rf "$W"
 }
 trap cleanup EXIT
