@@ -109,19 +109,25 @@ for backend in ${BACKENDS:-nft legacy}; do
     PIDS+=("$daemon")
     deadline=$((SECONDS + 900))
     until grep -q 'iptables synced' "$log"; do
-      [ $SECONDS -ge $deadline ] && { echo "no sync in $log" >&2; tail "$log" >&2; exit 1; }
+      if [ $SECONDS -ge $deadline ] || ! kill -0 "$daemon" 2>/dev/null || grep -q 'iptables sync failed' "$log"; then
+        echo "$backend N=$N: no sync in $log" >&2; tail "$log" >&2; exit 1
+      fi
       sleep 0.2
     done
     kill "$daemon"
     wait "$daemon" 2>/dev/null || true
     # The first and the last ClusterIP rule of KUBE-SERVICES, as the kernel holds them.
-    rules=$(ip netns exec "$node" "iptables-$backend-save" -t nat | grep -- '-A KUBE-SERVICES -d ')
+    rules=$(ip netns exec "$node" "iptables-$backend-save" -t nat | grep -- '-A KUBE-SERVICES -d ' || true)
     [ "$(wc -l <<<"$rules")" -eq "$N" ] || { echo "$backend N=$N: $(wc -l <<<"$rules") Service rules, not $N" >&2; exit 1; }
     first=$(head -1 <<<"$rules" | grep -oE -- '-d [0-9.]+' | cut -d' ' -f2)
     last=$(tail -1 <<<"$rules" | grep -oE -- '-d [0-9.]+' | cut -d' ' -f2)
     ip netns exec "$pod" python3 "$W/server.py" &
     PIDS+=("$!")
-    until ip netns exec "$node" python3 "$W/client.py" "$SERVER" 8080 1 >/dev/null 2>&1; do sleep 0.1; done
+    deadline=$((SECONDS + 10))
+    until ip netns exec "$node" python3 "$W/client.py" "$SERVER" 8080 1 >/dev/null 2>&1; do
+      [ $SECONDS -lt $deadline ] || { echo "the server in $pod does not answer" >&2; exit 1; }
+      sleep 0.1
+    done
     declare -A rate=() med=() p99=()
     for target in direct first last; do rate[$target]=""; med[$target]=""; p99[$target]=""; done
     for _ in $(seq "$ROUNDS"); do

@@ -27,7 +27,7 @@ NS=rsdn-bpol
 export RSDN_LAB=rsdn-bpol-lab
 PID=
 cleanup() {
-  [ -n "$PID" ] && kill "$PID" 2>/dev/null
+  [ -z "$PID" ] || kill "$PID" 2>/dev/null || true
   # The lab first: it finds its processes by their namespaces, which the next line deletes
   # (its names share the prefix); the other way round, the pods' servers outlived the run.
   "$RSDN" lab down >/dev/null 2>&1 || true

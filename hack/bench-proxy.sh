@@ -25,7 +25,7 @@ W=$(mktemp -d /tmp/rsdn-bench-proxy.XXXXXX)
 NS=rsdn-bp
 PID=
 cleanup() {
-  [ -n "$PID" ] && kill "$PID" 2>/dev/null
+  [ -z "$PID" ] || kill "$PID" 2>/dev/null || true
   for ns in $(ip netns list | awk '{print $1}' | grep -E "^$NS-" || true); do ip netns del "$ns"; done
   rm -rf "$W"
 }

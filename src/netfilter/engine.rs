@@ -9,8 +9,10 @@
 //!   transaction grows with commands × chain names (`payload` has the why). New chains are
 //!   written leaves first, then the top-level chains switch over together, then what is gone
 //!   is deleted. Each chain is written whole, and after the chains it jumps to: a packet
-//!   meets either a Service's old chains or its new ones, never a jump to nothing. If a staged sync fails partway, chains written ahead stay in the kernel
-//!   unreferenced (or already complete); the next, full, sync writes over them.
+//!   meets a chain's old rules or its new ones, never a jump to nothing. If a staged sync
+//!   fails partway, the transactions before the failure stay applied (chains written ahead,
+//!   unreferenced or complete; after the switch-over, gone chains emptied but not deleted);
+//!   the next, full, sync writes over them.
 //! - A failed sync keeps the last ruleset that succeeded as the base of the next diff, backs
 //!   off (1 s doubling to 30 s) and makes the next sync full.
 //! - `check` reads the kernel back: a cheap probe of the built-in chains' jumps (a flush of a
@@ -64,7 +66,8 @@ pub struct Settings {
     /// read every 150 s).
     pub budget: f64,
     /// A full sync on nf_tables is staged in transactions that each name at most this many
-    /// chains (`payload::Transactions::Staged`; docs/benchmarks.md has the measurements).
+    /// chains (`payload::Transactions::Staged`; docs/benchmarks.md has the measurements); 0:
+    /// not staged, one transaction per table.
     pub staged_names: usize,
 }
 
@@ -279,10 +282,10 @@ impl<I: Iptables> Engine<I> {
             owned: full.then_some(&*owned as payload::Owns),
             // iptables-legacy rewrites a whole table per transaction: one is cheapest there.
             transactions: match self.ipt.backend() {
-                Backend::Nft => Transactions::Staged {
+                Backend::Nft if self.settings.staged_names > 0 => Transactions::Staged {
                     names: self.settings.staged_names,
                 },
-                Backend::Legacy => Transactions::PerTable,
+                _ => Transactions::PerTable,
             },
         };
         let scope = if full { Scope::Full } else { Scope::Partial };

@@ -542,6 +542,7 @@ mod tests {
                 assert_eq!(g, w, "{name}: line {}", i + 1);
             }
             assert_eq!(got.lines().count(), want.lines().count(), "{got}");
+            assert_eq!(got, want, "{name}: line endings");
         }
         stats
     }
