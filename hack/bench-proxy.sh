@@ -62,9 +62,10 @@ synced() {
     grep -q 'iptables sync failed' "$1" && { grep 'iptables sync failed' "$1" >&2; return 1; }
     sleep 0.1
   done
-  grep 'iptables synced' "$1" | sed -n "$2p" | grep -oE '(full|lines|transactions|compute_ms|restore_ms|checks_ms)=[a-z0-9]+' | tr '\n' ' '
+  grep 'iptables synced' "$1" | sed -n "$2p" | grep -oE '(full|lines|transactions|compute_ms|restore_ms|checks_ms)=[a-z0-9.]+' | tr '\n' ' '
 }
-field() { grep -oE "$1=[0-9a-z]+" <<<"$2" | cut -d= -f2; }
+field() { grep -oE "$1=[0-9a-z.]+" <<<"$2" | cut -d= -f2; }
+add_ms() { echo "$*" | tr ' ' '+' | bc -l; }
 now_ms() { date +%s%3N; }
 
 printf '%-7s %6s %8s %5s | %10s %10s %9s %9s | %10s %8s | %9s %10s\n' backend N lines txs compute_ms restore_ms checks_ms compute% bare_ms rest/bare flush_ms sync/flush
@@ -80,7 +81,7 @@ for backend in ${BACKENDS:-nft legacy}; do
     PID=$!
     s=$(synced "$log" 1)
     compute=$(field compute_ms "$s"); restore=$(field restore_ms "$s"); lines=$(field lines "$s")
-    checks=$(field checks_ms "$s"); total=$((compute + restore + checks))
+    checks=$(field checks_ms "$s"); total=$(add_ms "$compute" "$restore" "$checks")
     rss=$(awk '/VmHWM/ {print $2}' "/proc/$PID/status")
 
     # The identical payload, restored bare into a fresh namespace.
@@ -96,7 +97,7 @@ for backend in ${BACKENDS:-nft legacy}; do
     ip netns exec "$bare_ns" "iptables-$backend-restore" --wait=5 <"$W/payload"
     flush=$(( $(now_ms) - start ))
     ip netns del "$bare_ns"
-    printf '%-7s %6d %8d %5d | %10d %10d %9d %8.1f%% | %10d %8.2f | %9d %10.2f\n' "$backend" "$N" "$lines" "$(field transactions "$s")" "$compute" \
+    printf '%-7s %6d %8d %5d | %10.1f %10.1f %9.1f %8.1f%% | %10d %8.2f | %9d %10.2f\n' "$backend" "$N" "$lines" "$(field transactions "$s")" "$compute" \
       "$restore" "$checks" "$(echo "100 * $compute / $restore" | bc -l)" "$bare" "$(echo "$restore / $bare" | bc -l)" \
       "$flush" "$(echo "$total / $flush" | bc -l)"
 
@@ -105,7 +106,7 @@ for backend in ${BACKENDS:-nft legacy}; do
       f=$dir/svc-0000.yaml
       sed 's/- {addresses: \[10.129.0.1\]/- {addresses: [10.199.0.1]/' "$f" >"$dir/.tmp" && mv "$dir/.tmp" "$f"
       p=$(synced "$log" 2)
-      pfull=$(( $(field compute_ms "$p") + $(field restore_ms "$p") + $(field checks_ms "$p") ))
+      pfull=$(add_ms "$(field compute_ms "$p")" "$(field restore_ms "$p")" "$(field checks_ms "$p")")
       echo "  $backend partial sync after one endpoint change at N=$N: $p-> ${pfull} ms vs full ${total} ms = $(printf '%.2f' "$(echo "100 * $pfull / $total" | bc -l)")% (target <= 5%)"
       echo "  $backend daemon peak RSS at N=$N: $((rss / 1024)) MiB (VmHWM after the full sync)"
       # Reading back for drift: the cost of one read of each table (iptables-save and the

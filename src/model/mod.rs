@@ -18,6 +18,7 @@ pub use service::{Endpoint, EndpointsBuilder, Protocol, ServicePort, ServicePort
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::{Namespace as K8sNamespace, Node, Pod as K8sPod, Service};
@@ -42,10 +43,10 @@ pub struct ClusterModel {
     pub nodes: BTreeMap<String, ClusterNode>,
     pub services: Services,
     /// Pods with an address of the pod network, by (namespace, name).
-    pub pods: BTreeMap<(String, String), Pod>,
+    pub pods: BTreeMap<(String, String), Arc<Pod>>,
     pub namespaces: BTreeMap<String, Namespace>,
     /// NetworkPolicies by (namespace, name).
-    pub policies: BTreeMap<(String, String), Policy>,
+    pub policies: BTreeMap<(String, String), Arc<Policy>>,
     /// The local Node's deletion and taints (None: no Node object of that name), whether or not
     /// the node is valid for the overlay.
     pub local_lifecycle: Option<NodeLifecycle>,
@@ -89,9 +90,9 @@ pub struct ModelBuilder {
     lifecycles: Vec<(String, NodeLifecycle)>,
     services: Vec<(ServicePortName, ServicePort)>,
     endpoints: EndpointsBuilder,
-    pods: Vec<Pod>,
+    pods: Vec<Arc<Pod>>,
     namespaces: Vec<Namespace>,
-    policies: Vec<Policy>,
+    policies: Vec<Arc<Policy>>,
     skipped: Vec<Skipped>,
 }
 
@@ -111,7 +112,7 @@ impl ModelBuilder {
     /// A Pod with an address of the pod network (others are not NetworkPolicy's business).
     pub fn add_pod(&mut self, pod: &K8sPod) {
         match pod_from_k8s(pod) {
-            Ok(Some(p)) => self.pods.push(p),
+            Ok(Some(p)) => self.pods.push(Arc::new(p)),
             Ok(None) => {}
             Err(reason) => self.skip(object_name("Pod", &pod.metadata), reason),
         }
@@ -137,7 +138,7 @@ impl ModelBuilder {
                     let reason = p.problems.join("; ");
                     self.skip(object, reason);
                 }
-                self.policies.push(p);
+                self.policies.push(Arc::new(p));
             }
             Err(reason) => self.skip(object, reason),
         }

@@ -136,6 +136,12 @@ pub async fn run<I: Iptables>(
     }
 }
 
+/// Milliseconds to two decimals, for the log: a partial sync takes a few of them, and whole
+/// (truncated) milliseconds would misstate it by up to one each.
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
 fn report(round: &Round) {
     if let Some(c) = &round.check {
         for e in &c.errors {
@@ -149,10 +155,10 @@ fn report(round: &Round) {
             transactions = r.transactions,
             deleted = r.deleted,
             repaired = r.repaired,
-            compute_ms = r.compute.as_millis() as u64,
-            render_ms = r.render.as_millis() as u64,
-            restore_ms = r.restore.as_millis() as u64,
-            checks_ms = r.checks.as_millis() as u64,
+            compute_ms = ms(r.compute),
+            render_ms = ms(r.render),
+            restore_ms = ms(r.restore),
+            checks_ms = ms(r.checks),
             jumps_fixed = r.jumps_fixed.len(),
             "iptables synced"
         ),

@@ -21,7 +21,7 @@ pub struct NetworkPolicies {
     node: String,
     metrics: PolicyMetrics,
     /// Set members kept from one render to the next.
-    cache: select::Cache,
+    cache: render::Cache,
     /// The last render, to tell whether a sync carried policy changes.
     last: Option<Ruleset>,
     changed: bool,
@@ -32,7 +32,7 @@ impl NetworkPolicies {
         NetworkPolicies {
             node,
             metrics,
-            cache: select::Cache::default(),
+            cache: render::Cache::default(),
             last: None,
             changed: false,
         }

@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
-use super::select::{named, Cache, Membership};
+use super::select::{self, named, Membership};
+use crate::model::pod::NamedPort;
 use crate::model::policy::{Peer, Policy, PortMatch, PortSpec, Rule};
 use crate::model::service::Protocol;
 use crate::model::{ClusterModel, Pod};
@@ -128,52 +129,48 @@ fn comment(text: &str) -> Quoted<String> {
     Quoted(clean[..end].to_string())
 }
 
-/// Adds a set (shared by name: the same members under the same name) and returns its name.
-fn set(
-    sets: &mut BTreeMap<String, Arc<IpSet>>,
+/// Where a set's members come from.
+#[derive(Debug)]
+enum SetSource {
+    /// Made with the chain: an ipBlock's networks, or the (pod, port) pairs of this node's pods
+    /// for an ingress named port.
+    Made(Arc<IpSet>),
+    /// The member cache's, over every pod.
+    Pods(Membership),
+}
+
+/// The sets a policy's chain matches, by name (the same members under the same name: policies
+/// with the same peer share its set), and where their members come from.
+type SetRefs = Vec<(String, SetSource)>;
+
+/// Names a set and notes where its members come from; returns the name.
+fn set_ref(
+    refs: &mut SetRefs,
     prefix: &str,
     key: &str,
-    fill: impl FnOnce(&mut IpSet),
-    kind: SetKind,
+    source: impl FnOnce() -> SetSource,
 ) -> String {
     let name = format!("{prefix}{}", hash16(&[key]));
-    if !sets.contains_key(&name) {
-        let mut s = IpSet::new(kind);
-        fill(&mut s);
-        sets.insert(name.clone(), Arc::new(s));
+    if !refs.iter().any(|(n, _)| *n == name) {
+        refs.push((name.clone(), source()));
     }
     name
 }
 
 /// The set matching a peer's addresses.
-fn peer_set(
-    model: &ClusterModel,
-    peer: &Peer,
-    sets: &mut BTreeMap<String, Arc<IpSet>>,
-    cache: &mut Cache,
-) -> String {
+fn peer_set(peer: &Peer, refs: &mut SetRefs) -> String {
     match peer {
-        Peer::Pods { .. } => set(
-            sets,
-            "RSDN-P-",
-            &format!("{peer:?}"),
-            |s| {
-                s.members = cache.members(model, Membership::Peer(peer.clone())).clone();
-            },
-            SetKind::HashIp,
-        ),
-        Peer::Block { cidr, except } => set(
-            sets,
-            "RSDN-B-",
-            &format!("{peer:?}"),
-            |s| {
-                s.add_net(*cidr, false);
-                for e in except {
-                    s.add_net(*e, true);
-                }
-            },
-            SetKind::HashNet,
-        ),
+        Peer::Pods { .. } => set_ref(refs, "RSDN-P-", &format!("{peer:?}"), || {
+            SetSource::Pods(Membership::Peer(peer.clone()))
+        }),
+        Peer::Block { cidr, except } => set_ref(refs, "RSDN-B-", &format!("{peer:?}"), || {
+            let mut s = IpSet::new(SetKind::HashNet);
+            s.add_net(*cidr, false);
+            for e in except {
+                s.add_net(*e, true);
+            }
+            SetSource::Made(Arc::new(s))
+        }),
     }
 }
 
@@ -201,16 +198,148 @@ fn member(ip: std::net::Ipv4Addr, protocol: Protocol, port: u16) -> String {
     format!("{ip},{}:{port}", protocol.as_str())
 }
 
-/// One policy's chain for one direction: a MARK rule per (peer, port) of every rule.
-fn policy_chain(
-    model: &ClusterModel,
-    policy: &Policy,
-    dir: Direction,
-    local: &[&Pod],
-    sets: &mut BTreeMap<String, Arc<IpSet>>,
-    cache: &mut Cache,
-) -> Table {
+/// The policies selecting a pod for one direction, in order.
+type Selecting<'a> = Vec<(&'a (String, String), &'a Arc<Policy>)>;
+
+/// What one render keeps for the next: the sets' members, and each isolated pod's chains, so
+/// that a render after a change elsewhere (a remote pod relabelled) reuses them, unchanged
+/// `Arc`s the engine's diff passes over at once.
+#[derive(Debug, Default)]
+pub struct Cache {
+    members: select::Cache,
+    /// Per direction (ingress, egress), by pod key.
+    pod_chains: [std::collections::HashMap<(String, String), PodChain>; 2],
+    /// Per direction, by policy key.
+    policy_chains: [std::collections::HashMap<(String, String), PolicyChain>; 2],
+    renders: u64,
+}
+
+/// A policy's chain for one direction and the sets it matches, with what they were made from.
+#[derive(Debug)]
+struct PolicyChain {
+    policy: Arc<Policy>,
+    /// When an ingress rule names a port: the policy's pods on this node, with their ports (the
+    /// numbers the names stand for are in its sets). Empty otherwise.
+    local: Vec<(std::net::Ipv4Addr, Vec<NamedPort>)>,
+    tables: Arc<Tables>,
+    sets: Arc<SetRefs>,
+    used: u64,
+}
+
+/// A pod's chain for one direction, and the policies it was made from (all that it depends
+/// on, with the pod's name).
+#[derive(Debug)]
+struct PodChain {
+    policies: Vec<(String, String)>,
+    name: String,
+    tables: Arc<Tables>,
+    /// The render that used it last (the others are dropped after each render).
+    used: u64,
+}
+
+impl Cache {
+    /// The chain of a policy for `dir` and the sets it matches, from the cache when the policy
+    /// is the same (and, for an ingress named port, its local pods' ports are).
+    fn policy_chain(
+        &mut self,
+        dir: Direction,
+        key: &(String, String),
+        policy: &Arc<Policy>,
+        local: &[&Pod],
+    ) -> (Arc<Tables>, Arc<SetRefs>) {
+        let names_ports = dir == Direction::Ingress
+            && dir
+                .rules(policy)
+                .into_iter()
+                .flatten()
+                .any(|r| select::has_named(&r.ports));
+        let local_ports: Vec<(std::net::Ipv4Addr, Vec<NamedPort>)> = if names_ports {
+            local.iter().map(|p| (p.ip, p.ports.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        let chains = &mut self.policy_chains[dir as usize];
+        if let Some(c) = chains.get_mut(key) {
+            if c.policy == *policy && c.local == local_ports {
+                c.used = self.renders;
+                return (Arc::clone(&c.tables), Arc::clone(&c.sets));
+            }
+        }
+        let (filter, refs) = policy_chain(policy, dir, local);
+        let tables = Arc::new(Tables {
+            filter,
+            ..Default::default()
+        });
+        let sets = Arc::new(refs);
+        chains.insert(
+            key.clone(),
+            PolicyChain {
+                policy: Arc::clone(policy),
+                local: local_ports,
+                tables: Arc::clone(&tables),
+                sets: Arc::clone(&sets),
+                used: self.renders,
+            },
+        );
+        (tables, sets)
+    }
+
+    /// The chain of a pod for `dir`, from the cache when the same policies select it.
+    fn pod_chain(
+        &mut self,
+        dir: Direction,
+        key: &(String, String),
+        pod: &Pod,
+        policies: &Selecting,
+        deny: &str,
+    ) -> (String, Arc<Tables>) {
+        let chains = &mut self.pod_chains[dir as usize];
+        if let Some(c) = chains.get_mut(key) {
+            if c.policies.iter().eq(policies.iter().map(|(k, _)| *k)) {
+                c.used = self.renders;
+                return (c.name.clone(), Arc::clone(&c.tables));
+            }
+        }
+        let name = dir.pod_chain(pod);
+        let mut own = Tables::default();
+        let mut c = own.filter.open(&name);
+        c.add(format_args!("-j MARK --set-xmark 0x0/{MARK}"));
+        for (_, p) in policies.iter() {
+            c.add(format_args!(
+                "{} -j {}",
+                comment(&format!("{}/{}", p.namespace, p.name)),
+                dir.policy_chain(p)
+            ));
+            c.add(format_args!("-m mark --mark {MARK}/{MARK} -j RETURN"));
+        }
+        c.add(format_args!(
+            "{} -j {deny}",
+            comment(&format!(
+                "{}/{}: no NetworkPolicy allows this {}",
+                pod.namespace,
+                pod.name,
+                dir.name()
+            ))
+        ));
+        let tables = Arc::new(own);
+        chains.insert(
+            key.clone(),
+            PodChain {
+                policies: policies.iter().map(|(k, _)| (*k).clone()).collect(),
+                name: name.clone(),
+                tables: Arc::clone(&tables),
+                used: self.renders,
+            },
+        );
+        (name, tables)
+    }
+}
+
+/// One policy's chain for one direction: a MARK rule per (peer, port) of every rule; and the
+/// sets it matches. `local` are the policy's pods on this node.
+fn policy_chain(policy: &Policy, dir: Direction, local: &[&Pod]) -> (Table, SetRefs) {
     let mut t = Table::default();
+    let mut refs = SetRefs::new();
     let chain = dir.policy_chain(policy);
     t.chain(&chain);
     let who = format!("{}/{}", policy.namespace, policy.name);
@@ -232,7 +361,7 @@ fn policy_chain(
             Some(list) if peer_sets_needed => list
                 .iter()
                 .map(|p| {
-                    let s = peer_set(model, p, sets, cache);
+                    let s = peer_set(p, &mut refs);
                     (p.to_string(), Some(format!("-m set --match-set {s} {end}")))
                 })
                 .collect(),
@@ -271,18 +400,13 @@ fn policy_chain(
                 // policy's local pods, matched on the destination, with each peer.
                 Direction::Ingress => {
                     let key = format!("{who} in {name} {}", m.protocol.as_str());
-                    let s = set(
-                        sets,
-                        "RSDN-N-",
-                        &key,
-                        |s| {
-                            for (ip, proto, port) in named(local.iter().copied(), name, m.protocol)
-                            {
-                                s.members.insert(member(ip, proto, port));
-                            }
-                        },
-                        SetKind::HashIpPort,
-                    );
+                    let s = set_ref(&mut refs, "RSDN-N-", &key, || {
+                        let mut s = IpSet::new(SetKind::HashIpPort);
+                        for (ip, proto, port) in named(local.iter().copied(), name, m.protocol) {
+                            s.members.insert(member(ip, proto, port));
+                        }
+                        SetSource::Made(Arc::new(s))
+                    });
                     for (pd, pm) in &peers {
                         let mut args =
                             format!("{}", comment(&format!("{what}: {pd}, {}", port_desc(m))));
@@ -298,20 +422,13 @@ fn policy_chain(
                 // peers together.
                 Direction::Egress => {
                     let key = format!("{:?} {name} {}", rule.peers, m.protocol.as_str());
-                    let s = set(
-                        sets,
-                        "RSDN-N-",
-                        &key,
-                        |s| {
-                            let membership = Membership::Named {
-                                peers: rule.peers.clone(),
-                                name: name.clone(),
-                                protocol: m.protocol,
-                            };
-                            s.members = cache.members(model, membership).clone();
-                        },
-                        SetKind::HashIpPort,
-                    );
+                    let s = set_ref(&mut refs, "RSDN-N-", &key, || {
+                        SetSource::Pods(Membership::Named {
+                            peers: rule.peers.clone(),
+                            name: name.clone(),
+                            protocol: m.protocol,
+                        })
+                    });
                     let peers_desc = peers
                         .iter()
                         .map(|(d, _)| d.as_str())
@@ -325,7 +442,7 @@ fn policy_chain(
             }
         }
     }
-    t
+    (t, refs)
 }
 
 /// Every chain and set NetworkPolicy needs on `node`.
@@ -335,14 +452,14 @@ pub fn render(model: &Arc<ClusterModel>, node: &str) -> (Ruleset, Stats) {
 
 /// `render`, with the sets' members kept in `cache` from one render to the next.
 pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -> (Ruleset, Stats) {
-    cache.update(model);
+    cache.members.update(model);
+    cache.renders += 1;
     let mut r = Ruleset::default();
     let mut stats = Stats {
         policies: model.policies.len(),
         ..Default::default()
     };
     // The policies that select each local pod, per direction, and each policy's local pods.
-    type Selecting<'a> = Vec<(&'a (String, String), &'a Policy)>;
     let mut isolated: BTreeMap<(Direction, &(String, String)), Selecting> = BTreeMap::new();
     let mut local_of: BTreeMap<&(String, String), Vec<&Pod>> = BTreeMap::new();
     // This node's pods by namespace: a policy selects among its namespace's.
@@ -383,10 +500,10 @@ pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -
                 comment(&format!("no NetworkPolicy allows this {}", dir.name()))
             ),
         );
-        let pods: Vec<(&Pod, &Selecting)> = isolated
+        let pods: Vec<(&(String, String), &Pod, &Selecting)> = isolated
             .iter()
             .filter(|((d, _), _)| *d == dir)
-            .map(|((_, key), policies)| (&model.pods[*key], policies))
+            .map(|((_, key), policies)| (*key, &*model.pods[*key], policies))
             .collect();
         match dir {
             Direction::Ingress => stats.isolated_ingress = pods.len(),
@@ -397,14 +514,14 @@ pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -
         }
         let mut members = IpSet::new(SetKind::HashIp);
         r.tables.filter.chain(chain);
-        for (pod, policies) in &pods {
+        for (key, pod, policies) in &pods {
             members.members.insert(pod.ip.to_string());
             let end = if dir == Direction::Ingress {
                 "-d"
             } else {
                 "-s"
             };
-            let pod_chain = dir.pod_chain(pod);
+            let (pod_chain, own) = cache.pod_chain(dir, key, pod, policies, deny);
             r.tables.filter.add(
                 chain,
                 format_args!(
@@ -413,32 +530,12 @@ pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -
                     pod.ip
                 ),
             );
-            let mut own = Tables::default();
-            let mut c = own.filter.open(&pod_chain);
-            c.add(format_args!("-j MARK --set-xmark 0x0/{MARK}"));
-            for (_, p) in policies.iter() {
-                c.add(format_args!(
-                    "{} -j {}",
-                    comment(&format!("{}/{}", p.namespace, p.name)),
-                    dir.policy_chain(p)
-                ));
-                c.add(format_args!("-m mark --mark {MARK}/{MARK} -j RETURN"));
-            }
-            c.add(format_args!(
-                "{} -j {deny}",
-                comment(&format!(
-                    "{}/{}: no NetworkPolicy allows this {}",
-                    pod.namespace,
-                    pod.name,
-                    dir.name()
-                ))
-            ));
             r.groups.insert(
                 (
                     PRODUCER,
                     format!("{} {}/{}", dir.name(), pod.namespace, pod.name),
                 ),
-                Arc::new(own),
+                own,
             );
         }
         r.tables.filter.add(
@@ -459,20 +556,33 @@ pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -
                 continue;
             }
             let local = local_of.get(pkey).cloned().unwrap_or_default();
-            let own = Tables {
-                filter: policy_chain(model, p, *dir, &local, &mut r.sets, cache),
-                ..Default::default()
-            };
+            let (own, refs) = cache.policy_chain(*dir, pkey, p, &local);
+            for (name, source) in refs.iter() {
+                if !r.sets.contains_key(name) {
+                    let set = match source {
+                        SetSource::Made(s) => Arc::clone(s),
+                        SetSource::Pods(m) => cache.members.set(model, m),
+                    };
+                    r.sets.insert(name.clone(), set);
+                }
+            }
             r.groups.insert(
                 (
                     PRODUCER,
                     format!("policy {} {}/{}", dir.name(), p.namespace, p.name),
                 ),
-                Arc::new(own),
+                own,
             );
         }
     }
     stats.sets = r.sets.len();
+    let now = cache.renders;
+    for chains in &mut cache.pod_chains {
+        chains.retain(|_, c| c.used == now);
+    }
+    for chains in &mut cache.policy_chains {
+        chains.retain(|_, c| c.used == now);
+    }
     (r, stats)
 }
 
@@ -507,7 +617,7 @@ mod tests {
     }
 
     #[test]
-    fn members_kept_across_renders_equal_members_computed_afresh() {
+    fn what_a_render_keeps_gives_what_a_fresh_render_gives() {
         let base = include_str!("testdata/cluster.yaml");
         // A peer member relabelled out and in, a pod added and removed, a namespace relabelled.
         let steps = [
@@ -517,6 +627,15 @@ mod tests {
             base.replace("name: b, namespace: x, labels: {pod: b}", "name: b, namespace: x, labels: {pod: q}"),
             format!("{base}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: y, labels: {{pod: c}}}}\nspec: {{nodeName: n2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.128.2.30}}\n"),
             base.replace("podIP: 10.128.2.20", "podIP: 10.128.2.21"),
+            base.to_string(),
+            // A local pod leaves two policies' selection (its chains change), a policy is
+            // renamed, then both come back: kept chains must follow.
+            base.replace("name: a, namespace: x, labels: {pod: a}", "name: a, namespace: x, labels: {pod: z}"),
+            base.replace("metadata: {name: allow-a, namespace: x}", "metadata: {name: allow-q, namespace: x}"),
+            base.to_string(),
+            // A policy changed under its name; a local pod's named port moves to another number.
+            base.replace("    ports: [{port: 80}]", "    ports: [{port: 8080}]"),
+            base.replace("containerPort: 81, protocol: UDP", "containerPort: 82, protocol: UDP"),
             base.to_string(),
             // y/c gets y/b's address while y/b, terminating, still has it; then y/b goes.
             format!("{base}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: c, namespace: y, labels: {{pod: c}}}}\nspec: {{nodeName: n2, containers: [{{name: c}}]}}\nstatus: {{phase: Running, podIP: 10.128.2.20}}\n"),

@@ -8,6 +8,8 @@ use crate::model::namespace::NAME_LABEL;
 use crate::model::policy::{Namespaces, Peer, Policy, PortSpec};
 use crate::model::service::Protocol;
 use crate::model::{ClusterModel, Pod};
+use crate::netfilter::sets::{IpSet, SetKind};
+use std::sync::Arc;
 
 /// A namespace's labels; a namespace the model has no object for has its name label only (as
 /// the API server gives every namespace).
@@ -32,7 +34,7 @@ pub fn selected<'a>(model: &'a ClusterModel, policy: &'a Policy) -> impl Iterato
         .pods
         .range((policy.namespace.clone(), String::new())..)
         .take_while(move |((ns, _), _)| *ns == policy.namespace)
-        .map(|(_, p)| p)
+        .map(|(_, p)| &**p)
         .filter(move |p| policy.pod_selector.matches(&p.labels))
 }
 
@@ -95,6 +97,13 @@ pub enum Membership {
 }
 
 impl Membership {
+    fn kind(&self) -> SetKind {
+        match self {
+            Membership::Peer(_) => SetKind::HashIp,
+            Membership::Named { .. } => SetKind::HashIpPort,
+        }
+    }
+
     /// What one pod contributes.
     fn of(&self, model: &ClusterModel, pod: &Pod) -> Option<String> {
         match self {
@@ -128,22 +137,21 @@ pub struct Cache {
     used: std::collections::HashSet<Membership>,
 }
 
-use std::collections::BTreeSet;
-
 /// A set's members and how many pods contribute each.
 #[derive(Debug, Default)]
 struct Members {
     count: BTreeMap<String, usize>,
-    /// The members, kept in step with `count`.
-    set: BTreeSet<String>,
+    /// The set of the members, made when asked for and kept until they change (an unchanged
+    /// set is the same `Arc` from one render to the next).
+    set: Option<Arc<IpSet>>,
 }
 
 impl Members {
     fn add(&mut self, m: String) {
-        let n = self.count.entry(m.clone()).or_default();
+        let n = self.count.entry(m).or_default();
         *n += 1;
         if *n == 1 {
-            self.set.insert(m);
+            self.set = None;
         }
     }
 
@@ -152,7 +160,7 @@ impl Members {
             *n -= 1;
             if *n == 0 {
                 self.count.remove(m);
-                self.set.remove(m);
+                self.set = None;
             }
         }
     }
@@ -185,20 +193,28 @@ impl Cache {
         }
     }
 
-    /// The members of a set, from the cache or computed over every pod.
-    pub fn members(&mut self, model: &ClusterModel, membership: Membership) -> &BTreeSet<String> {
-        self.used.insert(membership.clone());
-        &self
-            .sets
-            .entry(membership)
-            .or_insert_with_key(|m| {
+    /// A set of a membership's members, from the cache or computed over every pod.
+    pub fn set(&mut self, model: &ClusterModel, membership: &Membership) -> Arc<IpSet> {
+        if !self.used.contains(membership) {
+            self.used.insert(membership.clone());
+        }
+        let members = match self.sets.get_mut(membership) {
+            Some(m) => m,
+            None => {
                 let mut members = Members::default();
-                for p in model.pods.values().filter_map(|p| m.of(model, p)) {
+                for p in model.pods.values().filter_map(|p| membership.of(model, p)) {
                     members.add(p);
                 }
-                members
+                self.sets.entry(membership.clone()).or_insert(members)
+            }
+        };
+        let kind = membership.kind();
+        Arc::clone(members.set.get_or_insert_with(|| {
+            Arc::new(IpSet {
+                kind,
+                members: members.count.keys().cloned().collect(),
             })
-            .set
+        }))
     }
 }
 
@@ -216,6 +232,11 @@ fn changed_pods(a: &ClusterModel, b: &ClusterModel) -> Vec<(String, String)> {
             }
             (None, Some((k, _))) => {
                 out.push((*k).clone());
+                y.next();
+            }
+            // The same pod (one `Arc`) is under the same key: no need to compare the keys.
+            (Some((_, pa)), Some((_, pb))) if Arc::ptr_eq(pa, pb) => {
+                x.next();
                 y.next();
             }
             (Some((ka, pa)), Some((kb, pb))) => match ka.cmp(kb) {

@@ -6,8 +6,9 @@
 //! destination is a UDP Service port's address (cluster IP, external IP, load-balancer IP, each
 //! with the port) or its NodePort, and whose reply source (where it was DNATed to, or the
 //! Service address itself when it was not DNATed) is not a serving endpoint of that Service
-//! port, is deleted. Nothing is remembered from one sync to the next: a restart, a missed
-//! change or a failed delete is made good by the next sync.
+//! port, is deleted. Only what the flows were judged by is remembered from one sync to the
+//! next (`Reconciler`: a sync that changes none of it lists nothing); a restart, a failed list
+//! or delete, and every full sync start again from the kernel's table.
 //!
 //! `stale` is the policy, a pure function; `Conntrack` is the seam to the kernel: `Netlink`
 //! (ctnetlink through a netlink socket of the current network namespace) and `Fake` (in
@@ -84,56 +85,74 @@ pub trait Conntrack: Send {
     fn delete(&self, flows: &[Flow]) -> Result<usize, ConntrackError>;
 }
 
-/// The flows of `flows` that are stale for `services`. `node_port_ips` are the addresses the
-/// node answers NodePorts on: a flow to a NodePort on another address is not ours (kube-proxy
-/// matches the port alone; a host's own UDP service on another address would lose its flows).
-pub fn stale(services: &Services, node_port_ips: &HashSet<Ipv4Addr>, flows: &[Flow]) -> Vec<Flow> {
-    // Every UDP Service port's serving endpoint addresses, by its addresses and its NodePort.
-    // Changes to a Service must not break flows that still go to a serving endpoint, so
-    // traffic policies, topology and terminating do not count (as in kube-proxy).
-    let mut serving: Vec<HashSet<Ipv4Addr>> = Vec::new();
-    let mut by_addr: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
-    let mut by_node_port: HashMap<u16, usize> = HashMap::new();
-    for (spn, port) in &services.ports {
-        if spn.protocol != Protocol::Udp {
-            continue;
+/// What flows are judged by: every UDP Service port's serving endpoint addresses, by its
+/// addresses and its NodePort. Changes to a Service must not break flows that still go to a
+/// serving endpoint, so traffic policies, topology and terminating do not count (as in
+/// kube-proxy).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UdpServices {
+    serving: Vec<HashSet<Ipv4Addr>>,
+    by_addr: HashMap<(Ipv4Addr, u16), usize>,
+    by_node_port: HashMap<u16, usize>,
+}
+
+impl UdpServices {
+    pub fn of(services: &Services) -> UdpServices {
+        let mut v = UdpServices::default();
+        for (spn, port) in &services.ports {
+            if spn.protocol != Protocol::Udp {
+                continue;
+            }
+            let i = v.serving.len();
+            v.serving.push(
+                services
+                    .endpoints
+                    .get(spn)
+                    .into_iter()
+                    .flatten()
+                    .filter(|e| e.serving)
+                    .map(|e| e.ip)
+                    .collect(),
+            );
+            let ips = std::iter::once(&port.cluster_ip)
+                .chain(&port.external_ips)
+                .chain(&port.load_balancer_ips);
+            for ip in ips {
+                v.by_addr.insert((*ip, port.port), i);
+            }
+            if let Some(np) = port.node_port {
+                v.by_node_port.insert(np, i);
+            }
         }
-        let i = serving.len();
-        serving.push(
-            services
-                .endpoints
-                .get(spn)
-                .into_iter()
-                .flatten()
-                .filter(|e| e.serving)
-                .map(|e| e.ip)
-                .collect(),
-        );
-        let ips = std::iter::once(&port.cluster_ip)
-            .chain(&port.external_ips)
-            .chain(&port.load_balancer_ips);
-        for ip in ips {
-            by_addr.insert((*ip, port.port), i);
-        }
-        if let Some(np) = port.node_port {
-            by_node_port.insert(np, i);
-        }
+        v
     }
-    flows
-        .iter()
-        .filter(|f| {
-            let (dst, dport, by) = (f.orig.dst, f.orig.dport, f.reply.src);
-            let to_addr = by_addr.get(&(dst, dport));
-            let to_node_port = by_node_port
-                .get(&dport)
-                .filter(|_| node_port_ips.contains(&dst));
-            [to_addr, to_node_port]
-                .into_iter()
-                .flatten()
-                .any(|&i| !serving[i].contains(&by))
-        })
-        .copied()
-        .collect()
+
+    /// The flows of `flows` that are stale. `node_port_ips` are the addresses the node answers
+    /// NodePorts on: a flow to a NodePort on another address is not ours (kube-proxy matches
+    /// the port alone; a host's own UDP service on another address would lose its flows).
+    pub fn stale(&self, node_port_ips: &HashSet<Ipv4Addr>, flows: &[Flow]) -> Vec<Flow> {
+        flows
+            .iter()
+            .filter(|f| {
+                let (dst, dport, by) = (f.orig.dst, f.orig.dport, f.reply.src);
+                let to_addr = self.by_addr.get(&(dst, dport));
+                let to_node_port = self
+                    .by_node_port
+                    .get(&dport)
+                    .filter(|_| node_port_ips.contains(&dst));
+                [to_addr, to_node_port]
+                    .into_iter()
+                    .flatten()
+                    .any(|&i| !self.serving[i].contains(&by))
+            })
+            .copied()
+            .collect()
+    }
+}
+
+/// The flows of `flows` that are stale for `services` (see `UdpServices`).
+pub fn stale(services: &Services, node_port_ips: &HashSet<Ipv4Addr>, flows: &[Flow]) -> Vec<Flow> {
+    UdpServices::of(services).stale(node_port_ips, flows)
 }
 
 /// Lists the UDP flows, deletes the stale ones; returns how many it deleted. Errors are
@@ -143,22 +162,61 @@ pub fn reconcile(
     services: &Services,
     node_port_ips: &HashSet<Ipv4Addr>,
 ) -> usize {
+    clear(ct, &UdpServices::of(services), node_port_ips).unwrap_or(0)
+}
+
+/// `reconcile`, after each sync, skipped when nothing it judges by changed since it last
+/// succeeded. A dump walks the whole conntrack hash table (every network namespace's buckets:
+/// 10 ms on an idle node), and most syncs (a pod or policy change) touch no UDP Service. A
+/// flow can only turn stale through a change of the UDP Services, their serving endpoints or
+/// the NodePort addresses; flows made since the last run went through rules that DNAT to
+/// serving endpoints. Full syncs run it regardless, as a backstop.
+#[derive(Debug, Default)]
+pub struct Reconciler {
+    done: Option<(UdpServices, HashSet<Ipv4Addr>)>,
+}
+
+impl Reconciler {
+    /// Returns how many flows it deleted, or None when it was skipped.
+    pub fn after_sync(
+        &mut self,
+        ct: &dyn Conntrack,
+        services: &Services,
+        node_port_ips: HashSet<Ipv4Addr>,
+        full: bool,
+    ) -> Option<usize> {
+        let view = UdpServices::of(services);
+        if !full && matches!(&self.done, Some((v, ips)) if *v == view && *ips == node_port_ips) {
+            return None;
+        }
+        let r = clear(ct, &view, &node_port_ips);
+        self.done = r.map(|_| (view, node_port_ips));
+        Some(r.unwrap_or(0))
+    }
+}
+
+/// Lists, judges and deletes; None when listing or deleting failed (logged).
+fn clear(
+    ct: &dyn Conntrack,
+    view: &UdpServices,
+    node_port_ips: &HashSet<Ipv4Addr>,
+) -> Option<usize> {
     let start = Instant::now();
     let flows = match ct.list_udp() {
         Ok(f) => f,
         Err(e) => {
             warn!(error = %e, "cannot list conntrack entries; stale UDP flows stay until the next sync");
-            return 0;
+            return None;
         }
     };
-    let stale = stale(services, node_port_ips, &flows);
+    let stale = view.stale(node_port_ips, &flows);
     if stale.is_empty() {
         debug!(
             flows = flows.len(),
             took_ms = start.elapsed().as_millis() as u64,
             "no stale UDP conntrack entries"
         );
-        return 0;
+        return Some(0);
     }
     for f in &stale {
         debug!(flow = %f, "deleting stale UDP conntrack entry");
@@ -171,11 +229,11 @@ pub fn reconcile(
                 took_ms = start.elapsed().as_millis() as u64,
                 "cleared stale UDP conntrack entries"
             );
-            n
+            Some(n)
         }
         Err(e) => {
             warn!(error = %e, "cannot delete stale UDP conntrack entries; the next sync tries again");
-            0
+            None
         }
     }
 }
@@ -377,10 +435,13 @@ fn tuple_of(t: &[Tuple]) -> Option<Tuple4> {
 pub struct Fake {
     pub flows: Arc<Mutex<BTreeSet<Flow>>>,
     pub deleted: Arc<Mutex<Vec<Flow>>>,
+    /// How many times the flows were listed.
+    pub lists: Arc<Mutex<usize>>,
 }
 
 impl Conntrack for Fake {
     fn list_udp(&self) -> Result<Vec<Flow>, ConntrackError> {
+        *self.lists.lock().unwrap_or_else(|p| p.into_inner()) += 1;
         let flows = self.flows.lock().unwrap_or_else(|p| p.into_inner());
         Ok(flows.iter().copied().collect())
     }
@@ -529,6 +590,51 @@ mod tests {
         assert_eq!(*ct.deleted.lock().unwrap(), [dead]);
         assert_eq!(reconcile(&ct, &s, &node_ips()), 0);
         assert_eq!(ct.list_udp().unwrap(), [live]);
+    }
+
+    /// A conntrack table that cannot be listed.
+    struct Unlistable;
+
+    impl Conntrack for Unlistable {
+        fn list_udp(&self) -> Result<Vec<Flow>, ConntrackError> {
+            Err(ConntrackError::Dump("test".into()))
+        }
+
+        fn delete(&self, _: &[Flow]) -> Result<usize, ConntrackError> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn the_reconciler_lists_flows_again_only_when_what_judges_them_changed() {
+        let ct = Fake::default();
+        let lists = || *ct.lists.lock().unwrap();
+        let mut r = Reconciler::default();
+        let dead = flow("172.30.0.10", 53, "10.128.9.9");
+        ct.flows.lock().unwrap().insert(dead);
+        let s = services(&[("10.128.0.5", true)]);
+        assert_eq!(r.after_sync(&ct, &s, node_ips(), false), Some(1));
+        // A sync that changed no UDP Service: nothing can have turned stale.
+        assert_eq!(r.after_sync(&ct, &s, node_ips(), false), None);
+        assert_eq!(lists(), 1);
+        // Each of these lists again: the endpoint stops serving, a NodePort address comes,
+        // a full sync.
+        ct.flows
+            .lock()
+            .unwrap()
+            .insert(flow("172.30.0.10", 53, "10.128.0.5"));
+        let gone = services(&[("10.128.0.5", false)]);
+        assert_eq!(r.after_sync(&ct, &gone, node_ips(), false), Some(1));
+        let mut more = node_ips();
+        more.insert(ip("192.168.77.12"));
+        assert_eq!(r.after_sync(&ct, &gone, more.clone(), false), Some(0));
+        assert_eq!(r.after_sync(&ct, &gone, more.clone(), true), Some(0));
+        assert_eq!(lists(), 4);
+        // A failed list is not remembered as done: the next sync lists.
+        let mut r = Reconciler::default();
+        assert_eq!(r.after_sync(&Unlistable, &s, node_ips(), false), Some(0));
+        assert_eq!(r.after_sync(&ct, &s, node_ips(), false), Some(0));
+        assert_eq!(lists(), 5);
     }
 
     #[test]

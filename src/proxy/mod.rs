@@ -87,6 +87,7 @@ pub struct Proxy {
     /// The model whose Services the kernel holds.
     synced: Option<Arc<ClusterModel>>,
     conntrack: Box<dyn Conntrack>,
+    reconciler: conntrack::Reconciler,
     addresses: Box<dyn LocalAddresses>,
     metrics: ProxyMetrics,
     /// What the last render carries that the kernel does not hold yet.
@@ -112,6 +113,7 @@ impl Proxy {
             scope: None,
             synced: None,
             conntrack,
+            reconciler: conntrack::Reconciler::default(),
             addresses: Box::new(Interfaces),
             metrics,
             pending: Changes::default(),
@@ -189,13 +191,18 @@ impl Producer for Proxy {
         render::owns
     }
 
-    fn synced(&mut self, model: &Arc<ClusterModel>, _report: &SyncReport) {
+    fn synced(&mut self, model: &Arc<ClusterModel>, report: &SyncReport) {
         if let Some(scope) = &self.scope {
             let node_port_ips = match &scope.node_ports {
                 NodePorts::Local => self.addresses.ipv4().into_iter().collect(),
                 NodePorts::Addresses(ips) => ips.iter().copied().collect(),
             };
-            conntrack::reconcile(&*self.conntrack, &model.services, &node_port_ips);
+            self.reconciler.after_sync(
+                &*self.conntrack,
+                &model.services,
+                node_port_ips,
+                report.full,
+            );
         }
         self.metrics.synced(&self.stats, self.pending);
         self.pending = Changes::default();

@@ -297,7 +297,7 @@ impl Tracer<'_> {
     }
 
     fn pod_at(&self, ip: Ipv4Addr) -> Option<&Pod> {
-        self.model.pods.values().find(|p| p.ip == ip)
+        self.model.pods.values().find(|p| p.ip == ip).map(|p| &**p)
     }
 
     /// The Service a destination is, for the notes on affinity and traffic policies.

@@ -122,7 +122,7 @@ pub struct Resolved {
 }
 
 fn pod_by_ip(model: &ClusterModel, ip: Ipv4Addr) -> Option<&Pod> {
-    model.pods.values().find(|p| p.ip == ip)
+    model.pods.values().find(|p| p.ip == ip).map(|p| &**p)
 }
 
 /// Resolves an end; `dst` for a destination (Services and NodePorts are destinations only).
@@ -135,7 +135,7 @@ pub fn resolve(end: &End, model: &ClusterModel, dst: bool) -> Result<Resolved, S
                 .get(&(namespace.clone(), name.clone()))
                 .ok_or_else(|| format!("no pod {namespace}/{name} with an address in the model"))?;
             Resolved {
-                place: Place::Pod(pod.clone()),
+                place: Place::Pod((**pod).clone()),
                 ip: pod.ip,
                 port: None,
                 proto,
