@@ -2,7 +2,6 @@
 //! masquerade): the real iptables tools, with each backend, inside a fresh network namespace
 //! (the tools inherit the namespace of the thread that runs them).
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -379,75 +378,91 @@ fn without_the_proxy_only_egress_rules_are_written_and_kube_proxys_chains_stay()
     assert!(now.contains("-A RSDN-MASQUERADE -m comment --comment \"pod traffic leaving the cluster network\" -j MASQUERADE --random-fully"), "{now}");
 }
 
-/// A restore the kernel refuses (here: deleting a stale chain that a foreign rule still jumps
-/// to) names the line, counts the failure, backs off, and the next sync is full and succeeds
-/// once the obstacle is gone. On iptables-legacy (one transaction per table) the previous
-/// rules stay as they were; on nf_tables a full sync is staged, each transaction whole: the
-/// ones before the refused deletion are in (the new rules), the stale chain is still there.
+/// ns1/svc1:p80's chain, and CLUSTER without svc1 (its first two documents).
+const SVC1: &str = "KUBE-SVC-XPGD46QRK7WJZT7O";
+
+fn without_svc1() -> String {
+    CLUSTER
+        .split("\n---\n")
+        .skip(2)
+        .collect::<Vec<_>>()
+        .join("\n---\n")
+}
+
+/// A restore the kernel refuses (here: a partial sync deleting the chain of a Service that is
+/// gone, which a foreign rule still jumps to) names the line, counts the failure, leaves the
+/// table as it was (a partial sync is one transaction per table), backs off, and the next sync
+/// is full and succeeds (once the obstacle is gone; when it stays:
+/// `a_gone_chain_another_rule_jumps_to_is_emptied_and_the_rest_applied`).
 #[test]
 fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
     need_root!();
+    let (svc, without) = (SVC1, without_svc1());
     for backend in BACKENDS {
         let ns = Netns::new("px");
         let tool = format!("iptables-{}", backend.name());
-        for args in [
-            &["-t", "nat", "-N", "KUBE-SVC-STALESTALESTALE1"][..],
-            &[
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-j",
-                "KUBE-SVC-STALESTALESTALE1",
-            ][..],
-        ] {
-            let mut cmd = vec![tool.as_str()];
-            cmd.extend_from_slice(args);
-            let (ok, out) = ns.run(&cmd);
-            assert!(ok, "{out}");
-        }
-        let before = save(&ns, backend);
-        let m = model(CLUSTER);
         let ns_name = ns.name.clone();
-        let (err, retry_set, full_due, metrics, after_failure, retried) = ns.on_thread(move || {
-            let mut reg = prometheus_client::registry::Registry::default();
-            let mut e = Engine::new(
-                Tools { backend },
-                Settings::default(),
-                EngineMetrics::register(&mut reg),
-            );
-            let mut p = producers(true);
-            let t0 = Instant::now();
-            let err = e.sync(combine(&mut p, &m), t0).unwrap_err().to_string();
-            let (retry_set, full_due) = (e.retry_at().is_some(), e.full_due(t0));
-            let mut metrics = String::new();
-            prometheus_client::encoding::text::encode(&mut metrics, &reg).unwrap();
-            let after_failure =
-                std::process::Command::new(format!("iptables-{}-save", backend.name()))
-                    .output()
-                    .unwrap();
-            // The obstacle goes; the retry is full and succeeds.
-            let del = std::process::Command::new(format!("iptables-{}", backend.name()))
-                .args([
+        let without = without.clone();
+        let (before, err, retry_set, full_due, metrics, after_failure, retried) =
+            ns.on_thread(move || {
+                let mut reg = prometheus_client::registry::Registry::default();
+                let mut e = Engine::new(
+                    Tools { backend },
+                    Settings::default(),
+                    EngineMetrics::register(&mut reg),
+                );
+                let mut p = producers(true);
+                let t0 = Instant::now();
+                e.sync(combine(&mut p, &model(CLUSTER)), t0).unwrap();
+                let jump = [
                     "-t",
                     "nat",
-                    "-D",
+                    "-I",
                     "PREROUTING",
+                    "-s",
+                    "192.0.2.1/32",
                     "-j",
-                    "KUBE-SVC-STALESTALESTALE1",
-                ])
-                .status()
-                .unwrap();
-            assert!(del.success(), "{ns_name}");
-            let retried = e
-                .sync(combine(&mut p, &m), t0 + Duration::from_secs(1))
-                .unwrap();
-            (err, retry_set, full_due, metrics, after_failure, retried)
-        });
-        assert!(
-            err.contains("-X KUBE-SVC-STALESTALESTALE1"),
-            "{backend:?}: {err}"
-        );
+                    svc,
+                ];
+                let run = |args: &[&str]| {
+                    let out = std::process::Command::new(&tool)
+                        .args(args)
+                        .output()
+                        .unwrap();
+                    assert!(out.status.success(), "{ns_name} {args:?}: {out:?}");
+                };
+                run(&jump);
+                let save = || {
+                    std::process::Command::new(format!("iptables-{}-save", backend.name()))
+                        .output()
+                        .unwrap()
+                };
+                let before = save();
+                let m = model(&without);
+                let t1 = t0 + Duration::from_secs(1);
+                let err = e.sync(combine(&mut p, &m), t1).unwrap_err().to_string();
+                let (retry_set, full_due) = (e.retry_at().is_some(), e.full_due(t1));
+                let mut metrics = String::new();
+                prometheus_client::encoding::text::encode(&mut metrics, &reg).unwrap();
+                let after_failure = save();
+                // The obstacle goes; the retry is full and succeeds.
+                let mut del = jump.to_vec();
+                del[2] = "-D";
+                run(&del);
+                let retried = e
+                    .sync(combine(&mut p, &m), t1 + Duration::from_secs(1))
+                    .unwrap();
+                (
+                    before,
+                    err,
+                    retry_set,
+                    full_due,
+                    metrics,
+                    after_failure,
+                    retried,
+                )
+            });
+        assert!(err.contains(&format!("-X {svc}")), "{backend:?}: {err}");
         assert!(
             retry_set && full_due,
             "{backend:?}: no backoff or no full retry"
@@ -458,33 +473,19 @@ fn a_failed_sync_keeps_the_rules_backs_off_and_retries_in_full() {
             ),
             "{metrics}"
         );
-        let after_failure = normalize(&String::from_utf8_lossy(&after_failure.stdout));
+        assert_eq!(
+            normalize(&String::from_utf8_lossy(&after_failure.stdout)),
+            normalize(&String::from_utf8_lossy(&before.stdout)),
+            "{backend:?}: what a failed sync left"
+        );
         assert!(
             retried.full,
             "{backend:?}: the retry after a failure is full"
         );
         let done = save(&ns, backend);
-        assert!(!done.contains("STALESTALE"), "{backend:?}");
-        let expected = match backend {
-            Backend::Legacy => before,
-            // The nat table's chains as the retry wrote them, and the stale chain with the rule
-            // that jumps to it; the restore stopped there: the tables after nat are untouched,
-            // and the built-in chains do not jump to ours yet (that follows a restore's success).
-            Backend::Nft => {
-                let nat = done.lines().filter(|l| {
-                    l.starts_with("nat ")
-                        && !["PREROUTING", "OUTPUT", "POSTROUTING"]
-                            .iter()
-                            .any(|c| l.starts_with(&format!("nat -A {c} ")))
-                });
-                let lines: BTreeSet<&str> = nat.chain(before.lines()).collect();
-                lines.into_iter().collect::<Vec<_>>().join("\n")
-            }
-        };
-        assert_eq!(
-            after_failure.lines().collect::<BTreeSet<_>>(),
-            expected.lines().collect::<BTreeSet<_>>(),
-            "{backend:?}: what a failed sync left"
+        assert!(
+            !done.contains(svc) && !done.contains("172.30.0.41"),
+            "{backend:?}: {done}"
         );
     }
 }
@@ -714,4 +715,63 @@ fn the_conntrack_reconciler_deletes_stale_udp_flows_through_netlink() {
     // Deleting a flow that is already gone is no error.
     let gone = listed.into_iter().find(|f| f.orig.sport == 40002).unwrap();
     assert_eq!(ns.on_thread(move || Netlink.delete(&[gone]).unwrap()), 0);
+}
+
+/// A chain of ours that another program's rule jumps to, when its Service goes: the partial
+/// sync's delete is refused (and the whole table's transaction with it); the full sync that
+/// follows the failure empties the chain, keeps it, and applies everything else.
+#[test]
+fn a_gone_chain_another_rule_jumps_to_is_emptied_and_the_rest_applied() {
+    need_root!();
+    let (svc, without) = (SVC1, without_svc1());
+    for backend in BACKENDS {
+        let ns = Netns::new("px");
+        let tool = format!("iptables-{}", backend.name());
+        let without = without.clone();
+        let (refused, full) = ns.on_thread(move || {
+            let (mut e, mut p) = (engine(backend), producers(true));
+            let t0 = Instant::now();
+            e.sync(combine(&mut p, &model(CLUSTER)), t0).unwrap();
+            for args in [
+                vec!["-t", "nat", "-N", "OTHER"],
+                vec!["-t", "nat", "-A", "OTHER", "-s", "192.0.2.1/32", "-j", svc],
+            ] {
+                let out = std::process::Command::new(&tool)
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{args:?}: {out:?}");
+            }
+            let m = model(&without);
+            let refused = e.sync(combine(&mut p, &m), t0 + Duration::from_secs(1));
+            let full = e.sync(combine(&mut p, &m), e.retry_at().unwrap());
+            (refused.is_err(), full)
+        });
+        assert!(
+            refused,
+            "{backend:?}: the partial sync's delete was not refused"
+        );
+        let full = full.unwrap_or_else(|e| panic!("{backend:?}: the full sync failed: {e}"));
+        assert!(full.full, "{backend:?}: {full:?}");
+        let after = save(&ns, backend);
+        let lines: Vec<&str> = after.lines().collect();
+        assert!(
+            lines.contains(&format!("nat :{svc}").as_str()),
+            "{backend:?}: {after}"
+        );
+        assert!(
+            !lines
+                .iter()
+                .any(|l| l.starts_with(&format!("nat -A {svc} "))),
+            "{backend:?}: {svc} not emptied:\n{after}"
+        );
+        assert!(
+            !after.contains("172.30.0.41") && after.contains("172.30.0.42"),
+            "{backend:?}: svc1 still in KUBE-SERVICES, or svc2 gone:\n{after}"
+        );
+        assert!(
+            lines.contains(&format!("nat -A OTHER -s 192.0.2.1/32 -j {svc}").as_str()),
+            "{backend:?}: {after}"
+        );
+    }
 }

@@ -15,6 +15,11 @@
 //!   the next, full, sync writes over them.
 //! - A failed sync keeps the last ruleset that succeeded as the base of the next diff, backs
 //!   off (1 s doubling to 30 s) and makes the next sync full.
+//! - A chain of ours that is gone but that another program's rule (or a stale rule in a
+//!   built-in chain) jumps to cannot be deleted: iptables would refuse the whole table. A full
+//!   sync finds such rules in what it read and empties the chain instead, with a warning; a
+//!   full sync after the rule is gone deletes it. (A partial sync does not read the tables: its
+//!   delete fails, and the full sync that follows a failure 1 s later does the rest.)
 //! - `check` reads the kernel back: a cheap probe of the built-in chains' jumps (a flush of a
 //!   table empties them first) and, less often, a whole table compared chain by chain with what
 //!   was written (see `verify`). Jumps are put back at once; drifted chains are rewritten by the
@@ -36,6 +41,27 @@ use super::save::Saved;
 use super::sets;
 use super::tools::{Iptables, IptablesError};
 use super::verify::{verify, Baseline, Drift, DriftKind};
+
+/// The chains that rules a sync leaves in place jump to, per table: the rules of the chains
+/// that are neither in the ruleset (written whole) nor ours by name (deleted when stale):
+/// built-in chains and other programs' chains. A chain of ours one of them jumps to cannot be
+/// deleted (iptables refuses, and the whole table's transaction with it); it is emptied.
+fn pinned(saved: &[(TableName, Saved)], ruleset: &Ruleset, owned: payload::Owns) -> ChainSet {
+    saved
+        .iter()
+        .map(|(t, s)| {
+            let names = ruleset.chain_names(*t);
+            let targets = s
+                .chains
+                .iter()
+                .filter(|(c, _)| !names.contains(*c) && !owned(*t, c))
+                .flat_map(|(_, rules)| rules.iter().filter_map(|r| super::ruleset::target(r)))
+                .map(str::to_string)
+                .collect();
+            (*t, targets)
+        })
+        .collect()
+}
 
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -275,11 +301,13 @@ impl<I: Iptables> Engine<I> {
 
         let started = Instant::now();
         let owned = desired.owned.clone();
+        let pinned = pinned(&saved, &desired.ruleset, &*owned);
         let cx = Context {
             dirty: Some(&self.dirty),
             absent: Some(&self.missing),
             kernel: full.then_some(&kernel),
             owned: full.then_some(&*owned as payload::Owns),
+            pinned: full.then_some(&pinned),
             // iptables-legacy rewrites a whole table per transaction: one is cheapest there.
             transactions: match self.ipt.backend() {
                 Backend::Nft if self.settings.staged_names > 0 => Transactions::Staged {
@@ -370,6 +398,14 @@ impl<I: Iptables> Engine<I> {
             info!(
                 chains = report.repaired,
                 "drifted iptables chains rewritten"
+            );
+        }
+        for (t, chains) in &p.kept {
+            warn!(
+                table = %t,
+                chains = ?chains,
+                "chains of rsdn's that are gone were emptied but not deleted: a rule rsdn does \
+                 not own jumps to them (see iptables-save); a full sync deletes them once it is gone"
             );
         }
         self.applied = Some(desired.ruleset);

@@ -410,3 +410,38 @@ fn a_tampered_set_is_rewritten_and_a_stale_set_of_ours_destroyed_on_a_full_sync(
     assert_eq!((r.full, r.repaired), (false, 1));
     assert_eq!(f.sets()["RSDN-P-WEB"].members.len(), 1);
 }
+
+#[test]
+fn a_gone_chain_that_a_foreign_rule_jumps_to_is_emptied_and_blocks_nothing() {
+    let f = FakeIptables::new();
+    let mut e = engine(&f);
+    let t0 = Instant::now();
+    e.sync(desired(&["10.128.0.5:80", "10.128.2.5:80"]), t0)
+        .unwrap();
+    // Another program's chain jumps to Service 1's chain.
+    f.tamper(TableName::Nat, |t| {
+        t.insert("OTHER".into(), vec!["-s 192.0.2.1 -j KUBE-SVC-1".into()]);
+    });
+    // Service 1 goes and Service 0 moves: the partial sync cannot delete KUBE-SVC-1 and
+    // fails; the full sync that follows writes everything, empties KUBE-SVC-1 and keeps it.
+    let d = desired(&["10.128.0.9:80"]);
+    assert!(e.sync(d.clone(), t0 + Duration::from_secs(1)).is_err());
+    let r = e.sync(d.clone(), e.retry_at().unwrap()).unwrap();
+    assert!(r.full);
+    assert_eq!(f.rules(TableName::Nat, "KUBE-SVC-1"), Some(vec![]));
+    assert_eq!(f.rules(TableName::Nat, "KUBE-SEP-1"), None, "deleted");
+    assert_eq!(
+        f.rules(TableName::Nat, "KUBE-SEP-0").unwrap(),
+        ["-p tcp -j DNAT --to-destination 10.128.0.9:80"]
+    );
+    assert_eq!(e.status().failures, 0);
+    // Later full syncs keep succeeding; once the foreign rule is gone, the chain goes.
+    let t1 = t0 + Duration::from_secs(7200);
+    assert!(e.sync(d.clone(), t1).unwrap().full);
+    assert!(f.rules(TableName::Nat, "KUBE-SVC-1").is_some());
+    f.tamper(TableName::Nat, |t| {
+        t.remove("OTHER");
+    });
+    assert!(e.sync(d, t1 + Duration::from_secs(7200)).unwrap().full);
+    assert_eq!(f.rules(TableName::Nat, "KUBE-SVC-1"), None);
+}

@@ -1,5 +1,6 @@
 //! The iptables-restore input that moves the kernel from one ruleset to another. Chains whose
-//! rules are unchanged are left out; chains that are gone are flushed and deleted. A table
+//! rules are unchanged are left out; chains that are gone are flushed and deleted (only
+//! flushed where a rule we do not write jumps to them: `Context::pinned`). A table
 //! with nothing to change is left out entirely; an empty payload means nothing to do.
 //!
 //! A table is one transaction (`*table` ... `COMMIT`), except in a full payload staged for
@@ -58,6 +59,10 @@ pub struct Context<'a> {
     /// it is there (deleting a missing chain fails the whole table).
     pub kernel: Option<&'a ChainSet>,
     pub owned: Option<Owns<'a>>,
+    /// Chains a rule that stays in the kernel jumps to (a rule of another program's chain or
+    /// of a built-in chain, found by a full sync's read): one of them that is gone is emptied
+    /// but not deleted, since deleting a chain something jumps to fails the whole table.
+    pub pinned: Option<&'a ChainSet>,
     /// For a full payload.
     pub transactions: Transactions,
 }
@@ -69,6 +74,8 @@ pub struct Payload {
     /// Chains written, per table (for a partial payload; a full one writes every chain).
     pub written: ChainSet,
     pub deleted: ChainSet,
+    /// Chains that are gone but pinned (`Context::pinned`): emptied, kept.
+    pub kept: ChainSet,
     /// Rules (`-A` lines) written, per table: kube-proxy's `sync_proxy_rules_iptables_last`.
     pub rules: BTreeMap<TableName, usize>,
     /// Transactions (`COMMIT`s).
@@ -135,6 +142,10 @@ pub fn payload(before: Option<&Ruleset>, after: &Ruleset, scope: Scope, cx: Cont
         if changed.is_empty() && gone.is_empty() {
             continue;
         }
+        let pinned: BTreeSet<&str> = match cx.pinned.and_then(|p| p.get(&table)) {
+            Some(p) => gone.iter().copied().filter(|c| p.contains(*c)).collect(),
+            None => BTreeSet::new(),
+        };
         changed.sort_unstable_by(|a, b| a.0.cmp(b.0));
         changed.dedup_by(|a, b| a.0 == b.0);
         match (cx.transactions, cx.kernel.and_then(|k| k.get(&table))) {
@@ -145,10 +156,10 @@ pub fn payload(before: Option<&Ruleset>, after: &Ruleset, scope: Scope, cx: Cont
                     names: names.max(1),
                     ahead: &|c: &str| !top.contains_key(c) || !kernel.contains(c),
                 };
-                out.transactions += staged.write(&mut out.text, &changed, &gone);
+                out.transactions += staged.write(&mut out.text, &changed, &gone, &pinned);
             }
             _ => {
-                write_table(&mut out.text, table, &changed, &gone);
+                write_table(&mut out.text, table, &changed, &gone, &pinned);
                 out.transactions += 1;
             }
         }
@@ -162,8 +173,14 @@ pub fn payload(before: Option<&Ruleset>, after: &Ruleset, scope: Scope, cx: Cont
             out.written
                 .insert(table, changed.iter().map(|(n, _)| (*n).clone()).collect());
         }
-        out.deleted
-            .insert(table, gone.iter().map(|n| n.to_string()).collect());
+        out.deleted.insert(
+            table,
+            gone.difference(&pinned).map(|n| n.to_string()).collect(),
+        );
+        if !pinned.is_empty() {
+            out.kept
+                .insert(table, pinned.iter().map(|n| n.to_string()).collect());
+        }
     }
     out
 }
@@ -217,11 +234,13 @@ fn changes<'a>(
     }
 }
 
+/// One transaction: `changed` written, `gone` emptied and deleted (`pinned` ones only emptied).
 fn write_table(
     out: &mut String,
     table: TableName,
     changed: &[(&String, &String)],
     gone: &BTreeSet<&str>,
+    pinned: &BTreeSet<&str>,
 ) {
     // One allocation for what follows: a full payload runs to tens of megabytes.
     let size: usize = changed
@@ -240,7 +259,7 @@ fn write_table(
     for (_, rules) in changed {
         out.push_str(rules);
     }
-    for name in gone {
+    for name in gone.difference(pinned) {
         let _ = writeln!(out, "-X {name}");
     }
     out.push_str("COMMIT\n");
@@ -263,6 +282,7 @@ impl Staging<'_> {
         out: &mut String,
         changed: &[(&String, &String)],
         gone: &BTreeSet<&str>,
+        pinned: &BTreeSet<&str>,
     ) -> usize {
         let (ahead, last): (Vec<_>, Vec<_>) =
             changed.iter().copied().partition(|(n, _)| (self.ahead)(n));
@@ -293,15 +313,16 @@ impl Staging<'_> {
         let mut rest = &ahead[..];
         for size in cut {
             let (tx, more) = rest.split_at(size);
-            write_table(out, self.table, tx, &BTreeSet::new());
+            write_table(out, self.table, tx, &BTreeSet::new(), &BTreeSet::new());
             rest = more;
         }
         if !last.is_empty() {
-            write_table(out, self.table, &last, &BTreeSet::new());
+            write_table(out, self.table, &last, &BTreeSet::new(), &BTreeSet::new());
             count += 1;
         }
-        // Nothing jumps to the chains that are gone any more: emptied first, all of them (one
-        // may jump to another), then deleted.
+        // Nothing of ours jumps to the chains that are gone any more: emptied first, all of
+        // them (one may jump to another), then deleted (but the pinned ones).
+        let deleted: Vec<&str> = gone.difference(pinned).copied().collect();
         let gone: Vec<&str> = gone.iter().copied().collect();
         for tx in gone.chunks(self.names) {
             let _ = writeln!(out, "*{}", self.table);
@@ -310,14 +331,14 @@ impl Staging<'_> {
             }
             out.push_str("COMMIT\n");
         }
-        for tx in gone.chunks(self.names) {
+        for tx in deleted.chunks(self.names) {
             let _ = writeln!(out, "*{}", self.table);
             for name in tx {
                 let _ = writeln!(out, "-X {name}");
             }
             out.push_str("COMMIT\n");
         }
-        count + 2 * gone.len().div_ceil(self.names)
+        count + gone.len().div_ceil(self.names) + deleted.len().div_ceil(self.names)
     }
 }
 
