@@ -28,6 +28,9 @@ pub trait Producer: Send {
     fn owner(&self) -> Owner;
     /// The kernel now holds what `render` returned for `model`.
     fn synced(&mut self, _model: &Arc<ClusterModel>, _report: &SyncReport) {}
+    /// Rules had gone missing from the kernel (a flush, a jump or a chain deleted by hand) and
+    /// were put back: what went through the gap may need cleaning up.
+    fn repaired(&mut self, _model: &Arc<ClusterModel>) {}
     /// A look at the kernel's packet counters (every read back round): `packets(table, chain)`
     /// gives a chain's rules' counters.
     fn counters(&mut self, _packets: &dyn Fn(TableName, &str) -> Option<Vec<u64>>) {}

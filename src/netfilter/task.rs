@@ -56,9 +56,12 @@ pub async fn run<I: Iptables>(
                 health.busy(Loop::Iptables, now);
                 let joined = tokio::task::spawn_blocking(move || {
                     let mut round = Round::default();
+                    // Rules were missing and are back (producers hear of it after the sync).
+                    let mut repaired = false;
                     if check {
                         let c = engine.check(now);
                         if !c.jumps_fixed.is_empty() {
+                            repaired = true;
                             h.iptables_repaired(
                                 "jumps",
                                 format!(
@@ -84,6 +87,7 @@ pub async fn run<I: Iptables>(
                                     p.synced(&m, r);
                                 }
                                 if r.repaired > 0 {
+                                    repaired = true;
                                     h.iptables_repaired(
                                         "chains",
                                         format!("{} drifted chain(s) rewritten", r.repaired),
@@ -95,6 +99,11 @@ pub async fn run<I: Iptables>(
                             Err(e) => h.iptables_failed(e.to_string(), Instant::now()),
                         }
                         round.sync = Some(r);
+                    }
+                    if repaired {
+                        for p in producers.iter_mut() {
+                            p.repaired(&m);
+                        }
                     }
                     h.iptables_drift(engine.status().drift);
                     (engine, producers, round)
@@ -164,5 +173,134 @@ fn report(round: &Round) {
         ),
         Some(Err(e)) => error!(error = %e, "iptables sync failed"),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::netfilter::engine::Settings;
+    use crate::netfilter::fake::FakeIptables;
+    use crate::netfilter::jumps::{Jump, Position};
+    use crate::netfilter::metrics::EngineMetrics;
+    use crate::netfilter::producer::Owner;
+    use crate::netfilter::ruleset::{Ruleset, TableName};
+
+    /// One chain and its jump; counts what it hears.
+    struct Counting {
+        synced: Arc<AtomicUsize>,
+        repaired: Arc<AtomicUsize>,
+    }
+
+    impl Producer for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+
+        fn render(&mut self, _model: &Arc<ClusterModel>) -> Ruleset {
+            let mut r = Ruleset::default();
+            r.tables
+                .nat
+                .add("TEST-CHAIN", format_args!("-s 10.0.0.1/32 -j RETURN"));
+            r
+        }
+
+        fn jumps(&self) -> Vec<Jump> {
+            vec![Jump::new(
+                TableName::Nat,
+                "PREROUTING",
+                "",
+                "test",
+                "TEST-CHAIN",
+                Position::First,
+            )]
+        }
+
+        fn owner(&self) -> Owner {
+            |_, c| c.starts_with("TEST-")
+        }
+
+        fn synced(&mut self, _model: &Arc<ClusterModel>, _report: &SyncReport) {
+            self.synced.fetch_add(1, Ordering::SeqCst);
+        }
+
+        fn repaired(&mut self, _model: &Arc<ClusterModel>) {
+            self.repaired.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Until `done` holds, for at most 5 s.
+    async fn until(done: impl Fn() -> bool) -> bool {
+        for _ in 0..500 {
+            if done() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn producers_hear_when_missing_rules_were_put_back() {
+        let f = FakeIptables::new();
+        let settings = Settings {
+            probe_every: Duration::from_millis(20),
+            verify_every: Duration::from_millis(20),
+            ..Settings::default()
+        };
+        let engine = Engine::new(f.clone(), settings, EngineMetrics::unregistered());
+        let (synced, repaired) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let producers: Vec<Box<dyn Producer>> = vec![Box::new(Counting {
+            synced: synced.clone(),
+            repaired: repaired.clone(),
+        })];
+        let mut b = crate::model::ModelBuilder::default();
+        crate::source::dir::add_documents(
+            &mut b,
+            "node.yaml",
+            "kind: Node\nmetadata: {name: n1}\nspec: {podCIDR: 10.128.0.0/23}\nstatus: {addresses: [{type: InternalIP, address: 192.168.77.11}]}\n",
+        );
+        let model = b.finish(&crate::model::ModelScope {
+            cluster_network: "10.128.0.0/14".parse().unwrap(),
+            local_node: "n1".into(),
+            programmed: Default::default(),
+        });
+        let (_tx, rx) = watch::channel(Arc::new(model));
+        let health = Arc::new(Health::new(Duration::from_secs(5)));
+        let task = tokio::spawn(run(
+            engine,
+            producers,
+            rx,
+            "n1".into(),
+            Duration::from_millis(20),
+            health,
+        ));
+        assert!(
+            until(|| synced.load(Ordering::SeqCst) == 1).await,
+            "no first sync"
+        );
+        // Let a few probes pass: nothing is missing, nobody hears of a repair.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(repaired.load(Ordering::SeqCst), 0);
+        // A jump deleted by hand: put back by the probe, and the producers hear of it.
+        f.tamper(TableName::Nat, |t| t.get_mut("PREROUTING").unwrap().clear());
+        assert!(
+            until(|| repaired.load(Ordering::SeqCst) >= 1).await,
+            "not heard"
+        );
+        // The chain flushed: rewritten by a sync, and heard of again.
+        let before = repaired.load(Ordering::SeqCst);
+        f.tamper(TableName::Nat, |t| t.get_mut("TEST-CHAIN").unwrap().clear());
+        assert!(
+            until(|| repaired.load(Ordering::SeqCst) > before).await,
+            "the rewritten chain not heard of"
+        );
+        assert_eq!(
+            f.rules(TableName::Nat, "TEST-CHAIN").unwrap(),
+            ["-s 10.0.0.1/32 -j RETURN"]
+        );
+        task.abort();
     }
 }

@@ -20,7 +20,7 @@ use render::*;
 pub struct NetworkPolicies {
     node: String,
     metrics: PolicyMetrics,
-    /// Set members kept from one render to the next.
+    /// What one render keeps for the next: set members, pods' and policies' chains.
     cache: render::Cache,
     /// The last render, to tell whether a sync carried policy changes.
     last: Option<Ruleset>,

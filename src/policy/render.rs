@@ -450,7 +450,8 @@ pub fn render(model: &Arc<ClusterModel>, node: &str) -> (Ruleset, Stats) {
     render_cached(model, node, &mut Cache::default())
 }
 
-/// `render`, with the sets' members kept in `cache` from one render to the next.
+/// `render`, with what `cache` kept from the previous render (set members, pods' and
+/// policies' chains): a render after a small change costs about that change.
 pub fn render_cached(model: &Arc<ClusterModel>, node: &str, cache: &mut Cache) -> (Ruleset, Stats) {
     cache.members.update(model);
     cache.renders += 1;

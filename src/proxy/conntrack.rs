@@ -74,6 +74,8 @@ pub enum ConntrackError {
     Socket(#[source] std::io::Error),
     #[error("conntrack dump: {0}")]
     Dump(String),
+    #[error("{failed} of the stale entries could not be deleted ({deleted} were)")]
+    Undeleted { deleted: usize, failed: usize },
 }
 
 /// The kernel's conntrack table, as far as the proxy needs it.
@@ -81,7 +83,8 @@ pub trait Conntrack: Send {
     /// Every IPv4 UDP flow.
     fn list_udp(&self) -> Result<Vec<Flow>, ConntrackError>;
     /// Deletes `flows`; returns how many it deleted. A flow that is already gone is no error;
-    /// one that cannot be deleted is logged and the others still are.
+    /// one that cannot be deleted is logged, the others still are, and the result is
+    /// `Undeleted`.
     fn delete(&self, flows: &[Flow]) -> Result<usize, ConntrackError>;
 }
 
@@ -167,26 +170,29 @@ pub fn reconcile(
 
 /// `reconcile`, after each sync, skipped when nothing it judges by changed since it last
 /// succeeded. A dump walks the whole conntrack hash table (every network namespace's buckets:
-/// 10 ms on an idle node), and most syncs (a pod or policy change) touch no UDP Service. A
-/// flow can only turn stale through a change of the UDP Services, their serving endpoints or
-/// the NodePort addresses; flows made since the last run went through rules that DNAT to
-/// serving endpoints. Full syncs run it regardless, as a backstop.
+/// 10 ms on an idle node), and most syncs (a pod or policy change) touch no UDP Service. While
+/// the kernel holds the rules, a flow can only turn stale through a change of the UDP
+/// Services, their serving endpoints or the NodePort addresses: flows made since the last run
+/// went through rules that DNAT to serving endpoints. Rules put back after they went missing
+/// (a flush: flows in the gap were not DNATed) and full syncs run it regardless.
 #[derive(Debug, Default)]
 pub struct Reconciler {
     done: Option<(UdpServices, HashSet<Ipv4Addr>)>,
 }
 
 impl Reconciler {
-    /// Returns how many flows it deleted, or None when it was skipped.
+    /// Returns how many flows it deleted, or None when it was skipped. `always`: after a full
+    /// sync, or after rules that had gone missing were put back (flows that went through the
+    /// gap were not DNATed: stale, though the view did not change).
     pub fn after_sync(
         &mut self,
         ct: &dyn Conntrack,
         services: &Services,
         node_port_ips: HashSet<Ipv4Addr>,
-        full: bool,
+        always: bool,
     ) -> Option<usize> {
         let view = UdpServices::of(services);
-        if !full && matches!(&self.done, Some((v, ips)) if *v == view && *ips == node_port_ips) {
+        if !always && matches!(&self.done, Some((v, ips)) if *v == view && *ips == node_port_ips) {
             return None;
         }
         let r = clear(ct, &view, &node_port_ips);
@@ -324,7 +330,7 @@ impl Conntrack for Netlink {
 
     fn delete(&self, flows: &[Flow]) -> Result<usize, ConntrackError> {
         let socket = Self::socket()?;
-        let mut deleted = 0;
+        let (mut deleted, mut failed) = (0, 0);
         for (seq, f) in (1u32..).zip(flows) {
             let mut attrs = vec![ConntrackAttribute::CtaTupleOrig(tuple(f.orig))];
             if f.zone != 0 {
@@ -351,10 +357,14 @@ impl Conntrack for Netlink {
                 Some(code) => {
                     let e = std::io::Error::from_raw_os_error(-code.get());
                     warn!(flow = %f, error = %e, "cannot delete a conntrack entry");
+                    failed += 1;
                 }
             }
         }
-        Ok(deleted)
+        match failed {
+            0 => Ok(deleted),
+            _ => Err(ConntrackError::Undeleted { deleted, failed }),
+        }
     }
 }
 
@@ -437,6 +447,8 @@ pub struct Fake {
     pub deleted: Arc<Mutex<Vec<Flow>>>,
     /// How many times the flows were listed.
     pub lists: Arc<Mutex<usize>>,
+    /// Flows that cannot be deleted.
+    pub undeletable: Arc<Mutex<BTreeSet<Flow>>>,
 }
 
 impl Conntrack for Fake {
@@ -449,14 +461,20 @@ impl Conntrack for Fake {
     fn delete(&self, flows: &[Flow]) -> Result<usize, ConntrackError> {
         let mut table = self.flows.lock().unwrap_or_else(|p| p.into_inner());
         let mut deleted = self.deleted.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
+        let undeletable = self.undeletable.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut n, mut failed) = (0, 0);
         for f in flows {
-            if table.remove(f) {
+            if undeletable.contains(f) {
+                failed += 1;
+            } else if table.remove(f) {
                 deleted.push(*f);
                 n += 1;
             }
         }
-        Ok(n)
+        match failed {
+            0 => Ok(n),
+            _ => Err(ConntrackError::Undeleted { deleted: n, failed }),
+        }
     }
 }
 
@@ -635,6 +653,15 @@ mod tests {
         assert_eq!(r.after_sync(&Unlistable, &s, node_ips(), false), Some(0));
         assert_eq!(r.after_sync(&ct, &s, node_ips(), false), Some(0));
         assert_eq!(lists(), 5);
+        // Nor is a flow that could not be deleted: the next sync lists and tries again.
+        let stuck = flow("172.30.0.10", 53, "10.128.7.7");
+        ct.flows.lock().unwrap().insert(stuck);
+        ct.undeletable.lock().unwrap().insert(stuck);
+        assert_eq!(r.after_sync(&ct, &s, node_ips(), true), Some(0));
+        ct.undeletable.lock().unwrap().clear();
+        assert_eq!(r.after_sync(&ct, &s, node_ips(), false), Some(1));
+        assert_eq!(lists(), 7);
+        assert_eq!(r.after_sync(&ct, &s, node_ips(), false), None);
     }
 
     #[test]

@@ -101,6 +101,18 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Runs the conntrack reconciler (`always`: even when nothing it judges by changed).
+    fn clear_stale_flows(&mut self, model: &ClusterModel, always: bool) {
+        if let Some(scope) = &self.scope {
+            let node_port_ips = match &scope.node_ports {
+                NodePorts::Local => self.addresses.ipv4().into_iter().collect(),
+                NodePorts::Addresses(ips) => ips.iter().copied().collect(),
+            };
+            self.reconciler
+                .after_sync(&*self.conntrack, &model.services, node_port_ips, always);
+        }
+    }
+
     pub fn new(
         settings: ProxySettings,
         conntrack: Box<dyn Conntrack>,
@@ -192,24 +204,19 @@ impl Producer for Proxy {
     }
 
     fn synced(&mut self, model: &Arc<ClusterModel>, report: &SyncReport) {
-        if let Some(scope) = &self.scope {
-            let node_port_ips = match &scope.node_ports {
-                NodePorts::Local => self.addresses.ipv4().into_iter().collect(),
-                NodePorts::Addresses(ips) => ips.iter().copied().collect(),
-            };
-            self.reconciler.after_sync(
-                &*self.conntrack,
-                &model.services,
-                node_port_ips,
-                report.full,
-            );
-        }
+        self.clear_stale_flows(model, report.full);
         self.metrics.synced(&self.stats, self.pending);
         self.pending = Changes::default();
         let old = self.synced.as_ref().map(|m| &m.services);
         let triggers = metrics::programmed(old, &model.services, self.started);
         self.metrics.programmed(&triggers, SystemTime::now());
         self.synced = Some(Arc::clone(model));
+    }
+
+    /// While the rules were missing, UDP flows to Service addresses went undNATed: stale,
+    /// though nothing the reconciler judges by changed.
+    fn repaired(&mut self, model: &Arc<ClusterModel>) {
+        self.clear_stale_flows(model, true);
     }
 
     fn counters(&mut self, packets: &dyn Fn(TableName, &str) -> Option<Vec<u64>>) {
@@ -312,6 +319,12 @@ mod tests {
             .extend([flow("192.168.77.111"), flow("127.0.0.1")]);
         p.synced(&m, &SyncReport::default());
         assert_eq!(*ct.deleted.lock().unwrap(), [flow("192.168.77.111")]);
+        // Another sync that changed no UDP Service lists nothing; rules put back after they
+        // went missing (a flush) list again: flows in the gap were not DNATed.
+        p.synced(&m, &SyncReport::default());
+        assert_eq!(*ct.lists.lock().unwrap(), 1);
+        p.repaired(&m);
+        assert_eq!(*ct.lists.lock().unwrap(), 2);
     }
 
     #[test]
