@@ -23,6 +23,8 @@ ensure_packages
 ROUNDS=${1:-5}
 SECS=${2:-3}
 PARTIALS=${PARTIALS:-9}
+[ "$PARTIALS" -ge 1 ] 2>/dev/null || { echo "PARTIALS must be a number >= 1" >&2; exit 2; }
+export LC_ALL=C # sort -g and printf read bc's decimal points
 RSDN=$PWD/target/dist/rsdn
 W=$(mktemp -d /tmp/rsdn-bench-policy.XXXXXX)
 NS=rsdn-bpol

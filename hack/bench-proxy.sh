@@ -18,6 +18,7 @@ source hack/lib.sh
 require_root
 ensure_packages
 
+export LC_ALL=C # printf reads bc's decimal points
 SIZES=("$@")
 [ ${#SIZES[@]} -eq 0 ] && SIZES=(1000 5000 10000)
 RSDN=$PWD/target/dist/rsdn
