@@ -166,6 +166,25 @@ if eventually 10 udp_on 172.30.0.60 node2-pod1; then
 else
   check "0 -> 1 endpoint: the client's UDP flow moves to it" false
 fi
+# Rules put back after a flush: a UDP client that sends while node3's nat table is empty gets
+# an un-NATed flow (its packets leave by the default route); when the probe has put the rules
+# back, the flow is cleared though no Service changed, and the client reaches the endpoint
+# again (not after it pauses for 30 s, nor at the hourly full sync). A fresh flow each try (the
+# old one deleted); tried again if the repair came before the request.
+gap_flow() {
+  inns node3 conntrack -D -p udp --orig-dst 172.30.0.60 >/dev/null 2>&1
+  inns node3 iptables-nft -t nat -F
+  ask node3-pod1 172.30.0.60 53 udp >/dev/null 2>&1
+  unnated
+}
+check "nat flushed on node3: a UDP client in the gap has an un-NATed flow" eventually 5 gap_flow
+start=$(date +%s%3N)
+if eventually 20 udp_on 172.30.0.60 node2-pod1; then
+  took=$(( $(date +%s%3N) - start ))
+  check "nat flushed: once the rules are back the flow is cleared and node2-pod1 answers again: ${took} ms" [ "$took" -lt 15000 ]
+else
+  check "nat flushed: once the rules are back the flow is cleared and node2-pod1 answers again" false
+fi
 
 # nodePortAddresses: node1 answers NodePorts only on its addresses inside 192.168.77.96/27
 # (a second address on eth0), not on its node IP; an address added later answers too.
