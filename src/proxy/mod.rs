@@ -213,7 +213,7 @@ impl Producer for Proxy {
         self.synced = Some(Arc::clone(model));
     }
 
-    /// While the rules were missing, UDP flows to Service addresses went undNATed: stale,
+    /// While the rules were missing, UDP flows to Service addresses were not DNATed: stale,
     /// though nothing the reconciler judges by changed.
     fn repaired(&mut self, model: &Arc<ClusterModel>) {
         self.clear_stale_flows(model, true);
